@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# dvc.yaml commands call `python`: make it the project's interpreter.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
 # `cpu` installs onnxruntime; GPU users run `make install EXTRAS=gpu,dev` after installing CUDA torch.
 EXTRAS ?= cpu,dev
 

@@ -68,7 +68,16 @@ def write_table(df: pl.DataFrame, path: str | Path) -> None:
     """Write Parquet byte-for-byte reproducibly: one row group, fixed compression, no timestamps."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    df.write_parquet(path, compression="zstd", compression_level=3, statistics=True, row_group_size=1 << 30)
+    df.write_parquet(
+        path, compression="zstd", compression_level=3, statistics=True, row_group_size=1 << 30
+    )
+
+
+def write_csv(df: pl.DataFrame, path: str | Path) -> None:
+    """Write a small plot/report table as CSV (what `dvc plots` reads), creating its folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    df.write_csv(path)
 
 
 def write_json(obj: Any, path: str | Path) -> None:
