@@ -29,8 +29,14 @@ PERCENTILES = (50, 90, 95, 99)
 HISTOGRAM_BIN = 8
 
 
-def tokenize_texts(texts: list[str], n_process: int = 1, batch_size: int = 1000) -> list[list[str]]:
-    """spaCy tokens of each text, in order; whitespace-only tokens are dropped."""
+def tokenize_texts(
+    texts: list[str], n_process: int = 1, batch_size: int = 1000
+) -> list[tuple[list[str], list[bool]]]:
+    """spaCy tokens of each text, in order, each with whether a space follows it.
+
+    The flags let `augment` turn edited token lists back into text without guessing where spaces
+    went: `"".join(t + " " * w for t, w in zip(tokens, whitespace)) == text`.
+    """
     if n_process < 1 or batch_size < 1:
         raise StageError(
             f"params.yaml tokenize: n_process ({n_process}) and batch_size ({batch_size}) must be >= 1"
@@ -38,19 +44,17 @@ def tokenize_texts(texts: list[str], n_process: int = 1, batch_size: int = 1000)
     nlp = spacy.blank("en")
     docs = nlp.pipe(texts, n_process=n_process, batch_size=batch_size)
     return [
-        [tok.text for tok in doc if not tok.is_space]
+        ([tok.text for tok in doc], [bool(tok.whitespace_) for tok in doc])
         for doc in tqdm(docs, total=len(texts), desc="tokenize", unit="row", mininterval=1)
     ]
 
 
-def tokens_table(df: pl.DataFrame, tokens: list[list[str]]) -> pl.DataFrame:
-    """The tokens table: id, split, tokens, n_tokens, in the row order of `df`."""
-    return (
-        df.select("id", "split")
-        .with_columns(
-            pl.Series("tokens", tokens, dtype=pl.List(pl.String)),
-        )
-        .with_columns(pl.col("tokens").list.len().cast(pl.Int64).alias("n_tokens"))
+def tokens_table(df: pl.DataFrame, tokenized: list[tuple[list[str], list[bool]]]) -> pl.DataFrame:
+    """The tokens table: id, split, tokens, whitespace, n_tokens, in the row order of `df`."""
+    return df.select("id", "split").with_columns(
+        pl.Series("tokens", [tokens for tokens, _ in tokenized], dtype=pl.List(pl.String)),
+        pl.Series("whitespace", [space for _, space in tokenized], dtype=pl.List(pl.Boolean)),
+        pl.Series("n_tokens", [len(tokens) for tokens, _ in tokenized], dtype=pl.Int64),
     )
 
 

@@ -10,9 +10,18 @@ from stages.tokenize import length_histogram, token_stats, tokenize_texts, token
 
 
 def test_tokenize_texts_splits_punctuation_and_contractions() -> None:
-    tokens = tokenize_texts(["Oil hits $50 a barrel, doesn't it?", "U.S.  stocks rise"])
-    assert tokens[0] == ["Oil", "hits", "$", "50", "a", "barrel", ",", "does", "n't", "it", "?"]
-    assert tokens[1] == ["U.S.", "stocks", "rise"]  # the double space is not a token
+    (tokens, whitespace), (tokens2, _) = tokenize_texts(
+        ["Oil hits $50 a barrel, doesn't it?", "U.S. stocks rise"]
+    )
+    assert tokens == ["Oil", "hits", "$", "50", "a", "barrel", ",", "does", "n't", "it", "?"]
+    assert whitespace == [True, True, False, True, True, False, True, False, True, False, False]
+    assert tokens2 == ["U.S.", "stocks", "rise"]
+
+
+def test_tokens_and_whitespace_give_back_the_text() -> None:
+    texts = ["Intel's $2 billion (U.S.) plan - for chips!", "Talks resume in Geneva."]
+    for text, (tokens, whitespace) in zip(texts, tokenize_texts(texts), strict=True):
+        assert "".join(t + " " * w for t, w in zip(tokens, whitespace, strict=True)) == text
 
 
 def test_tokens_are_the_same_with_two_processes() -> None:
@@ -27,8 +36,10 @@ def test_bad_params_are_a_clear_error() -> None:
 
 def test_tokens_table_stats_and_histogram() -> None:
     df = pl.DataFrame({"id": ["a", "b", "c"], "split": ["train", "train", "test"]})
-    table = tokens_table(df, [["one", "two"], ["one"], ["three"] * 9])
-    assert table.columns == ["id", "split", "tokens", "n_tokens"]
+    table = tokens_table(
+        df, [(["one", "two"], [True, False]), (["one"], [False]), (["three"] * 9, [True] * 9)]
+    )
+    assert table.columns == ["id", "split", "tokens", "whitespace", "n_tokens"]
     assert table["n_tokens"].to_list() == [2, 1, 9]
     stats = token_stats(table)
     assert stats["rows"] == 3
