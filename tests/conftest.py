@@ -32,3 +32,37 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     BertForSequenceClassification(config).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+# --- train / evaluate (issue 4) ---
+NEWS_TOPICS = (
+    "election minister parliament war treaty",
+    "match goal season coach league",
+    "shares profit market bank earnings",
+    "software chip internet space computer",
+)
+
+
+def make_news_rows(n_per_class: int, split: str = "train"):
+    """Rows of the processed-table contract; each class has its own words, so a model can learn."""
+    import polars as pl
+
+    rows = [
+        {
+            "id": f"{split}-{label}-{i}",
+            "split": split,
+            "label": label,
+            "text": f"{words.split()[i % 5]} report {i}: {words} today",
+            "augmented_from": None,
+            "op": "original",
+        }
+        for label, words in enumerate(NEWS_TOPICS)
+        for i in range(n_per_class)
+    ]
+    return pl.DataFrame(rows, schema_overrides={"augmented_from": pl.String})
+
+
+@pytest.fixture(scope="session")
+def news_rows():
+    """`news_rows(n_per_class, split="train")` → a tiny Polars frame (see make_news_rows)."""
+    return make_news_rows

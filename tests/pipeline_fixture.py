@@ -6,6 +6,7 @@ Used by the tests that drive real `dvc` commands (end to end, remotes, run-cache
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -17,7 +18,7 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # What a stage may import or read from the repository (beyond the data it is given).
-PIPELINE_PATHS = ("stages", "metrics", "dvc.yaml", "params.yaml")
+PIPELINE_PATHS = ("stages", "metrics", "newsclf", "dvc.yaml", "params.yaml")
 
 TRAIN_CSV = (
     '"3","Wall St. Bears Claw Back","Reuters - Short-sellers, Wall Street\'s dwindling\\band of '
@@ -31,6 +32,13 @@ TRAIN_CSV = (
 TEST_CSV = (
     '"1","Talks resume","Negotiators met on Monday in Geneva to resume talks."\n'
     '"2","Cup final tonight","Fans gather for the final match of the season."\n'
+)
+# Class-specific words, so that even a tiny model can learn something from a few dozen rows.
+TOPIC_WORDS = (
+    ("election", "minister", "parliament", "treaty", "embassy", "rebels"),
+    ("match", "goal", "season", "coach", "league", "striker"),
+    ("shares", "profit", "market", "bank", "earnings", "investors"),
+    ("software", "chip", "internet", "space", "computer", "researchers"),
 )
 GIT_ENV = {
     "GIT_AUTHOR_NAME": "newsclf tests",
@@ -93,7 +101,45 @@ def make_project(root: Path) -> Path:
     )
     git(root, "init", "-q")
     assert dvc(root, "init", "-q").returncode == 0
+    commit_all(root, "pipeline and raw fixture")
     return root
+
+
+def commit_all(root: Path, message: str) -> None:
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", message)
+
+
+def synthetic_rows(per_class: int, offset: int = 0) -> list[dict]:
+    """HF-layout rows (`text`, `label` 0-3) built from each class's words; deterministic."""
+    rows = []
+    for label, words in enumerate(TOPIC_WORDS):
+        for i in range(offset, offset + per_class):
+            picked = [words[(i + k) % len(words)] for k in range(4)]
+            rows.append(
+                {
+                    "text": f"Report {i}: the {picked[0]} and the {picked[1]} news, {picked[2]} "
+                    f"{picked[3]} today",
+                    "label": label,
+                }
+            )
+    return rows
+
+
+def add_synthetic_sources(root: Path, train_per_class: int, test_per_class: int) -> None:
+    """Write synthetic train/test JSONL sources (large enough for K folds) and list them."""
+    raw = root / "data" / "raw" / "fixture"
+    for name, rows in (
+        ("synthetic_train.jsonl", synthetic_rows(train_per_class)),
+        ("synthetic_test.jsonl", synthetic_rows(test_per_class, offset=1000)),
+    ):
+        (raw / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    sources = params["ingest"]["sources"]
+    sources.insert(-1, {"path": "data/raw/fixture/synthetic_train.jsonl", "split": "train"})
+    sources.append({"path": "data/raw/fixture/synthetic_test.jsonl", "split": "test"})
+    set_params(root, {"ingest.sources": sources})
+    commit_all(root, "synthetic sources")
 
 
 def set_params(root: Path, values: dict[str, object]) -> None:

@@ -8,7 +8,13 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from tests.pipeline_fixture import dvc, file_hashes, make_project
+from tests.pipeline_fixture import (
+    add_synthetic_sources,
+    dvc,
+    file_hashes,
+    make_project,
+    set_params,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -41,3 +47,59 @@ def test_dvc_repro_tokenize_on_fixture(tmp_path: Path) -> None:
     assert "Stage 'tokenize' didn't change" in dvc(project, "repro", "tokenize").stdout
     assert dvc(project, "repro", "--force", "tokenize").returncode == 0
     assert file_hashes(project, "data/interim") == first
+
+
+def tiny_pipeline_params(model_dir: Path) -> dict[str, object]:
+    """Every stage on the tiny random BERT, with the settings that keep a full run to seconds."""
+    return {
+        "label_issues.models": ["tfidf_lr"],
+        "label_issues.folds": 3,
+        "augment.synonym_model": str(model_dir),
+        "train.base_model": str(model_dir),
+        "train.epochs": 1,
+        "train.batch_size": 8,
+        "train.max_length": 32,
+        "train.val_fraction": 0.2,
+        "export.parity.n_texts": 16,
+        # A random tiny model's logits sit close together, so int8 rounding flips some top-1 picks;
+        # the parity bound itself is tested in test_export.py.
+        "export.parity.min_int8_agreement": 0.0,
+    }
+
+
+def test_dvc_repro_whole_pipeline_with_tiny_model(tmp_path: Path, tiny_bert_dir: Path) -> None:
+    project = make_project(tmp_path / "repo")
+    add_synthetic_sources(project, train_per_class=12, test_per_class=5)
+    set_params(project, tiny_pipeline_params(tiny_bert_dir))
+    result = dvc(project, "repro")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    interim, processed = project / "data" / "interim", project / "data" / "processed"
+    clean = pl.read_parquet(interim / "clean.parquet")
+    issues = pl.read_parquet(interim / "label_issues.parquet")
+    assert sorted(issues["id"]) == sorted(clean.filter(pl.col("split") == "train")["id"])
+    assert (project / "reports" / "label_issues.md").exists()
+    train = pl.read_parquet(processed / "train.parquet")
+    test = pl.read_parquet(processed / "test.parquet")
+    # Every test row goes through untouched: none added, removed or changed.
+    assert test["text"].to_list() == clean.filter(pl.col("split") == "test")["text"].to_list()
+    assert test.height == 2 + 4 * 5
+    augment = json.loads((project / "reports" / "augment.json").read_text())
+    assert train.height == augment["train_rows_out"]
+    assert (project / "models" / "adapter" / "adapter_model.safetensors").exists()
+    metrics = json.loads((project / "reports" / "metrics.json").read_text())
+    assert 0 <= metrics["accuracy"] <= 1 and 0 <= metrics["baseline_accuracy"] <= 1
+    assert (project / "models" / "onnx" / "model.onnx").exists()
+    export = json.loads((project / "reports" / "export.json").read_text())
+    assert export["parity"]["fp32_max_abs_logit_diff"] <= 1e-4
+
+    # Stage isolation: nothing reruns on a no-op repro; a train param reruns train and after.
+    assert dvc(project, "status").stdout.strip() == "Data and pipelines are up to date."
+    set_params(project, {"train.lora.r": 4})
+    rerun = dvc(project, "repro")
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    lines = rerun.stdout.splitlines()
+    ran = {line.split("'")[1] for line in lines if line.startswith("Running stage")}
+    assert ran == {"train", "evaluate", "export"}
+    skipped = {line.split("'")[1] for line in lines if line.endswith("didn't change, skipping")}
+    assert skipped == {"ingest", "clean", "tokenize", "label_issues", "augment"}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.pipeline_fixture import dvc, file_hashes, git, make_project, set_params
+from tests.pipeline_fixture import commit_all, dvc, file_hashes, git, make_project, set_params
 
 pytestmark = pytest.mark.e2e
 
@@ -76,8 +76,7 @@ def test_push_and_pull_through_s3(tmp_path: Path, s3_endpoint) -> None:
     assert CREDENTIALS["secret_access_key"] in (project / ".dvc" / "config.local").read_text()
 
     assert dvc(project, "repro", "tokenize").returncode == 0
-    git(project, "add", "-A")
-    git(project, "commit", "-qm", "pipeline run")
+    commit_all(project, "pipeline run")
     assert ".dvc/config.local" not in git(project, "ls-files")
     pushed = dvc(project, "push")
     assert pushed.returncode == 0, pushed.stdout + pushed.stderr

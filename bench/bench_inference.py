@@ -1,0 +1,263 @@
+"""Inference benchmark: `python -m bench.bench_inference` (best after `dvc repro export`).
+
+Times PyTorch fp32 (the merged model, transformers' default SDPA attention), ONNX Runtime fp32
+and ONNX Runtime int8 — exported here by the export stage's own functions into a temporary folder —
+on the same real test texts, pre-tokenised once with the predict path's tokenizer (so only the
+forward pass is timed, and every backend sees identical, identically padded batches in test order):
+throughput (texts/s) at batch 1, 8 and 64, and latency p50/p95 at batch 1. Then the cold-start wall
+time of `newsclf predict "one headline"` in a fresh process, over several runs, and — when the
+trained adapter is there — accuracy of the three on the full test split.
+
+With no trained adapter yet (`models/adapter/` missing), a freshly LoRA-wrapped MiniLM (random,
+untrained LoRA and head) is benched instead: speed does not depend on training; accuracy is then
+not measured. The JSON says which. The machine is shared: compare ratios measured in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+
+from newsclf.predict import CUDA_PROVIDER, OnnxClassifier, default_providers
+from stages.common import (
+    StageError,
+    load_params,
+    read_table,
+    resolve_base_model,
+    write_json,
+)
+from stages.export import ADAPTER_DIR, TEST_TABLE, build_export
+
+CLEAN_TABLE = Path("data/interim/clean.parquet")
+BATCH_SIZES = (1, 8, 64)
+HEADLINE = "Stocks rally as the central bank holds interest rates steady"
+
+
+def fresh_adapter(base_model: str, out: Path) -> Path:
+    """A LoRA-wrapped base with random (non-zero) LoRA weights, saved as train saves one."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    lora = load_params("train")["lora"]
+    model = AutoModelForSequenceClassification.from_pretrained(base_model, num_labels=4)
+    config = LoraConfig(
+        task_type="SEQ_CLS",
+        r=lora["r"],
+        lora_alpha=lora["alpha"],
+        target_modules=list(lora["target_modules"]),
+        modules_to_save=list(lora["modules_to_save"]),
+    )
+    peft_model = get_peft_model(model, config)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:  # zero at init: perturb so the merge changes the weights
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.01)
+    peft_model.save_pretrained(str(out), safe_serialization=True)
+    AutoTokenizer.from_pretrained(base_model).save_pretrained(str(out))
+    return out
+
+
+def load_test(path: Path | None) -> tuple[pl.DataFrame, str]:
+    """Test rows (id, label, text) and where they came from."""
+    if path is None:
+        path = TEST_TABLE if TEST_TABLE.exists() else CLEAN_TABLE
+    table = read_table(path, columns=["split", "label", "text"]).filter(pl.col("split") == "test")
+    if table.is_empty():
+        raise StageError(f"{path}: no test rows")
+    return table, str(path)
+
+
+def pad(ids: list[list[int]], pad_id: int) -> dict[str, np.ndarray]:
+    width = max(len(seq) for seq in ids)
+    input_ids = np.full((len(ids), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(ids), width), dtype=np.int64)
+    for row, seq in enumerate(ids):
+        input_ids[row, : len(seq)] = seq
+        mask[row, : len(seq)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
+def time_interleaved(
+    runners: dict[str, Callable[[dict[str, np.ndarray]], Any]], batches: list[dict]
+) -> dict[str, list[float]]:
+    """Seconds per batch for each runner, after one untimed warm-up batch each.
+
+    The runners take turns on every batch, so load from other processes on this shared machine
+    falls on all of them alike and the ratios stay fair.
+    """
+    for run in runners.values():
+        run(batches[0])
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for batch in batches:
+        for name, run in runners.items():
+            start = time.perf_counter()
+            run(batch)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def torch_runner(model: torch.nn.Module, device: str) -> Callable[[dict], Any]:
+    def run(batch: dict[str, np.ndarray]) -> np.ndarray:
+        with torch.inference_mode():
+            inputs = {k: torch.from_numpy(v).to(device) for k, v in batch.items()}
+            return model(**inputs).logits.float().cpu().numpy()
+
+    return run
+
+
+def ort_runner(classifier: OnnxClassifier) -> Callable[[dict], Any]:
+    return lambda batch: classifier.session.run(None, batch)[0]
+
+
+def cold_predict(model_dir: Path, runs: int) -> list[float]:
+    """Wall seconds of `newsclf predict HEADLINE` in a fresh process, `runs` times."""
+    script = Path(sys.executable).with_name("newsclf")
+    if not script.exists():
+        raise StageError(f"{script}: console script missing; run `pip install -e .`")
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run(
+            [str(script), "predict", "--model", str(model_dir), HEADLINE],
+            check=True,
+            capture_output=True,
+        )
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--texts", type=Path, default=None, help="test table (default: processed)")
+    parser.add_argument("--n-texts", type=int, default=512, help="texts per throughput run")
+    parser.add_argument("--latency-texts", type=int, default=200, help="batch-1 calls timed")
+    parser.add_argument("--cold-runs", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=Path("reports/bench_inference.json"))
+    args = parser.parse_args()
+
+    train = load_params("train")
+    export = load_params("export")
+    max_length = int(train["max_length"])
+    base_model = resolve_base_model(train["base_model"])
+    test, source = load_test(args.texts)
+    trained = (ADAPTER_DIR / "adapter_config.json").is_file()
+    load_before = os.getloadavg()[0]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter = ADAPTER_DIR if trained else fresh_adapter(base_model, Path(tmp) / "adapter")
+        onnx_dir = Path(tmp) / "onnx"
+        model, _ = build_export(
+            adapter,
+            base_model,
+            onnx_dir,
+            int(export["opset"]),
+            True,
+            max_length,
+            export["int8_keep_fp32"],
+        )
+        backends: dict[str, Callable[[dict], Any]] = {"pytorch_fp32": torch_runner(model, "cpu")}
+        classifiers = {}
+        for precision in ("fp32", "int8"):
+            classifiers[precision] = OnnxClassifier(
+                onnx_dir, precision, providers=["CPUExecutionProvider"]
+            )
+            backends[f"ort_{precision}"] = ort_runner(classifiers[precision])
+        # On a GPU machine, add the CUDA provider's and torch's CUDA figures beside the CPU ones.
+        if CUDA_PROVIDER in default_providers():
+            cuda = OnnxClassifier(onnx_dir, "fp32", providers=default_providers())
+            backends["ort_fp32_cuda"] = ort_runner(cuda)
+        if torch.cuda.is_available():
+            backends["pytorch_fp32_cuda"] = torch_runner(model.to("cuda"), "cuda")
+
+        texts = test["text"].to_list()
+        encoded = classifiers["fp32"].encode(texts[: args.n_texts]).ids
+        pad_id = classifiers["fp32"].pad_id
+        results: dict[str, dict[str, float]] = {name: {} for name in backends}
+        for size in BATCH_SIZES:
+            chunk = encoded[: args.latency_texts] if size == 1 else encoded
+            batches = [pad(chunk[i : i + size], pad_id) for i in range(0, len(chunk), size)]
+            for name, times in time_interleaved(backends, batches).items():
+                results[name][f"texts_per_s_b{size}"] = round(len(chunk) / sum(times), 1)
+                if size == 1:
+                    results[name]["p50_ms_b1"] = round(1000 * statistics.median(times), 2)
+                    results[name]["p95_ms_b1"] = round(1000 * float(np.percentile(times, 95)), 2)
+            print(f"batch {size}: done", file=sys.stderr)
+
+        cold = cold_predict(onnx_dir, args.cold_runs)
+        accuracy = {}
+        if trained:
+            labels = test["label"].to_numpy()
+            all_ids = classifiers["fp32"].encode(texts).ids
+            for precision, classifier in classifiers.items():
+                predicted = classifier.logits(all_ids, batch_size=64).argmax(1)
+                accuracy[f"ort_{precision}"] = round(float((predicted == labels).mean()), 6)
+            ref = torch_runner(model.to("cpu"), "cpu")
+            predicted = np.concatenate(
+                [
+                    ref(pad(all_ids[i : i + 64], pad_id)).argmax(1)
+                    for i in range(0, len(all_ids), 64)
+                ]
+            )
+            accuracy["pytorch_fp32"] = round(float((predicted == labels).mean()), 6)
+
+    ratio = results["ort_int8"]["texts_per_s_b64"] / results["pytorch_fp32"]["texts_per_s_b64"]
+    report = {
+        "model": "trained adapter models/adapter"
+        if trained
+        else f"freshly LoRA-wrapped {train['base_model']} (untrained; speed only)",
+        "base_model": train["base_model"],
+        "texts": source,
+        "n_texts": len(encoded),
+        "latency_texts": min(args.latency_texts, len(encoded)),
+        "max_length": max_length,
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(),
+            "torch_threads": torch.get_num_threads(),
+            # Other processes on a shared machine slow every backend: record how busy it was.
+            "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+            "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        },
+        "results": results,
+        "int8_vs_pytorch_fp32_b64": round(ratio, 2),
+        "cold_predict_s": {
+            "runs": [round(t, 3) for t in cold],
+            "median": round(statistics.median(cold), 3),
+            "max": round(max(cold), 3),
+        },
+        "accuracy_full_test": accuracy or None,
+    }
+    write_json(report, args.out)
+    print_table(report)
+
+
+def print_table(report: dict[str, Any]) -> None:
+    cols = [f"texts_per_s_b{b}" for b in BATCH_SIZES] + ["p50_ms_b1", "p95_ms_b1"]
+    print(f"model: {report['model']}; texts: {report['texts']} (max_length {report['max_length']})")
+    print(f"load average (1 min) before/after: {report['machine']['load_average_1m']}")
+    print(f"{'backend':<18}" + "".join(f"{c:>17}" for c in cols))
+    for name, row in report["results"].items():
+        print(f"{name:<18}" + "".join(f"{row[c]:>17}" for c in cols))
+    print(f"ORT int8 / PyTorch fp32 throughput at batch 64: {report['int8_vs_pytorch_fp32_b64']}x")
+    cold = report["cold_predict_s"]
+    print(f"cold `newsclf predict` wall: median {cold['median']} s, max {cold['max']} s")
+    if report["accuracy_full_test"]:
+        print(f"accuracy (full test split): {report['accuracy_full_test']}")
+
+
+if __name__ == "__main__":
+    main()

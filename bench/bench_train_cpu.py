@@ -1,0 +1,142 @@
+"""CPU experiments for the train + evaluate params: accuracy against time, one run per call.
+
+    python -m bench.bench_train_cpu --name r8_qv -S train.learning_rate=0.002 -S train.epochs=2
+
+Trains with `params.yaml`'s `train:` section overridden by each `-S key=value` (YAML values,
+dotted keys as in `dvc exp run -S`), scores the test rows with `evaluate.batch_size`, and appends
+one record (params, accuracy, macro-F1, wall and CPU seconds per phase, load average, threads) to
+`reports/bench_train_cpu.json`, then prints the table of all records so far.
+
+The data defaults to the pipeline's `data/processed/{train,test}.parquet`; `--data DIR` points at a
+folder with the same two files. The machine is shared, so each record keeps the load average and
+the process CPU time beside the wall time: compare runs made under similar load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import torch
+import yaml
+
+from stages.common import load_params, read_table
+from stages.evaluate import compute_metrics, load_classifier, predict_proba
+from stages.train import check_table, parse_params, split_train_val, train_model
+
+OUT_FILE = Path("reports/bench_train_cpu.json")
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _set(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.removeprefix("train.").split(".")
+    node = raw
+    for key in keys[:-1]:
+        node = node[key]
+    if keys[-1] not in node:
+        raise SystemExit(f"unknown param train.{dotted}")
+    node[keys[-1]] = value
+
+
+def run(name: str, overrides: list[str], data_dir: Path, eval_batch: int) -> dict[str, Any]:
+    raw = load_params("train")
+    for item in overrides:
+        key, _, value = item.partition("=")
+        _set(raw, key, yaml.safe_load(value))
+    params = parse_params(raw)
+    if params.torch_threads is not None:
+        torch.set_num_threads(params.torch_threads)
+    train_file, test_file = data_dir / "train.parquet", data_dir / "test.parquet"
+    df = read_table(train_file)
+    check_table(df, train_file, "train")
+    test = read_table(test_file)
+    check_table(test, test_file, "test")
+    train_df, val_df = split_train_val(
+        df, params.val_fraction, params.seed, params.max_train_samples
+    )
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        t0, c0 = time.perf_counter(), _cpu_seconds()
+        result = train_model(
+            train_df,
+            val_df,
+            params,
+            data_path=train_file,
+            checkpoint_dir=Path(tmp) / "checkpoints",
+            adapter_dir=Path(tmp) / "adapter",
+            live_dir=None,
+        )
+        t1, c1 = time.perf_counter(), _cpu_seconds()
+        model, tokenizer = load_classifier(Path(tmp) / "adapter", params.base_model, "none")
+        probs = predict_proba(
+            model, tokenizer, test["text"].to_list(), params.max_length, eval_batch
+        )
+        t2, c2 = time.perf_counter(), _cpu_seconds()
+    metrics = compute_metrics(probs, test["label"].to_list())
+    return {
+        "name": name,
+        "overrides": overrides,
+        "eval_batch_size": eval_batch,
+        "threads": torch.get_num_threads(),
+        "n_train": result.n_train,
+        "n_val": result.n_val,
+        "n_test": test.height,
+        "steps": result.global_step,
+        "val_accuracy": result.best_metric,
+        "accuracy": round(metrics["accuracy"], 4),
+        "macro_f1": round(metrics["macro_f1"], 4),
+        "train_wall_s": round(t1 - t0, 1),
+        "train_cpu_s": round(c1 - c0, 1),
+        "score_wall_s": round(t2 - t1, 1),
+        "score_cpu_s": round(c2 - c1, 1),
+        "loadavg_1m_before": round(load_before[0], 2),
+        "loadavg_1m_after": round(os.getloadavg()[0], 2),
+        "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def print_table(records: list[dict[str, Any]]) -> None:
+    cols = [
+        "name",
+        "accuracy",
+        "macro_f1",
+        "val_accuracy",
+        "train_wall_s",
+        "train_cpu_s",
+        "score_wall_s",
+        "score_cpu_s",
+        "loadavg_1m_before",
+        "loadavg_1m_after",
+    ]
+    print(pl.DataFrame([{c: r.get(c) for c in cols} for r in records]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--name", required=True, help="label of this run in the table")
+    parser.add_argument("-S", "--set", action="append", default=[], help="train.KEY=VALUE")
+    parser.add_argument("--data", type=Path, default=Path("data/processed"))
+    parser.add_argument("--eval-batch", type=int, default=None, help="default: evaluate.batch_size")
+    args = parser.parse_args()
+    eval_batch = args.eval_batch or int(load_params("evaluate")["batch_size"])
+    record = run(args.name, args.set, args.data, eval_batch)
+    records = json.loads(OUT_FILE.read_text()) if OUT_FILE.exists() else []
+    records.append(record)
+    OUT_FILE.parent.mkdir(parents=True, exist_ok=True)
+    OUT_FILE.write_text(json.dumps(records, indent=2) + "\n")
+    print_table(records)
+
+
+if __name__ == "__main__":
+    main()

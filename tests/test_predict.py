@@ -1,0 +1,212 @@
+"""`newsclf predict` on a tiny exported model: inputs from arguments, stdin, text/CSV/Parquet files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from newsclf.cli import main
+from newsclf.predict import OnnxClassifier
+from stages.common import LABEL_NAMES
+from stages.export import build_export
+from tests.lora_fixture import make_adapter
+
+MAX_LENGTH = 32
+KEEP_FP32 = ["/model/bert/encoder/layer.0/output/dense/MatMul"]
+HEADLINES = [
+    "Stocks rally as the central bank holds interest rates steady",
+    "Home side wins the cup final in extra time",
+    "New probe reaches the outer planets",
+]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    adapter = make_adapter(tiny_bert_dir, tmp_path_factory.mktemp("adapter"))
+    out = tmp_path_factory.mktemp("export") / "onnx"
+    build_export(adapter, str(tiny_bert_dir), out, 17, True, MAX_LENGTH, KEEP_FP32)
+    return out
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def json_lines(out: str) -> list[dict]:
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def expected_labels(model_dir: Path, texts: list[str]) -> list[str]:
+    classifier = OnnxClassifier(model_dir)
+    return [
+        p.label for p in classifier.predictions(classifier.logits(classifier.encode(texts).ids))
+    ]
+
+
+def test_arguments_json(model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(["predict", "--model", str(model_dir), "--json", *HEADLINES], capsys)
+    assert code == 0
+    rows = json_lines(out)
+    assert [row["label"] for row in rows] == expected_labels(model_dir, HEADLINES)
+    for row in rows:
+        assert set(row) == {"label", "scores"}
+        assert list(row["scores"]) == list(LABEL_NAMES)
+        assert sum(row["scores"].values()) == pytest.approx(1.0, abs=1e-5)
+        assert row["label"] == max(row["scores"], key=row["scores"].get)
+
+
+def test_table_output(model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(["predict", "--model", str(model_dir), HEADLINES[0]], capsys)
+    assert code == 0
+    header, row = out.splitlines()
+    assert all(name in header for name in LABEL_NAMES)
+    assert row.split()[1] == expected_labels(model_dir, HEADLINES[:1])[0].split()[0]
+    assert "Stocks rally" in row
+
+
+def test_stdin_without_torch(model_dir: Path) -> None:
+    """A fresh process reading stdin; the predict path must not import torch or transformers."""
+    probe = (
+        "import sys; from newsclf.cli import main; code = main(sys.argv[1:]); "
+        "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]; "
+        "assert not heavy, heavy; sys.exit(code)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe, "predict", "--model", str(model_dir), "--json"],
+        input="\n".join(HEADLINES) + "\n\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert len(json_lines(result.stdout)) == len(HEADLINES)
+    assert "skipped 1 empty line" in result.stderr
+
+
+def test_text_file_skips_empty_lines_and_truncates(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    long_text = "markets " * 100
+    path = tmp_path / "texts.txt"
+    path.write_text(f"{HEADLINES[0]}\n\n   \n{long_text}\n{HEADLINES[1]}\n", encoding="utf-8")
+    code, out, err = run_cli(
+        ["predict", "--model", str(model_dir), "--json", "-f", str(path)], capsys
+    )
+    assert code == 0
+    texts = [HEADLINES[0], long_text, HEADLINES[1]]
+    assert [row["label"] for row in json_lines(out)] == expected_labels(model_dir, texts)
+    assert "skipped 2 empty line(s)" in err and "line 2, 3" in err
+    assert f"longer than {MAX_LENGTH} tokens were truncated: text 2" in err
+
+
+def test_parquet_and_csv_files(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    parquet = tmp_path / "news.parquet"
+    pl.DataFrame({"id": ["a", "b", "c", "d"], "text": [*HEADLINES, None]}).write_parquet(parquet)
+    code, out, err = run_cli(
+        ["predict", "--model", str(model_dir), "--json", "-f", str(parquet)], capsys
+    )
+    assert code == 0
+    from_parquet = json_lines(out)
+    assert [row["label"] for row in from_parquet] == expected_labels(model_dir, HEADLINES)
+    assert "skipped 1 empty row(s)" in err and "row 4" in err
+
+    csv_file = tmp_path / "news.csv"
+    pl.DataFrame({"text": HEADLINES, "source": ["x"] * 3}).write_csv(csv_file)
+    code, out, _ = run_cli(
+        ["predict", "--model", str(model_dir), "--json", "-f", str(csv_file)], capsys
+    )
+    assert code == 0
+    from_csv = json_lines(out)
+    for a, b in zip(from_parquet, from_csv, strict=True):
+        np.testing.assert_allclose(list(a["scores"].values()), list(b["scores"].values()), 1e-6)
+
+
+def test_fp32_and_int8_both_selectable(model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for precision in ("fp32", "int8"):
+        code, out, _ = run_cli(
+            ["predict", "--model", str(model_dir), "--json", "--precision", precision, "x y"],
+            capsys,
+        )
+        assert code == 0 and len(json_lines(out)) == 1
+    assert OnnxClassifier(model_dir).precision == "int8"  # auto on a CPU
+
+
+@pytest.mark.parametrize(
+    ("content", "suffix", "message"),
+    [
+        (b"", ".txt", "no texts to classify"),
+        (b"\n  \n\n", ".txt", "no texts to classify"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", ".txt", "binary data"),
+        ("Caf\xe9 news\n".encode("latin-1"), ".txt", "not UTF-8 text (byte 0xe9 at offset 3)"),
+        (b"title,body\nx,y\n", ".csv", "`text` column"),
+        (b"not parquet at all", ".parquet", "not a readable Parquet file"),
+    ],
+)
+def test_bad_input_files(
+    model_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    content: bytes,
+    suffix: str,
+    message: str,
+) -> None:
+    path = tmp_path / f"input{suffix}"
+    path.write_bytes(content)
+    code, out, err = run_cli(["predict", "--model", str(model_dir), "-f", str(path)], capsys)
+    assert code == 1
+    assert out == ""
+    assert message in err and str(path) in err
+
+
+def test_missing_model_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(["predict", "--model", str(tmp_path / "nowhere"), "a text"], capsys)
+    assert code == 1
+    assert "no exported model here" in err and "nowhere" in err
+
+
+def test_corrupt_model_file(model_dir: Path, tmp_path: Path, capsys) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for item in model_dir.iterdir():
+        (broken / item.name).write_bytes(item.read_bytes())
+    (broken / "model.int8.onnx").write_bytes(b"garbage")
+    code, _, err = run_cli(["predict", "--model", str(broken), "a text"], capsys)
+    assert code == 1
+    assert "ONNX Runtime cannot load it" in err
+
+
+def test_missing_input_file(model_dir: Path, tmp_path: Path, capsys) -> None:
+    code, _, err = run_cli(
+        ["predict", "--model", str(model_dir), "-f", str(tmp_path / "no")], capsys
+    )
+    assert code == 1 and "no such file" in err
+
+
+def test_large_file_is_batched_with_progress(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    texts = [f"{HEADLINES[i % 3]} number {i}" for i in range(1200)]
+    path = tmp_path / "many.txt"
+    path.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    code, out, err = run_cli(
+        ["predict", "--model", str(model_dir), "--json", "--batch-size", "50", "-f", str(path)],
+        capsys,
+    )
+    assert code == 0
+    rows = json_lines(out)
+    assert len(rows) == 1200
+    assert "classifying" in err and "1200/1200" in err
+    sample = [0, 1, 599, 1199]  # order kept although batches are formed by length
+    assert [rows[i]["label"] for i in sample] == expected_labels(
+        model_dir, [texts[i] for i in sample]
+    )
