@@ -31,12 +31,12 @@ from typing import Any
 import polars as pl
 import torch
 
-from stages.common import NUM_LABELS, load_params, read_table, resolve_base_model
+from stages.common import NUM_LABELS, load_params, resolve_base_model
 from stages.evaluate import compute_metrics, load_classifier, predict_proba
 from stages.train import (
     build_peft_model,
-    check_table,
     parse_params,
+    read_processed,
     split_train_val,
     train_model,
 )
@@ -66,10 +66,8 @@ def require_cuda() -> None:
 def bench_project_model(data_dir: Path, eval_batch: int) -> list[dict[str, Any]]:
     params = parse_params(load_params("train"))
     train_file, test_file = data_dir / "train.parquet", data_dir / "test.parquet"
-    df = read_table(train_file)
-    check_table(df, train_file, "train")
-    test = read_table(test_file)
-    check_table(test, test_file, "test")
+    df = read_processed(train_file, "train")
+    test = read_processed(test_file, "test")
     train_df, val_df = split_train_val(
         df, params.val_fraction, params.seed, params.max_train_samples
     )

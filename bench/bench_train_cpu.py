@@ -27,9 +27,9 @@ import polars as pl
 import torch
 import yaml
 
-from stages.common import load_params, read_table
+from stages.common import load_params
 from stages.evaluate import compute_metrics, load_classifier, predict_proba
-from stages.train import check_table, parse_params, split_train_val, train_model
+from stages.train import parse_params, read_processed, split_train_val, train_model
 
 OUT_FILE = Path("reports/bench_train_cpu.json")
 
@@ -58,10 +58,8 @@ def run(name: str, overrides: list[str], data_dir: Path, eval_batch: int) -> dic
     if params.torch_threads is not None:
         torch.set_num_threads(params.torch_threads)
     train_file, test_file = data_dir / "train.parquet", data_dir / "test.parquet"
-    df = read_table(train_file)
-    check_table(df, train_file, "train")
-    test = read_table(test_file)
-    check_table(test, test_file, "test")
+    df = read_processed(train_file, "train")
+    test = read_processed(test_file, "test")
     train_df, val_df = split_train_val(
         df, params.val_fraction, params.seed, params.max_train_samples
     )

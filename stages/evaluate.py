@@ -27,7 +27,6 @@ from stages.common import (
     StageError,
     get_logger,
     load_params,
-    read_table,
     resolve_base_model,
     run_main,
     write_json,
@@ -35,8 +34,8 @@ from stages.common import (
 from stages.train import (
     ADAPTER_DIR,
     TRAIN_FILE,
-    check_table,
     load_base_model,
+    read_processed,
     resolve_quantization,
     split_train_val,
 )
@@ -207,10 +206,8 @@ def main() -> None:
         # One knob for both stages: what is fastest for training is fastest for scoring.
         torch.set_num_threads(int(train_params["torch_threads"]))
 
-    test_df = read_table(TEST_FILE)
-    check_table(test_df, TEST_FILE, "test")
-    train_df = read_table(TRAIN_FILE)
-    check_table(train_df, TRAIN_FILE, "train")
+    test_df = read_processed(TEST_FILE, "test")
+    train_df = read_processed(TRAIN_FILE, "train")
     train_rows, _ = split_train_val(
         train_df,
         float(train_params["val_fraction"]),

@@ -156,6 +156,13 @@ def check_table(df: pl.DataFrame, path: str | Path, split: str) -> None:
         raise StageError(f"{path}: duplicate id {dup['id'][0]!r} ({dup.height} rows)")
 
 
+def read_processed(path: str | Path, split: str) -> pl.DataFrame:
+    """A processed table, read and checked against the data contract (see `check_table`)."""
+    df = read_table(path)
+    check_table(df, path, split)
+    return df
+
+
 def split_train_val(
     df: pl.DataFrame, val_fraction: float, seed: int, max_train_samples: int | None = None
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -518,8 +525,7 @@ def main() -> None:
     params = parse_params(load_params("train"))
     if params.torch_threads is not None:
         torch.set_num_threads(params.torch_threads)
-    df = read_table(TRAIN_FILE)
-    check_table(df, TRAIN_FILE, "train")
+    df = read_processed(TRAIN_FILE, "train")
     train_df, val_df = split_train_val(
         df, params.val_fraction, params.seed, params.max_train_samples
     )
