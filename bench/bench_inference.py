@@ -31,7 +31,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from newsclf.predict import CUDA_PROVIDER, OnnxClassifier, default_providers
+from newsclf.predict import CUDA_PROVIDER, OnnxClassifier, default_providers, pad_batch
 from stages.common import (
     StageError,
     load_params,
@@ -79,16 +79,6 @@ def load_test(path: Path | None) -> tuple[pl.DataFrame, str]:
     if table.is_empty():
         raise StageError(f"{path}: no test rows")
     return table, str(path)
-
-
-def pad(ids: list[list[int]], pad_id: int) -> dict[str, np.ndarray]:
-    width = max(len(seq) for seq in ids)
-    input_ids = np.full((len(ids), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(ids), width), dtype=np.int64)
-    for row, seq in enumerate(ids):
-        input_ids[row, : len(seq)] = seq
-        mask[row, : len(seq)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask}
 
 
 def time_interleaved(
@@ -189,7 +179,7 @@ def main() -> None:
         results: dict[str, dict[str, float]] = {name: {} for name in backends}
         for size in BATCH_SIZES:
             chunk = encoded[: args.latency_texts] if size == 1 else encoded
-            batches = [pad(chunk[i : i + size], pad_id) for i in range(0, len(chunk), size)]
+            batches = [pad_batch(chunk[i : i + size], pad_id) for i in range(0, len(chunk), size)]
             for name, times in time_interleaved(backends, batches).items():
                 results[name][f"texts_per_s_b{size}"] = round(len(chunk) / sum(times), 1)
                 if size == 1:
@@ -208,7 +198,7 @@ def main() -> None:
             ref = torch_runner(model.to("cpu"), "cpu")
             predicted = np.concatenate(
                 [
-                    ref(pad(all_ids[i : i + 64], pad_id)).argmax(1)
+                    ref(pad_batch(all_ids[i : i + 64], pad_id)).argmax(1)
                     for i in range(0, len(all_ids), 64)
                 ]
             )

@@ -23,6 +23,17 @@ CUDA_PROVIDER = "CUDAExecutionProvider"
 CPU_PROVIDER = "CPUExecutionProvider"
 
 
+def pad_batch(ids: Sequence[list[int]], pad_id: int) -> dict[str, np.ndarray]:
+    """Model inputs for a batch of token-id lists, right-padded to the longest one."""
+    width = max(len(seq) for seq in ids)
+    input_ids = np.full((len(ids), width), pad_id, dtype=np.int64)
+    attention_mask = np.zeros((len(ids), width), dtype=np.int64)
+    for row, seq in enumerate(ids):
+        input_ids[row, : len(seq)] = seq
+        attention_mask[row, : len(seq)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
 class PredictError(Exception):
     """A fault the user can fix (missing model folder, unreadable input): one clear line."""
 
@@ -137,15 +148,6 @@ class OnnxClassifier:
             ids.append(seq)
         return Encoded(ids=ids, n_tokens=n_tokens)
 
-    def _batch_arrays(self, ids: Sequence[list[int]]) -> dict[str, np.ndarray]:
-        width = max(len(seq) for seq in ids)
-        input_ids = np.full((len(ids), width), self.pad_id, dtype=np.int64)
-        attention_mask = np.zeros((len(ids), width), dtype=np.int64)
-        for row, seq in enumerate(ids):
-            input_ids[row, : len(seq)] = seq
-            attention_mask[row, : len(seq)] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
-
     def logits(
         self,
         ids: Sequence[list[int]],
@@ -163,7 +165,7 @@ class OnnxClassifier:
         out = np.empty((len(ids), len(self.labels)), dtype=np.float32)
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            (batch_logits,) = self.session.run(None, self._batch_arrays([ids[i] for i in rows]))
+            (batch_logits,) = self.session.run(None, pad_batch([ids[i] for i in rows], self.pad_id))
             out[rows] = batch_logits
             if on_batch is not None:
                 on_batch(len(rows))
