@@ -1,4 +1,5 @@
-"""The `newsclf` console command: `newsclf predict` classifies news texts with the exported model.
+"""The `newsclf` console command: `newsclf predict` classifies news texts with the exported model;
+`newsclf preset NAME` prints a params preset as `dvc exp run` arguments.
 
 Texts come from arguments, a file (`--file`: one text per line, or CSV/Parquet with a `text`
 column) or stdin. Output is a table, or with `--json` one JSON object per text. Only the light
@@ -163,7 +164,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--threads", type=int, default=None, help="ORT threads (default: one per core)")
     p.set_defaults(run=predict)
+    p = commands.add_parser(
+        "preset",
+        help="print the `-S key=value` arguments of a params preset for `dvc exp run`",
+        description="Print presets/NAME.yaml as `dvc exp run` arguments: "
+        "`dvc exp run $(newsclf preset fast)`.",
+    )
+    p.add_argument("name", help="preset name: presets/NAME.yaml")
+    p.set_defaults(run=print_preset)
     return parser
+
+
+def print_preset(args: argparse.Namespace) -> int:
+    from newsclf.preset import load_preset, set_param_args
+
+    print(" ".join(set_param_args(load_preset(args.name))))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -172,10 +188,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("newsclf: error: --batch-size must be at least 1", file=sys.stderr)
         return 2
     from newsclf.predict import PredictError
+    from newsclf.preset import PresetError
 
     try:
         return args.run(args)
-    except (InputError, PredictError) as err:
+    except (InputError, PredictError, PresetError) as err:
         print(f"newsclf: error: {err}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # `newsclf predict ... | head`: the reader left, nothing to report

@@ -393,6 +393,11 @@ def save_adapter(model, tokenizer, adapter_dir: Path, base_model: str) -> None:
     config_file = adapter_dir / "adapter_config.json"
     config = json.loads(config_file.read_text())
     config["base_model_name_or_path"] = base_model
+    # PEFT keeps module names in sets and writes them in hash order, which changes from process to
+    # process: sorted, the file is the same on every run.
+    for key in ("target_modules", "modules_to_save"):
+        if isinstance(config.get(key), list):
+            config[key] = sorted(config[key])
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 

@@ -34,6 +34,17 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path) -> Path:
+    """A git+DVC project that has run the whole pipeline on the tiny model once, committed.
+
+    Shared by the tests that drive dvc: they clone it (tests.pipeline_fixture.clone), never change it.
+    """
+    from tests.pipeline_fixture import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny_pipeline") / "repo", tiny_bert_dir)
+
+
 # --- train / evaluate (issue 4) ---
 NEWS_TOPICS = (
     "election minister parliament war treaty",

@@ -16,9 +16,11 @@ from pathlib import Path
 import polars as pl
 import yaml
 
+from newsclf.preset import load_preset
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # What a stage may import or read from the repository (beyond the data it is given).
-PIPELINE_PATHS = ("stages", "metrics", "newsclf", "dvc.yaml", "params.yaml")
+PIPELINE_PATHS = ("stages", "metrics", "newsclf", "presets", "dvc.yaml", "params.yaml")
 
 TRAIN_CSV = (
     '"3","Wall St. Bears Claw Back","Reuters - Short-sellers, Wall Street\'s dwindling\\band of '
@@ -99,7 +101,7 @@ def make_project(root: Path) -> Path:
             "tokenize.n_process": 1,
         },
     )
-    git(root, "init", "-q")
+    git(root, "init", "-q", "-b", "main")
     assert dvc(root, "init", "-q").returncode == 0
     commit_all(root, "pipeline and raw fixture")
     return root
@@ -163,3 +165,48 @@ def file_hashes(root: Path, *folders: str) -> dict[str, str]:
         for p in sorted((root / folder).rglob("*"))
         if p.is_file()
     }
+
+
+def tiny_pipeline_params(model_dir: Path) -> dict[str, object]:
+    """The `fast` preset (presets/fast.yaml) plus what fits it to the tiny model and fixture data."""
+    preset = load_preset("fast", REPO_ROOT / "presets", REPO_ROOT / "params.yaml")
+    return {
+        **preset,
+        "label_issues.folds": 3,
+        "augment.synonym_model": str(model_dir),
+        "train.base_model": str(model_dir),
+        "train.epochs": 1,
+        "train.batch_size": 8,
+        "train.max_length": 32,
+        "train.val_fraction": 0.2,
+        "export.parity.n_texts": 16,
+        # A random tiny model's logits sit close together, so int8 rounding flips some top-1 picks;
+        # the parity bound itself is tested in test_export.py.
+        "export.parity.min_int8_agreement": 0.0,
+    }
+
+
+def build_tiny_pipeline(root: Path, model_dir: Path) -> Path:
+    """`make_project` + synthetic sources + tiny params, then a full `dvc repro`, committed."""
+    project = make_project(root)
+    add_synthetic_sources(project, train_per_class=12, test_per_class=5)
+    set_params(project, tiny_pipeline_params(model_dir))
+    result = dvc(project, "repro")
+    assert result.returncode == 0, result.stdout + result.stderr
+    commit_all(project, "pipeline run")
+    return project
+
+
+def clone(src: Path, dest: Path, shared_cache: bool) -> Path:
+    """A git clone of `src`; with `shared_cache`, it uses src's DVC cache and checks outputs out."""
+    git(src.parent, "clone", "-q", str(src), str(dest))
+    if shared_cache:
+        for args in (("cache", "dir", "--local", str(src / ".dvc" / "cache")), ("checkout",)):
+            result = dvc(dest, *args)
+            assert result.returncode == 0, result.stdout + result.stderr
+    return dest
+
+
+def stages_run(output: str) -> set[str]:
+    """Names of the stages a `dvc repro` / `dvc exp run` output says it ran."""
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}

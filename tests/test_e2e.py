@@ -9,11 +9,12 @@ import polars as pl
 import pytest
 
 from tests.pipeline_fixture import (
-    add_synthetic_sources,
+    clone,
     dvc,
     file_hashes,
     make_project,
     set_params,
+    stages_run,
 )
 
 pytestmark = pytest.mark.e2e
@@ -49,31 +50,8 @@ def test_dvc_repro_tokenize_on_fixture(tmp_path: Path) -> None:
     assert file_hashes(project, "data/interim") == first
 
 
-def tiny_pipeline_params(model_dir: Path) -> dict[str, object]:
-    """Every stage on the tiny random BERT, with the settings that keep a full run to seconds."""
-    return {
-        "label_issues.models": ["tfidf_lr"],
-        "label_issues.folds": 3,
-        "augment.synonym_model": str(model_dir),
-        "train.base_model": str(model_dir),
-        "train.epochs": 1,
-        "train.batch_size": 8,
-        "train.max_length": 32,
-        "train.val_fraction": 0.2,
-        "export.parity.n_texts": 16,
-        # A random tiny model's logits sit close together, so int8 rounding flips some top-1 picks;
-        # the parity bound itself is tested in test_export.py.
-        "export.parity.min_int8_agreement": 0.0,
-    }
-
-
-def test_dvc_repro_whole_pipeline_with_tiny_model(tmp_path: Path, tiny_bert_dir: Path) -> None:
-    project = make_project(tmp_path / "repo")
-    add_synthetic_sources(project, train_per_class=12, test_per_class=5)
-    set_params(project, tiny_pipeline_params(tiny_bert_dir))
-    result = dvc(project, "repro")
-    assert result.returncode == 0, result.stdout + result.stderr
-
+def test_dvc_repro_whole_pipeline_with_tiny_model(tmp_path: Path, tiny_pipeline: Path) -> None:
+    project = tiny_pipeline  # the whole pipeline has run there (conftest.py)
     interim, processed = project / "data" / "interim", project / "data" / "processed"
     clean = pl.read_parquet(interim / "clean.parquet")
     issues = pl.read_parquet(interim / "label_issues.parquet")
@@ -92,14 +70,16 @@ def test_dvc_repro_whole_pipeline_with_tiny_model(tmp_path: Path, tiny_bert_dir:
     assert (project / "models" / "onnx" / "model.onnx").exists()
     export = json.loads((project / "reports" / "export.json").read_text())
     assert export["parity"]["fp32_max_abs_logit_diff"] <= 1e-4
+    page = (project / "reports" / "index.html").read_text()
+    assert f"{100 * metrics['accuracy']:.2f}%" in page
 
     # Stage isolation: nothing reruns on a no-op repro; a train param reruns train and after.
     assert dvc(project, "status").stdout.strip() == "Data and pipelines are up to date."
-    set_params(project, {"train.lora.r": 4})
-    rerun = dvc(project, "repro")
+    work = clone(project, tmp_path / "work", shared_cache=True)
+    set_params(work, {"train.lora.r": 4})
+    rerun = dvc(work, "repro")
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     lines = rerun.stdout.splitlines()
-    ran = {line.split("'")[1] for line in lines if line.startswith("Running stage")}
-    assert ran == {"train", "evaluate", "export"}
+    assert stages_run(rerun.stdout) == {"train", "evaluate", "export", "report"}
     skipped = {line.split("'")[1] for line in lines if line.endswith("didn't change, skipping")}
     assert skipped == {"ingest", "clean", "tokenize", "label_issues", "augment"}

@@ -13,7 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.pipeline_fixture import commit_all, dvc, file_hashes, git, make_project, set_params
+from tests.pipeline_fixture import (
+    clone,
+    commit_all,
+    dvc,
+    file_hashes,
+    git,
+    make_project,
+    set_params,
+    stages_run,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -23,6 +32,17 @@ boto3 = pytest.importorskip("boto3")
 BUCKET = "newsclf-test"
 CREDENTIALS = {"access_key_id": "testing", "secret_access_key": "not-a-real-secret"}
 STAGE_OUTPUTS = ("data/interim", "reports")
+ALL_OUTPUTS = ("data/interim", "data/processed", "models", "reports")
+
+
+def s3_client(endpoint: str):
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=CREDENTIALS["access_key_id"],
+        aws_secret_access_key=CREDENTIALS["secret_access_key"],
+    )
 
 
 def free_port() -> int:
@@ -38,13 +58,7 @@ def s3_endpoint() -> Iterator[tuple[str, object]]:
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     url = f"http://127.0.0.1:{port}"
-    boto3.client(
-        "s3",
-        endpoint_url=url,
-        region_name="us-east-1",
-        aws_access_key_id=CREDENTIALS["access_key_id"],
-        aws_secret_access_key=CREDENTIALS["secret_access_key"],
-    ).create_bucket(Bucket=BUCKET)
+    s3_client(url).create_bucket(Bucket=BUCKET)
     try:
         yield url, server
     finally:
@@ -62,7 +76,7 @@ def add_s3_remote(root: Path, endpoint: str) -> None:
         assert result.returncode == 0, result.stderr
 
 
-def clone(src: Path, dest: Path, endpoint: str) -> Path:
+def clone_with_s3(src: Path, dest: Path, endpoint: str) -> Path:
     git(src.parent, "clone", "-q", str(src), str(dest))
     add_s3_remote(dest, endpoint)  # credentials are local: each clone sets its own
     return dest
@@ -83,7 +97,7 @@ def test_push_and_pull_through_s3(tmp_path: Path, s3_endpoint) -> None:
     expected = file_hashes(project, *STAGE_OUTPUTS)
 
     # dvc pull into a fresh clone restores every output, byte for byte.
-    fresh = clone(project, tmp_path / "fresh", endpoint)
+    fresh = clone_with_s3(project, tmp_path / "fresh", endpoint)
     pulled = dvc(fresh, "pull", "--with-deps", "tokenize")  # the stages this test ran
     assert pulled.returncode == 0, pulled.stdout + pulled.stderr
     assert file_hashes(fresh, *STAGE_OUTPUTS) == expected
@@ -101,9 +115,39 @@ def test_push_and_pull_through_s3(tmp_path: Path, s3_endpoint) -> None:
         (project / "dvc.lock").read_text(),
     ) == before
 
-    offline = clone(project, tmp_path / "offline", endpoint)
+    offline = clone_with_s3(project, tmp_path / "offline", endpoint)
     failed_pull = dvc(offline, "pull", "--with-deps", "tokenize")
     assert failed_pull.returncode != 0
     assert "ERROR" in failed_pull.stderr
     assert not list((offline / "data" / "interim").glob("*.parquet"))  # nothing half-pulled
     shutil.rmtree(offline)
+
+
+def test_repro_pull_restores_outputs_from_s3_instead_of_recomputing(
+    tmp_path: Path, s3_endpoint, tiny_pipeline: Path
+) -> None:
+    endpoint, _ = s3_endpoint
+    work = clone(tiny_pipeline, tmp_path / "work", shared_cache=True)
+    add_s3_remote(work, endpoint)
+    pushed = dvc(work, "push", "--run-cache")
+    assert pushed.returncode == 0, pushed.stdout + pushed.stderr
+    listed = s3_client(endpoint).list_objects_v2(Bucket=BUCKET, Prefix="cache/runs/")
+    assert listed["KeyCount"] > 0  # the run-cache entries went up beside the outputs
+
+    # A fresh clone of the same commit: every stage's outputs come from the remote, none runs.
+    fresh = clone_with_s3(work, tmp_path / "fresh", endpoint)
+    restored = dvc(fresh, "repro", "--pull")
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    assert stages_run(restored.stdout) == set()
+    assert file_hashes(fresh, *ALL_OUTPUTS) == file_hashes(tiny_pipeline, *ALL_OUTPUTS)
+    assert dvc(fresh, "status").stdout.strip() == "Data and pipelines are up to date."
+
+    # A train experiment on another fresh clone: the unchanged upstream stages neither run nor
+    # download anything they do not need; the inputs of the stages that rerun are pulled.
+    other = clone_with_s3(work, tmp_path / "other", endpoint)
+    set_params(other, {"train.lora.r": 4})
+    rerun = dvc(other, "repro", "--pull", "--allow-missing")
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert stages_run(rerun.stdout) == {"train", "evaluate", "export", "report"}
+    assert (other / "data" / "processed" / "train.parquet").exists()
+    assert not (other / "data" / "interim" / "tokens.parquet").exists()

@@ -1,0 +1,508 @@
+"""Stage `report`: one self-contained HTML page of the whole run, `reports/index.html`.
+
+It reads what the other stages wrote (their JSON reports, plot data, the label-issue ranking and the
+processed tables) and lays out: the data funnel (rows per stage and why rows left), class balance,
+token lengths, the top label suspects, augmentation counts, training curves, the confusion matrix,
+per-class metrics, and the ONNX export's size, speed and parity. Charts are PNGs drawn with
+matplotlib and embedded as data URIs; the page has no script, stylesheet, font or image from
+anywhere else, so it opens offline and can be mailed as one file.
+
+The page is a pure function of its inputs: PNGs carry no timestamp or software metadata, so the
+same run gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display: render to memory
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import polars as pl  # noqa: E402
+
+from stages.common import (  # noqa: E402
+    LABEL_NAMES,
+    SPLITS,
+    StageError,
+    get_logger,
+    load_params,
+    read_table,
+    run_main,
+)
+
+REPORTS = Path("reports")
+OUT_FILE = REPORTS / "index.html"
+JSON_INPUTS = {
+    "ingest": REPORTS / "ingest.json",
+    "clean": REPORTS / "clean.json",
+    "tokens": REPORTS / "tokens.json",
+    "label_issues": REPORTS / "label_issues.json",
+    "augment": REPORTS / "augment.json",
+    "train": REPORTS / "train" / "metrics.json",
+    "metrics": REPORTS / "metrics.json",
+    "export": REPORTS / "export.json",
+    "export_speed": REPORTS / "export_speed.json",
+}
+TOKEN_LENGTHS = REPORTS / "plots" / "token_lengths.csv"
+CONFUSION = REPORTS / "plots" / "confusion.csv"
+TRAIN_CURVES = REPORTS / "train" / "plots" / "metrics"
+LABEL_ISSUES = Path("data/interim/label_issues.parquet")
+PROCESSED = {
+    "train": Path("data/processed/train.parquet"),
+    "test": Path("data/processed/test.parquet"),
+}
+
+log = get_logger("report")
+
+# PNG metadata would otherwise carry matplotlib's version, which is not part of the run.
+PNG_METADATA = {"Software": None}
+COLORS = {"train": "#4c72b0", "test": "#dd8452", "removed": "#c44e52"}
+
+
+@dataclass(frozen=True)
+class FunnelStep:
+    """Rows of each split after one step, and the rows that left there, by reason."""
+
+    step: str
+    train: int
+    test: int
+    left: dict[str, int]
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise StageError(f"{path}: not found; run `dvc repro` to build the stages upstream")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise StageError(f"{path}: not valid JSON ({err})") from err
+
+
+def read_csv(path: Path, separator: str = ",") -> pl.DataFrame:
+    if not path.exists():
+        raise StageError(f"{path}: not found; run `dvc repro` to build the stages upstream")
+    return pl.read_csv(path, separator=separator)
+
+
+def funnel(reports: dict[str, dict[str, Any]]) -> list[FunnelStep]:
+    """Rows per split from the raw files to the rows the model was trained and scored on."""
+    ingest, clean, augment = reports["ingest"], reports["clean"], reports["augment"]
+    metrics = reports["metrics"]
+    raw = {split: 0 for split in ("train", "test")}
+    rejected: dict[str, int] = {}
+    for source in ingest["sources"]:
+        raw[source["split"]] += source["rows_in"]
+        for reason, count in source["rejected_by_reason"].items():
+            rejected[reason] = rejected.get(reason, 0) + count
+    kept = ingest["kept_per_split"]
+    cleaned = clean["per_split"]
+    removed = {rule: n for rule, n in clean["removed_by_rule"].items() if n}
+    dropped = augment["dropped_by_label_issues"]
+    after_issues = augment["train_rows_in"] - dropped
+    steps = [
+        FunnelStep("raw files", raw["train"], raw["test"], {}),
+        FunnelStep("ingest", kept.get("train", 0), kept.get("test", 0), rejected),
+        FunnelStep("clean", cleaned["train"]["rows_out"], cleaned["test"]["rows_out"], removed),
+        FunnelStep(
+            "label_issues",
+            after_issues,
+            augment["test_rows"],
+            {"dropped as label issue": dropped} if dropped else {},
+        ),
+        FunnelStep("augment", augment["train_rows_out"], augment["test_rows"], {}),
+        FunnelStep(
+            "train / evaluate",
+            metrics["n_train"],
+            metrics["n_test"],
+            {
+                "validation slice (or beyond max_train_samples)": augment["train_rows_out"]
+                - metrics["n_train"]
+            },
+        ),
+    ]
+    return steps
+
+
+def class_balance(tables: dict[str, pl.DataFrame]) -> pl.DataFrame:
+    """Rows per class and split of the processed tables (what train and evaluate read)."""
+    counts = {
+        split: tables[split].group_by("label").len().sort("label")
+        for split in SPLITS
+        if split in tables
+    }
+    frame = pl.DataFrame({"label": list(range(len(LABEL_NAMES)))})
+    for split, count in counts.items():
+        frame = frame.join(count.rename({"len": split}), on="label", how="left")
+    return (
+        frame.fill_null(0)
+        .with_columns(pl.col("label").replace_strict(dict(enumerate(LABEL_NAMES))).alias("class"))
+        .select("class", *counts)
+    )
+
+
+def top_suspects(issues: pl.DataFrame, n: int) -> pl.DataFrame:
+    """The `n` train rows cleanlab ranks most likely mislabelled, with the suggested class."""
+    names = dict(enumerate(LABEL_NAMES))
+    return (
+        issues.filter(pl.col("is_label_issue"))
+        .sort("rank")
+        .head(n)
+        .select(
+            "rank",
+            "id",
+            pl.col("label").replace_strict(names).alias("given"),
+            pl.col("suggested_label").replace_strict(names).alias("suggested"),
+            pl.col("suggested_confidence").round(3).alias("confidence"),
+            "action",
+            "text",
+        )
+    )
+
+
+def confusion_matrix(confusion: pl.DataFrame) -> np.ndarray:
+    """Counts [true, predicted] from the evaluate stage's `actual,predicted` rows."""
+    index = {name: i for i, name in enumerate(LABEL_NAMES)}
+    unknown = set(confusion["actual"]) | set(confusion["predicted"])
+    unknown -= set(index)
+    if unknown:
+        raise StageError(f"{CONFUSION}: unknown class names {sorted(unknown)}")
+    matrix = np.zeros((len(LABEL_NAMES), len(LABEL_NAMES)), dtype=np.int64)
+    for actual, predicted in confusion.select("actual", "predicted").iter_rows():
+        matrix[index[actual], index[predicted]] += 1
+    return matrix
+
+
+def read_curves(folder: Path) -> dict[str, pl.DataFrame]:
+    """dvclive's step-wise TSVs (`train/loss.tsv`, `eval/accuracy.tsv`, ...) by `train/loss` name."""
+    if not folder.is_dir():
+        raise StageError(f"{folder}: not found; run the train stage")
+    return {
+        str(path.relative_to(folder).with_suffix("")): pl.read_csv(path, separator="\t")
+        for path in sorted(folder.rglob("*.tsv"))
+    }
+
+
+# ---- charts -------------------------------------------------------------------------------------
+
+
+def png_data_uri(fig: plt.Figure) -> str:
+    """The figure as an embeddable `data:image/png;base64,...` URI; closes the figure."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight", metadata=PNG_METADATA)
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def funnel_chart(steps: Sequence[FunnelStep]) -> str:
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(steps) + 1))
+    y = np.arange(len(steps))
+    for offset, split in ((-0.2, "train"), (0.2, "test")):
+        values = [getattr(step, split) for step in steps]
+        bars = ax.barh(y + offset, values, height=0.4, color=COLORS[split], label=split)
+        ax.bar_label(bars, labels=[f"{v:,}" for v in values], padding=3, fontsize=8)
+    ax.set_yticks(y, [step.step for step in steps])
+    ax.invert_yaxis()
+    ax.set_xlabel("rows after the step")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.margins(x=0.15)
+    return png_data_uri(fig)
+
+
+def class_balance_chart(balance: pl.DataFrame) -> str:
+    fig, ax = plt.subplots(figsize=(6, 3))
+    splits = [c for c in balance.columns if c != "class"]
+    x = np.arange(balance.height)
+    width = 0.8 / max(len(splits), 1)
+    for i, split in enumerate(splits):
+        ax.bar(
+            x + (i - (len(splits) - 1) / 2) * width,
+            balance[split],
+            width,
+            label=split,
+            color=COLORS.get(split),
+        )
+    ax.set_xticks(x, balance["class"].to_list())
+    ax.set_ylabel("rows")
+    ax.legend()
+    return png_data_uri(fig)
+
+
+def token_lengths_chart(lengths: pl.DataFrame) -> str:
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.bar(lengths["n_tokens"].to_list(), lengths["rows"].to_list(), color=COLORS["train"])
+    ax.set_xlabel("spaCy tokens per row (bins of 8)")
+    ax.set_ylabel("rows")
+    ax.tick_params(axis="x", labelrotation=90, labelsize=7)
+    return png_data_uri(fig)
+
+
+def training_chart(curves: dict[str, pl.DataFrame]) -> str:
+    fig, (loss_ax, score_ax) = plt.subplots(1, 2, figsize=(10, 3.2), sharex=True)
+    for name, style in (("train/loss", "-"), ("eval/loss", "o-")):
+        if name in curves:
+            frame = curves[name]
+            loss_ax.plot(frame["step"], frame[frame.columns[1]], style, label=name)
+    loss_ax.set_xlabel("step")
+    loss_ax.set_ylabel("loss")
+    loss_ax.legend()
+    lowest = 1.0
+    for name in ("eval/accuracy", "eval/macro_f1"):
+        if name in curves:
+            frame = curves[name]
+            score_ax.plot(frame["step"], frame[frame.columns[1]], "o-", label=name)
+            lowest = min(lowest, float(frame[frame.columns[1]].min()))
+    # A fixed top keeps one epoch's single point from filling the axis with rounding noise.
+    score_ax.set_ylim(max(0.0, lowest - 0.05), 1.0)
+    score_ax.set_xlabel("step")
+    score_ax.set_ylabel("validation score")
+    score_ax.legend()
+    fig.tight_layout()
+    return png_data_uri(fig)
+
+
+def confusion_chart(matrix: np.ndarray) -> str:
+    fig, ax = plt.subplots(figsize=(4.8, 4))
+    image = ax.imshow(matrix, cmap="Blues")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    ticks = range(len(LABEL_NAMES))
+    ax.set_xticks(ticks, LABEL_NAMES, rotation=30)
+    ax.set_yticks(ticks, LABEL_NAMES)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    threshold = matrix.max() / 2 if matrix.size else 0
+    for (i, j), count in np.ndenumerate(matrix):
+        color = "white" if count > threshold else "black"
+        ax.text(j, i, f"{count:,}", ha="center", va="center", color=color, fontsize=9)
+    return png_data_uri(fig)
+
+
+# ---- HTML ---------------------------------------------------------------------------------------
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+h1 { margin-bottom: 0; } h2 { border-bottom: 1px solid #ccc; padding-bottom: 0.2em; margin-top: 2em; }
+table { border-collapse: collapse; margin: 0.5em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ddd; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }
+th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.headline { display: flex; gap: 1em; flex-wrap: wrap; }
+.card { border: 1px solid #ddd; border-radius: 6px; padding: 0.6em 1em; }
+.card b { display: block; font-size: 1.5em; }
+img { max-width: 100%; }
+.muted { color: #666; font-size: 0.9em; }
+"""
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return f"<td>{html.escape(str(value))}</td>"
+    if isinstance(value, int):
+        return f'<td class="num">{value:,}</td>'
+    if isinstance(value, float):
+        return f'<td class="num">{value:.4g}</td>'
+    return f"<td>{html.escape(str(value))}</td>"
+
+
+def html_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(_cell(v) for v in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def image(uri: str, alt: str) -> str:
+    return f'<img src="{uri}" alt="{html.escape(alt)}">'
+
+
+def section(title: str, *parts: str) -> str:
+    return f"<h2>{html.escape(title)}</h2>\n" + "\n".join(parts)
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.2f}%"
+
+
+def render_html(
+    reports: dict[str, dict[str, Any]],
+    steps: Sequence[FunnelStep],
+    balance: pl.DataFrame,
+    lengths: pl.DataFrame,
+    suspects: pl.DataFrame,
+    curves: dict[str, pl.DataFrame],
+    matrix: np.ndarray,
+) -> str:
+    """The whole page; every chart inline, every text from the data HTML-escaped."""
+    metrics, export, speed = reports["metrics"], reports["export"], reports["export_speed"]
+    tokens, issues, augment = reports["tokens"], reports["label_issues"], reports["augment"]
+    cards = [
+        ("test accuracy", _pct(metrics["accuracy"])),
+        ("macro-F1", _pct(metrics["macro_f1"])),
+        ("TF-IDF baseline", _pct(metrics["baseline_accuracy"])),
+        ("ROC AUC (macro)", f"{metrics['roc_auc_macro']:.4f}"),
+        ("train / test rows", f"{metrics['n_train']:,} / {metrics['n_test']:,}"),
+    ]
+    headline = (
+        '<div class="headline">'
+        + "".join(
+            f'<div class="card">{html.escape(name)}<b>{html.escape(value)}</b></div>'
+            for name, value in cards
+        )
+        + "</div>"
+    )
+
+    funnel_rows = [
+        (
+            s.step,
+            s.train,
+            s.test,
+            "; ".join(f"{reason}: {n:,}" for reason, n in s.left.items()) or "",
+        )
+        for s in steps
+    ]
+    sections = [
+        section(
+            "Data funnel",
+            image(funnel_chart(steps), "rows per split after each stage"),
+            html_table(
+                ("step", "train rows", "test rows", "rows that left, by reason"), funnel_rows
+            ),
+            '<p class="muted">Test rows are cleaned but never removed. Every rejected row is in '
+            "data/interim/rejected.parquet, every removed row in data/interim/removed.parquet, "
+            "each with its reason.</p>",
+        ),
+        section(
+            "Class balance (processed tables)",
+            image(class_balance_chart(balance), "rows per class"),
+            html_table(balance.columns, balance.rows()),
+        ),
+        section(
+            "Token lengths",
+            image(token_lengths_chart(lengths), "rows per token count"),
+            html_table(
+                ("rows", "tokens", "vocabulary", "p50", "p95", "p99", "max"),
+                [
+                    (
+                        tokens["rows"],
+                        tokens["tokens"],
+                        tokens["vocabulary_size"],
+                        tokens["n_tokens_p50"],
+                        tokens["n_tokens_p95"],
+                        tokens["n_tokens_p99"],
+                        tokens["n_tokens_max"],
+                    )
+                ],
+            ),
+        ),
+        section(
+            "Label suspects",
+            f"<p>{issues['flagged']:,} of {issues['rows_scored']:,} train rows flagged "
+            f"({_pct(issues['flagged_fraction'])}), action <code>{html.escape(issues['action'])}"
+            f"</code>; out-of-fold accuracy of the detectors {_pct(issues['oof_accuracy'])}.</p>",
+            html_table(
+                ("class", "rows", "flagged", "suggested instead"),
+                [
+                    (
+                        name,
+                        c["rows"],
+                        c["flagged"],
+                        ", ".join(f"{k} {v}" for k, v in c["suggested_to"].items()),
+                    )
+                    for name, c in issues["per_class"].items()
+                ],
+            ),
+            f"<p>Top {suspects.height} suspects:</p>",
+            html_table(suspects.columns, suspects.rows()),
+        ),
+        section(
+            "Augmentation",
+            f"<p>{augment['n_aug']} augmented copies per train row; "
+            f"{augment['train_rows_in']:,} rows in, {augment['added']:,} added, "
+            f"{augment['train_rows_out']:,} out.</p>",
+            html_table(
+                ("op", "rate", "added", "skipped (nothing to change)"),
+                [(op, v["rate"], v["added"], v["skipped"]) for op, v in augment["ops"].items()],
+            ),
+        ),
+        section("Training curves", image(training_chart(curves), "loss and validation scores")),
+        section(
+            "Test results",
+            image(confusion_chart(matrix), "confusion matrix"),
+            html_table(
+                ("class", "precision", "recall", "F1", "ROC AUC", "support"),
+                [
+                    (name, c["precision"], c["recall"], c["f1"], c["roc_auc"], c["support"])
+                    for name, c in metrics["per_class"].items()
+                ],
+            ),
+            '<p class="muted">Misclassified test texts: reports/errors.csv.</p>',
+        ),
+        section(
+            "ONNX export",
+            html_table(
+                (
+                    "model",
+                    "size (MB)",
+                    "test accuracy",
+                    f"texts/s (batch {speed['batch_size']}, tokenization included)",
+                ),
+                [
+                    (
+                        name,
+                        export["size_mb"][name],
+                        export["accuracy"][f"onnx_{name}"],
+                        speed[f"{name}_texts_per_s"],
+                    )
+                    for name in export["size_mb"]
+                ],
+            ),
+            f"<p>Parity with PyTorch on {export['parity']['n_texts']:,} test texts: max |logit "
+            f"difference| fp32 {export['parity']['fp32_max_abs_logit_diff']:.3g}"
+            + (
+                f", int8 top-1 agreement {_pct(export['parity']['int8_top1_agreement'])}"
+                if "int8_top1_agreement" in export["parity"]
+                else ""
+            )
+            + f"; opset {export['opset']}.</p>",
+        ),
+    ]
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        "<title>newsclf run report</title>"
+        f"<style>{STYLE}</style></head><body>\n<h1>newsclf run report</h1>\n"
+        '<p class="muted">AG News topic classifier: what each stage of the last '
+        "<code>dvc repro</code> did. Source files: reports/*.json, reports/plots/, "
+        "data/interim/label_issues.parquet.</p>\n"
+        + headline
+        + "\n"
+        + "\n".join(sections)
+        + "\n</body></html>\n"
+    )
+
+
+def main() -> None:
+    params = load_params("report")
+    reports = {name: read_json(path) for name, path in JSON_INPUTS.items()}
+    tables = {split: read_table(path, columns=["label"]) for split, path in PROCESSED.items()}
+    issues = read_table(LABEL_ISSUES)
+    page = render_html(
+        reports,
+        funnel(reports),
+        class_balance(tables),
+        read_csv(TOKEN_LENGTHS),
+        top_suspects(issues, int(params["top_suspects"])),
+        read_curves(TRAIN_CURVES),
+        confusion_matrix(read_csv(CONFUSION)),
+    )
+    OUT_FILE.write_text(page, encoding="utf-8")
+    log.info("wrote %s (%.0f kB)", OUT_FILE, len(page.encode()) / 1024)
+
+
+if __name__ == "__main__":
+    run_main(main, "report")

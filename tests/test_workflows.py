@@ -1,0 +1,177 @@
+"""The DVC workflows users drive, each with real `dvc` commands on clones of the tiny pipeline.
+
+Experiments (`exp run -S`, `--queue` + `queue start`, `exp show`), metrics and plots diffs across
+branches on a clone that never pulled, the local run-cache, and determinism of a run from scratch.
+The remote workflows (push, pull, `repro --pull`) are in test_remote.py.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from newsclf.preset import load_preset, set_param_args
+from tests.pipeline_fixture import (
+    clone,
+    dvc,
+    file_hashes,
+    git,
+    set_params,
+    stages_run,
+)
+
+pytestmark = pytest.mark.e2e
+
+# Everything a run writes that must not depend on when or where it ran (timings are apart:
+# reports/export_speed.json, and reports/index.html which shows them).
+REPRODUCIBLE = (
+    "data/interim",
+    "data/processed",
+    "models/adapter",
+    "reports/train",
+    "reports/plots",
+)
+REPRODUCIBLE_FILES = (
+    "reports/ingest.json",
+    "reports/clean.json",
+    "reports/tokens.json",
+    "reports/label_issues.json",
+    "reports/label_issues.md",
+    "reports/augment.json",
+    "reports/metrics.json",
+    "reports/errors.csv",
+    "reports/export.json",
+)
+
+
+def ok(result) -> str:
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def reproducible_hashes(root: Path) -> dict[str, str]:
+    hashes = file_hashes(root, *REPRODUCIBLE)
+    hashes.update(
+        {name: v for name, v in file_hashes(root, "reports").items() if name in REPRODUCIBLE_FILES}
+    )
+    assert len(hashes) > len(REPRODUCIBLE_FILES)  # the folders were there
+    return hashes
+
+
+def test_two_runs_from_scratch_are_identical(tmp_path: Path, tiny_pipeline: Path) -> None:
+    # A clone with a cache of its own: no run-cache to restore from, every stage computes.
+    fresh = clone(tiny_pipeline, tmp_path / "fresh", shared_cache=False)
+    for out in ("data/processed/train.parquet", "models/adapter"):
+        assert not (fresh / out).exists()
+    ran = stages_run(ok(dvc(fresh, "repro", "--force")))
+    assert ran == {
+        "ingest",
+        "clean",
+        "tokenize",
+        "label_issues",
+        "augment",
+        "train",
+        "evaluate",
+        "export",
+        "report",
+    }
+    assert reproducible_hashes(fresh) == reproducible_hashes(tiny_pipeline)
+
+
+def wait_for_queue(root: Path, timeout_s: float = 300) -> str:
+    """Poll `dvc queue status` until no task is queued or running; the last status text."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = ok(dvc(root, "queue", "status"))
+        if not any(word in status for word in ("Queued", "Running")):
+            return status
+        assert time.monotonic() < deadline, status
+        time.sleep(2)
+
+
+def exp_records(root: Path) -> dict[str, dict]:
+    """`dvc exp show --json` as {experiment name: {"params": ..., "metrics": ...}} for this commit."""
+    records = {}
+    for commit in json.loads(ok(dvc(root, "exp", "show", "--json"))):
+        for exp in [commit, *(e for e in commit.get("experiments") or [])]:
+            for rev in exp.get("revs", [exp]):
+                data = rev.get("data") or {}
+                name = rev.get("name") or data.get("name") or data.get("rev")
+                if not data or not name:
+                    continue
+                records[name] = {
+                    "params": data["params"]["params.yaml"]["data"],
+                    "metrics": data["metrics"].get("reports/metrics.json", {}).get("data", {}),
+                }
+    return records
+
+
+def test_experiments_queue_and_branch_diffs(tmp_path: Path, tiny_pipeline: Path) -> None:
+    work = clone(tiny_pipeline, tmp_path / "work", shared_cache=True)
+
+    # `dvc exp run $(newsclf preset fast) -S ...`, as the README has it. The tiny pipeline already
+    # runs the preset's label_issues and train.max_train_samples values, so label_issues and the
+    # stages before it stay; only the stages that read a changed param run.
+    preset = load_preset("fast", work / "presets", work / "params.yaml")
+    overrides = ["-S", "train.lora.r=4", "-S", "train.learning_rate=0.01"]
+    out = ok(dvc(work, "exp", "run", "-n", "r4", *set_param_args(preset), *overrides))
+    assert stages_run(out) == {"train", "evaluate", "export", "report"}
+
+    # Queued: runs later, in a temporary copy of the repository, when a worker starts.
+    ok(dvc(work, "exp", "run", "--queue", "-n", "r2", "-S", "train.lora.r=2"))
+    assert "r2" in ok(dvc(work, "queue", "status"))
+    ok(dvc(work, "queue", "start"))
+    status = wait_for_queue(work)
+    assert "Success" in status and "Failed" not in status, status
+
+    records = exp_records(work)
+    for name, rank in (("r4", 4), ("r2", 2)):
+        assert records[name]["params"]["train"]["lora"]["r"] == rank
+        assert 0 <= records[name]["metrics"]["accuracy"] <= 1
+    assert records["r4"]["params"]["train"]["learning_rate"] == 0.01
+
+    # An experiment becomes a branch; a fresh clone diffs it against main without any pull.
+    ok(dvc(work, "exp", "branch", "r4", "lora-r4"))
+    fresh = tmp_path / "fresh"
+    git(tmp_path, "clone", "-q", str(work), str(fresh))
+    assert not list(fresh.glob("data/*/*.parquet")) and not (fresh / ".dvc" / "cache").exists()
+    branch = json.loads(git(fresh, "show", "origin/lora-r4:reports/metrics.json"))
+    main = json.loads(git(fresh, "show", "main:reports/metrics.json"))
+
+    diff = json.loads(
+        ok(dvc(fresh, "metrics", "diff", "--all", "--json", "main", "origin/lora-r4"))
+    )
+    accuracy = diff["reports/metrics.json"]["accuracy"]
+    assert (accuracy["old"], accuracy["new"]) == (main["accuracy"], branch["accuracy"])
+    assert "macro_f1" in diff["reports/metrics.json"]
+    params = json.loads(ok(dvc(fresh, "params", "diff", "--json", "main", "origin/lora-r4")))
+    main_r = yaml.safe_load(git(fresh, "show", "main:params.yaml"))["train"]["lora"]["r"]
+    assert params["params.yaml"]["train.lora.r"] == {"old": main_r, "new": 4, "diff": 4 - main_r}
+
+    plots = json.loads(ok(dvc(fresh, "plots", "diff", "--json", "main", "origin/lora-r4")))
+    for plot in ("confusion", "roc", "reports/train/plots/metrics/train/loss.tsv"):
+        revisions = {rev for entry in plots["data"][plot] for rev in entry["revisions"]}
+        assert revisions == {"main", "origin/lora-r4"}, plot
+    rendered = tmp_path / "plots"
+    ok(dvc(fresh, "plots", "diff", "main", "origin/lora-r4", "-o", str(rendered)))
+    assert (rendered / "index.html").exists()
+
+
+def test_local_run_cache_restores_a_stage(tmp_path: Path, tiny_pipeline: Path) -> None:
+    work = clone(tiny_pipeline, tmp_path / "work", shared_cache=True)
+    before = file_hashes(work, "data/interim")
+    min_chars = yaml.safe_load((work / "params.yaml").read_text())["clean"]["min_chars"]
+    set_params(work, {"clean.min_chars": min_chars + 20})
+    assert stages_run(ok(dvc(work, "repro", "clean"))) == {"clean"}
+    assert file_hashes(work, "data/interim") != before
+
+    # Back to a value that has run before: restored from the run-cache, not recomputed.
+    set_params(work, {"clean.min_chars": min_chars})
+    out = ok(dvc(work, "repro", "clean"))
+    assert "Stage 'clean' is cached - skipping run, checking out outputs" in out
+    assert stages_run(out) == set()
+    assert file_hashes(work, "data/interim") == before
