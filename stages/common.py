@@ -56,12 +56,17 @@ def load_params(section: str, path: Path = PARAMS_FILE) -> dict[str, Any]:
     return params[section]
 
 
-def read_table(path: str | Path, columns: list[str] | None = None) -> pl.DataFrame:
-    """Read a stage's Parquet input, naming the stage that makes it when it is missing."""
+def require_file(path: str | Path) -> Path:
+    """`path` as a Path; a StageError naming it when the stage upstream has not made it yet."""
     path = Path(path)
     if not path.exists():
         raise StageError(f"{path}: not found; run `dvc repro` to build the stages upstream")
-    return pl.read_parquet(path, columns=columns)
+    return path
+
+
+def read_table(path: str | Path, columns: list[str] | None = None) -> pl.DataFrame:
+    """Read a stage's Parquet input, naming the stage that makes it when it is missing."""
+    return pl.read_parquet(require_file(path), columns=columns)
 
 
 def write_table(df: pl.DataFrame, path: str | Path) -> None:

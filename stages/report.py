@@ -36,6 +36,7 @@ from stages.common import (  # noqa: E402
     get_logger,
     load_params,
     read_table,
+    require_file,
     run_main,
 )
 
@@ -47,7 +48,6 @@ JSON_INPUTS = {
     "tokens": REPORTS / "tokens.json",
     "label_issues": REPORTS / "label_issues.json",
     "augment": REPORTS / "augment.json",
-    "train": REPORTS / "train" / "metrics.json",
     "metrics": REPORTS / "metrics.json",
     "export": REPORTS / "export.json",
     "export_speed": REPORTS / "export_speed.json",
@@ -79,25 +79,21 @@ class FunnelStep:
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        raise StageError(f"{path}: not found; run `dvc repro` to build the stages upstream")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(require_file(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise StageError(f"{path}: not valid JSON ({err})") from err
 
 
-def read_csv(path: Path, separator: str = ",") -> pl.DataFrame:
-    if not path.exists():
-        raise StageError(f"{path}: not found; run `dvc repro` to build the stages upstream")
-    return pl.read_csv(path, separator=separator)
+def read_csv(path: Path) -> pl.DataFrame:
+    return pl.read_csv(require_file(path))
 
 
 def funnel(reports: dict[str, dict[str, Any]]) -> list[FunnelStep]:
     """Rows per split from the raw files to the rows the model was trained and scored on."""
     ingest, clean, augment = reports["ingest"], reports["clean"], reports["augment"]
     metrics = reports["metrics"]
-    raw = {split: 0 for split in ("train", "test")}
+    raw = dict.fromkeys(SPLITS, 0)
     rejected: dict[str, int] = {}
     for source in ingest["sources"]:
         raw[source["split"]] += source["rows_in"]
@@ -108,7 +104,7 @@ def funnel(reports: dict[str, dict[str, Any]]) -> list[FunnelStep]:
     removed = {rule: n for rule, n in clean["removed_by_rule"].items() if n}
     dropped = augment["dropped_by_label_issues"]
     after_issues = augment["train_rows_in"] - dropped
-    steps = [
+    return [
         FunnelStep("raw files", raw["train"], raw["test"], {}),
         FunnelStep("ingest", kept.get("train", 0), kept.get("test", 0), rejected),
         FunnelStep("clean", cleaned["train"]["rows_out"], cleaned["test"]["rows_out"], removed),
@@ -129,7 +125,6 @@ def funnel(reports: dict[str, dict[str, Any]]) -> list[FunnelStep]:
             },
         ),
     ]
-    return steps
 
 
 def class_balance(tables: dict[str, pl.DataFrame]) -> pl.DataFrame:

@@ -67,7 +67,6 @@ def reports_fixture() -> dict[str, dict]:
             "train_rows_out": 60,
             "ops": {"swap": {"rate": 0.1, "added": 30, "skipped": 0}},
         },
-        "train": {"step": 8},
         "metrics": {
             "accuracy": 0.85,
             "macro_f1": 0.84,
