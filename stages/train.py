@@ -331,8 +331,15 @@ def prepare_checkpoints(checkpoint_dir: Path, fp: str) -> Path | None:
 
 
 def _live_name(key: str) -> str | None:
-    """Trainer log key → dvclive metric name; timings are dropped so metrics stay reproducible."""
-    if "runtime" in key or "per_second" in key or key in ("epoch", "total_flos", "step"):
+    """Trainer log key → dvclive metric name; what a rerun would not reproduce is dropped.
+
+    Timings vary from run to run, and the Trainer's closing `train_loss` averages only the steps of
+    the last session: a run resumed from a checkpoint reports another value (0.0 when the checkpoint
+    had finished), though it trains the same model. The per-step `train/loss` curve stays.
+    """
+    if "runtime" in key or "per_second" in key:
+        return None
+    if key in ("epoch", "total_flos", "step", "train_loss"):
         return None
     if key.startswith("eval_"):
         return f"eval/{key.removeprefix('eval_')}"
@@ -342,7 +349,9 @@ def _live_name(key: str) -> str | None:
 def log_to_live(live, logs: dict[str, Any], step: int) -> None:
     """Log one Trainer log entry at `step` (the optimizer step, so resumed runs line up)."""
     live.step = step
-    for key, value in logs.items():
+    # Sorted: checkpoints store the log history with sorted keys, and a resumed run replays it, so
+    # the summary's key order must not depend on whether the run was interrupted.
+    for key, value in sorted(logs.items()):
         name = _live_name(key)
         if name is not None and isinstance(value, int | float):
             live.log_metric(name, float(value))

@@ -216,6 +216,26 @@ def test_train_saves_adapter_and_resumes_after_interruption(tiny_bert_dir, tiny_
     assert acc["step"].to_list() == [4, 8]
 
 
+def test_rerun_on_a_finished_checkpoint_logs_the_same_metrics(tiny_bert_dir, tiny_run):
+    """`dvc repro` after a code-only change resumes from the finished run: same dvclive files."""
+    run, tmp = tiny_run
+    params = tiny_params(tiny_bert_dir)
+    run(params)
+
+    def live_files() -> dict[str, str]:
+        return {
+            str(p.relative_to(tmp)): p.read_text()
+            for p in sorted((tmp / "live").rglob("*"))
+            if p.is_file()
+        }
+
+    first = live_files()
+    assert "train_loss" not in first["live/metrics.json"]  # depends on where a run was resumed
+    result = run(params)
+    assert result.resumed_from == "checkpoint-8"
+    assert live_files() == first
+
+
 def test_changed_params_start_fresh(tiny_bert_dir, tiny_run, train_log):
     run, tmp = tiny_run
     with pytest.raises(Interrupt):
