@@ -31,15 +31,10 @@ from typing import Any
 import polars as pl
 import torch
 
+from bench.training import load_bench_data, train_in
 from stages.common import NUM_LABELS, load_params, resolve_base_model
 from stages.evaluate import compute_metrics, load_classifier, predict_proba
-from stages.train import (
-    build_peft_model,
-    parse_params,
-    read_processed,
-    split_train_val,
-    train_model,
-)
+from stages.train import build_peft_model, parse_params
 
 OUT_FILE = Path("reports/bench_gpu.json")
 MODES = ("none", "4bit")
@@ -65,12 +60,8 @@ def require_cuda() -> None:
 
 def bench_project_model(data_dir: Path, eval_batch: int) -> list[dict[str, Any]]:
     params = parse_params(load_params("train"))
-    train_file, test_file = data_dir / "train.parquet", data_dir / "test.parquet"
-    df = read_processed(train_file, "train")
-    test = read_processed(test_file, "test")
-    train_df, val_df = split_train_val(
-        df, params.val_fraction, params.seed, params.max_train_samples
-    )
+    data = load_bench_data(data_dir, params)
+    test = data.test
     rows = []
     for mode in MODES:
         run_params = replace(params, quantization=mode)
@@ -80,17 +71,9 @@ def bench_project_model(data_dir: Path, eval_batch: int) -> list[dict[str, Any]]
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         with tempfile.TemporaryDirectory() as tmp:
-            result = train_model(
-                train_df,
-                val_df,
-                run_params,
-                data_path=train_file,
-                checkpoint_dir=Path(tmp) / "checkpoints",
-                adapter_dir=Path(tmp) / "adapter",
-                live_dir=None,
-            )
+            result, adapter_dir = train_in(Path(tmp), data, run_params)
             peak = torch.cuda.max_memory_allocated()
-            model, tokenizer = load_classifier(Path(tmp) / "adapter", params.base_model, mode)
+            model, tokenizer = load_classifier(adapter_dir, params.base_model, mode)
             t0 = time.perf_counter()
             probs = predict_proba(
                 model, tokenizer, test["text"].to_list(), params.max_length, eval_batch

@@ -27,9 +27,10 @@ import polars as pl
 import torch
 import yaml
 
+from bench.training import load_bench_data, train_in
 from stages.common import load_params
 from stages.evaluate import compute_metrics, load_classifier, predict_proba
-from stages.train import parse_params, read_processed, split_train_val, train_model
+from stages.train import parse_params
 
 OUT_FILE = Path("reports/bench_train_cpu.json")
 
@@ -57,26 +58,14 @@ def run(name: str, overrides: list[str], data_dir: Path, eval_batch: int) -> dic
     params = parse_params(raw)
     if params.torch_threads is not None:
         torch.set_num_threads(params.torch_threads)
-    train_file, test_file = data_dir / "train.parquet", data_dir / "test.parquet"
-    df = read_processed(train_file, "train")
-    test = read_processed(test_file, "test")
-    train_df, val_df = split_train_val(
-        df, params.val_fraction, params.seed, params.max_train_samples
-    )
+    data = load_bench_data(data_dir, params)
+    test = data.test
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         t0, c0 = time.perf_counter(), _cpu_seconds()
-        result = train_model(
-            train_df,
-            val_df,
-            params,
-            data_path=train_file,
-            checkpoint_dir=Path(tmp) / "checkpoints",
-            adapter_dir=Path(tmp) / "adapter",
-            live_dir=None,
-        )
+        result, adapter_dir = train_in(Path(tmp), data, params)
         t1, c1 = time.perf_counter(), _cpu_seconds()
-        model, tokenizer = load_classifier(Path(tmp) / "adapter", params.base_model, "none")
+        model, tokenizer = load_classifier(adapter_dir, params.base_model, "none")
         probs = predict_proba(
             model, tokenizer, test["text"].to_list(), params.max_length, eval_batch
         )
