@@ -94,18 +94,14 @@ def wait_for_queue(root: Path, timeout_s: float = 300) -> str:
 
 
 def exp_records(root: Path) -> dict[str, dict]:
-    """`dvc exp show --json` as {experiment name: {"params": ..., "metrics": ...}} for this commit."""
+    """The experiments `dvc exp show --json` lists, as {name: {"params": ..., "metrics": ...}}."""
     records = {}
     for commit in json.loads(ok(dvc(root, "exp", "show", "--json"))):
-        for exp in [commit, *(e for e in commit.get("experiments") or [])]:
-            for rev in exp.get("revs", [exp]):
-                data = rev.get("data") or {}
-                name = rev.get("name") or data.get("name") or data.get("rev")
-                if not data or not name:
-                    continue
-                records[name] = {
-                    "params": data["params"]["params.yaml"]["data"],
-                    "metrics": data["metrics"].get("reports/metrics.json", {}).get("data", {}),
+        for exp in commit["experiments"] or []:
+            for rev in exp["revs"]:
+                records[rev["name"]] = {
+                    "params": rev["data"]["params"]["params.yaml"]["data"],
+                    "metrics": rev["data"]["metrics"]["reports/metrics.json"]["data"],
                 }
     return records
 
