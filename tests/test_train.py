@@ -199,7 +199,11 @@ def test_train_saves_adapter_and_resumes_after_interruption(tiny_bert_dir, tiny_
     assert any("resuming from" in m for m in train_log)
     # 32 rows, batch 8, 2 epochs: 8 optimizer steps in all, counted across the interruption.
     assert result.global_step == 8
-    assert result.best_metric is not None and 0 <= result.best_metric <= 1
+    # The best epoch is the one of lowest validation loss, and its accuracy comes with it.
+    evals = [e for e in result.log_history if "eval_loss" in e]
+    best = min(evals, key=lambda e: e["eval_loss"])
+    assert result.best_val_loss == best["eval_loss"]
+    assert result.best_val_accuracy == best["eval_accuracy"]
     adapter = tmp / "adapter"
     assert (adapter / "adapter_model.safetensors").is_file()
     assert (adapter / "tokenizer.json").is_file()
