@@ -39,7 +39,15 @@ from stages.common import (
     resolve_base_model,
     write_json,
 )
-from stages.export import ADAPTER_DIR, TEST_TABLE, build_export
+from stages.export import (
+    ADAPTER_DIR,
+    TEST_TABLE,
+    TRAIN_TABLE,
+    Int8Plan,
+    build_export,
+    calibration_texts,
+)
+from stages.train import read_processed
 
 CLEAN_TABLE = Path("data/interim/clean.parquet")
 BATCH_SIZES = (1, 8, 64)
@@ -150,14 +158,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         adapter = ADAPTER_DIR if trained else fresh_adapter(base_model, Path(tmp) / "adapter")
         onnx_dir = Path(tmp) / "onnx"
-        model, _ = build_export(
-            adapter,
-            base_model,
-            onnx_dir,
-            int(export["opset"]),
-            True,
-            max_length,
-            export["int8_keep_fp32"],
+        int8 = Int8Plan(
+            calibration_texts(
+                read_processed(TRAIN_TABLE, "train"), int(export["int8_calibration_texts"])
+            ),
+            float(export["parity"]["min_int8_agreement"]),
+            int(export["int8_max_fp32_nodes"]),
+            int(export["batch_size"]),
+        )
+        model, _, _ = build_export(
+            adapter, base_model, onnx_dir, int(export["opset"]), max_length, int8
         )
         backends: dict[str, Callable[[dict], Any]] = {"pytorch_fp32": torch_runner(model, "cpu")}
         classifiers = {}

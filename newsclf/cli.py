@@ -115,6 +115,8 @@ def predict(args: argparse.Namespace) -> int:
 
     texts, source = read_texts(args)
     classifier = OnnxClassifier(args.model, precision=args.precision, threads=args.threads)
+    if classifier.notice:
+        notice(classifier.notice)
     encoded = classifier.encode(texts)
     truncated = [n for n, cut in enumerate(encoded.truncated, start=1) if cut]
     if truncated:
@@ -160,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision",
         choices=("auto", "fp32", "int8"),
         default="auto",
-        help="auto: int8 on CPU, fp32 on a CUDA GPU",
+        help="auto: int8 on CPU (fp32 if the int8 model missed its parity bound at export), "
+        "fp32 on a CUDA GPU",
     )
     p.add_argument("--threads", type=int, default=None, help="ORT threads (default: one per core)")
     p.set_defaults(run=predict)

@@ -104,7 +104,9 @@ class OnnxClassifier:
         self.max_length: int = int(meta["max_length"])
         self.pad_id: int = int(meta["pad_id"])
         self.providers = list(providers) if providers is not None else default_providers()
-        self.precision = self._pick_precision(precision, meta["models"])
+        # Set when the precision used is not the one asked for or its graph's parity is short.
+        self.notice: str | None = None
+        self.precision = self._pick_precision(precision, meta["models"], meta.get("int8_parity"))
         model_path = model_dir / meta["models"][self.precision]
         for path in (model_path, model_dir / TOKENIZER_FILE):
             if not path.is_file():
@@ -120,14 +122,28 @@ class OnnxClassifier:
         except Exception as err:  # ORT raises its own untyped errors for corrupt/foreign files
             raise PredictError(f"{model_path}: ONNX Runtime cannot load it ({err})") from err
 
-    def _pick_precision(self, precision: str, models: dict[str, str]) -> str:
+    def _pick_precision(
+        self, precision: str, models: dict[str, str], int8_parity: dict | None
+    ) -> str:
         if precision not in PRECISIONS:
             raise PredictError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+        missed = int8_parity is not None and not int8_parity["meets_bound"]
+        shortfall = (
+            f"the int8 model's top-1 agreement with PyTorch at export, "
+            f"{int8_parity['top1_agreement']:.4f}, is below its bound "
+            f"{int8_parity['min_agreement']}"
+            if missed
+            else ""
+        )
         if precision == "auto":
             # Dynamically quantised int8 ops (MatMulInteger, QAttention) run on the CPU provider
             # only, so on a GPU the fp32 graph is the fast one; on a CPU the int8 graph is.
             on_gpu = self.providers[0] == CUDA_PROVIDER
-            precision = "fp32" if on_gpu or "int8" not in models else "int8"
+            precision = "fp32" if on_gpu or "int8" not in models or missed else "int8"
+            if missed and not on_gpu:
+                self.notice = f"using the fp32 model: {shortfall}"
+        elif precision == "int8" and missed:
+            self.notice = f"int8 as asked, though {shortfall}"
         if precision not in models:
             raise PredictError(
                 f"this exported model has no {precision} graph (has: {sorted(models)})"

@@ -1,6 +1,9 @@
 """evaluate: score the fine-tuned adapter and a TF-IDF baseline on the full test split.
 
-Reads `models/adapter/` and `data/processed/{train,test}.parquet`. Computes accuracy, macro-F1,
+Reads `models/adapter/` and `data/processed/{train,test}.parquet`. The model scored is the one
+`export` ships: the adapter merged into a fresh fp32 base. For a quantized (QLoRA / 8-bit) run it
+also scores the adapter on the quantized base it was trained on (`accuracy_as_trained`), so what
+merging a QLoRA adapter into full weights costs shows on every run. Computes accuracy, macro-F1,
 per-class precision/recall/F1 and one-vs-rest ROC AUC with the project's own Hugging Face `evaluate`
 module (`metrics/newsclf_metrics`, loaded by local path: nothing is fetched from the hub), and the
 accuracy of a TF-IDF + logistic-regression baseline trained on exactly the rows `train` trained on.
@@ -12,6 +15,7 @@ Writes `reports/metrics.json`, `reports/plots/confusion.csv` (one row per test e
 
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 from typing import Any
@@ -31,12 +35,19 @@ from stages.common import (
     run_main,
     write_json,
 )
+from stages.modeling import (
+    KBIT,
+    compute_dtype,
+    load_as_trained,
+    load_merged_model,
+    resolve_precision,
+    resolve_quantization,
+)
 from stages.train import (
     ADAPTER_DIR,
     TRAIN_FILE,
-    load_base_model,
+    parse_params,
     read_processed,
-    resolve_quantization,
     split_train_val,
 )
 
@@ -50,42 +61,43 @@ ERRORS_FILE = Path("reports/errors.csv")
 log = get_logger("evaluate")
 
 
-def load_classifier(adapter_dir: Path, base_model: str, quantization: str):
-    """Base model + trained adapter, ready for inference, and the adapter's tokenizer."""
-    from peft import PeftModel
+def load_classifier(adapter_dir: Path, base_model: str):
+    """The shipped model (adapter merged into a fresh fp32 base) and the adapter's tokenizer."""
     from transformers import AutoTokenizer
 
-    if not (adapter_dir / "adapter_model.safetensors").exists():
-        raise StageError(f"{adapter_dir}: no adapter_model.safetensors; run the `train` stage")
-    quant = resolve_quantization(quantization, torch.cuda.is_available())
-    base = load_base_model(resolve_base_model(base_model), quant)
-    model = PeftModel.from_pretrained(base, str(adapter_dir))
-    if quant == "none":
-        # Folding the adapter into the base weights gives the same logits (to ~1e-7) without LoRA's
-        # side branches: 15-25% less CPU time when scoring (measured, see docs/train_evaluate.md).
-        # A 4-bit base cannot absorb it exactly, so QLoRA models keep the adapter separate.
-        model = model.merge_and_unload()
-        if torch.cuda.is_available():
-            model = model.to("cuda")
-    model.eval()
+    model = load_merged_model(adapter_dir, resolve_base_model(base_model))
+    if torch.cuda.is_available():
+        model = model.to("cuda")
     return model, AutoTokenizer.from_pretrained(str(adapter_dir))
 
 
 def predict_proba(
-    model, tokenizer, texts: list[str], max_length: int, batch_size: int
+    model,
+    tokenizer,
+    texts: list[str],
+    max_length: int,
+    batch_size: int,
+    autocast: torch.dtype | None = None,
+    desc: str = "scoring",
 ) -> np.ndarray:
     """Class probabilities, one row per text, in input order.
 
     Texts are scored shortest first so each batch pads only to its own longest row; news texts vary
     from a dozen to hundreds of tokens, so this saves most of the padding a random order costs.
+    `autocast` (bf16) scores under mixed precision, as a model trained with it ran.
     """
     enc = tokenizer(texts, truncation=True, max_length=max_length)
     ids = enc["input_ids"]
     order = np.argsort([len(x) for x in ids], kind="stable")
     device = next(model.parameters()).device
     probs = np.zeros((len(texts), NUM_LABELS), dtype=np.float64)
-    with torch.inference_mode():
-        for start in tqdm(range(0, len(order), batch_size), desc="scoring", unit="batch"):
+    mixed = (
+        torch.autocast(device.type, dtype=autocast)
+        if autocast not in (None, torch.float32)
+        else contextlib.nullcontext()
+    )
+    with torch.inference_mode(), mixed:
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
             rows = order[start : start + batch_size]
             batch = tokenizer.pad(
                 {
@@ -140,11 +152,20 @@ def _rounded(obj: Any) -> Any:
 
 
 def metrics_report(
-    model_metrics: dict[str, Any], baseline_metrics: dict[str, Any], n_train: int
+    model_metrics: dict[str, Any],
+    baseline_metrics: dict[str, Any],
+    n_train: int,
+    as_trained_metrics: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """`as_trained_metrics`: the adapter on its quantized base; None when the base was not
+    quantized, where the merged model is the trained one (merging LoRA is exact up to rounding)."""
+    as_trained = as_trained_metrics or model_metrics
     report = {
         "accuracy": model_metrics["accuracy"],
         "macro_f1": model_metrics["macro_f1"],
+        "accuracy_as_trained": as_trained["accuracy"],
+        "macro_f1_as_trained": as_trained["macro_f1"],
+        "merge_gain": model_metrics["accuracy"] - as_trained["accuracy"],
         "roc_auc_macro": model_metrics["roc_auc_macro"],
         "baseline_accuracy": baseline_metrics["accuracy"],
         "baseline_macro_f1": baseline_metrics["macro_f1"],
@@ -198,41 +219,55 @@ def error_rows(test_df: pl.DataFrame, probs: np.ndarray) -> pl.DataFrame:
 
 def main() -> None:
     params = load_params("evaluate")
-    train_params = load_params("train")
+    train_params = parse_params(load_params("train"))
     batch_size = int(params["batch_size"])
     if batch_size < 1:
         raise StageError(f"params.yaml: evaluate.batch_size={batch_size!r} must be >= 1")
-    if train_params["torch_threads"] is not None:
+    if train_params.torch_threads is not None:
         # One knob for both stages: what is fastest for training is fastest for scoring.
-        torch.set_num_threads(int(train_params["torch_threads"]))
+        torch.set_num_threads(train_params.torch_threads)
 
     test_df = read_processed(TEST_FILE, "test")
     train_df = read_processed(TRAIN_FILE, "train")
     train_rows, _ = split_train_val(
-        train_df,
-        float(train_params["val_fraction"]),
-        int(train_params["seed"]),
-        train_params["max_train_samples"],
+        train_df, train_params.val_fraction, train_params.seed, train_params.max_train_samples
     )
     labels = test_df["label"].to_list()
     texts = test_df["text"].to_list()
+    max_length = train_params.max_length
 
-    model, tokenizer = load_classifier(
-        ADAPTER_DIR, train_params["base_model"], train_params["quantization"]
-    )
-    probs = predict_proba(model, tokenizer, texts, int(train_params["max_length"]), batch_size)
+    model, tokenizer = load_classifier(ADAPTER_DIR, train_params.base_model)
+    probs = predict_proba(model, tokenizer, texts, max_length, batch_size, desc="merged fp32")
     model_metrics = compute_metrics(probs, labels)
+    del model
+
+    cuda = torch.cuda.is_available()
+    quantization = resolve_quantization(train_params.quantization, cuda)
+    as_trained_metrics = None
+    if quantization in KBIT:
+        precision = resolve_precision(train_params.precision, cuda)
+        quantized = load_as_trained(
+            ADAPTER_DIR, resolve_base_model(train_params.base_model), quantization, precision
+        )
+        as_trained = predict_proba(
+            quantized,
+            tokenizer,
+            texts,
+            max_length,
+            batch_size,
+            autocast=compute_dtype(precision),
+            desc=f"as trained ({quantization})",
+        )
+        as_trained_metrics = compute_metrics(as_trained, labels)
+        del quantized
 
     log.info("baseline: TF-IDF + logistic regression on the same %d train rows", train_rows.height)
     base_probs = baseline_proba(
-        train_rows["text"].to_list(),
-        train_rows["label"].to_list(),
-        texts,
-        int(train_params["seed"]),
+        train_rows["text"].to_list(), train_rows["label"].to_list(), texts, train_params.seed
     )
     baseline_metrics = compute_metrics(base_probs, labels)
 
-    report = metrics_report(model_metrics, baseline_metrics, train_rows.height)
+    report = metrics_report(model_metrics, baseline_metrics, train_rows.height, as_trained_metrics)
     write_json(report, METRICS_FILE)
     CONFUSION_FILE.parent.mkdir(parents=True, exist_ok=True)
     confusion_rows(labels, probs.argmax(axis=1)).write_csv(CONFUSION_FILE)
@@ -242,8 +277,11 @@ def main() -> None:
     errors = error_rows(test_df, probs)
     errors.write_csv(ERRORS_FILE)
     log.info(
-        "accuracy %.4f, macro-F1 %.4f on %d test rows; baseline accuracy %.4f; %d errors in %s",
+        "accuracy %.4f (as trained, %s base: %.4f), macro-F1 %.4f on %d test rows; "
+        "baseline accuracy %.4f; %d errors in %s",
         report["accuracy"],
+        quantization,
+        report["accuracy_as_trained"],
         report["macro_f1"],
         report["n_test"],
         report["baseline_accuracy"],

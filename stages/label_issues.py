@@ -36,6 +36,7 @@ from stages.common import (
     write_json,
     write_table,
 )
+from stages.modeling import resolve_precision
 
 CLEAN_PATH = "data/interim/clean.parquet"
 OUT_PATH = "data/interim/label_issues.parquet"
@@ -107,8 +108,15 @@ def validate_train(labels: np.ndarray, folds: int) -> None:
             )
 
 
-def embed_texts(texts: list[str], model_dir: str, batch_size: int = EMBED_BATCH) -> np.ndarray:
-    """Mean-pooled, L2-normalised sentence embeddings of a frozen BERT-style encoder (float32)."""
+def embed_texts(
+    texts: list[str], model_dir: str, batch_size: int = EMBED_BATCH, precision: str = "fp32"
+) -> np.ndarray:
+    """Mean-pooled, L2-normalised sentence embeddings of a frozen BERT-style encoder (float32).
+
+    `precision` bf16 runs the encoder under bf16 autocast (pooling and normalisation stay fp32).
+    """
+    import contextlib
+
     import torch
     from transformers import AutoModel, AutoTokenizer
 
@@ -117,6 +125,11 @@ def embed_texts(texts: list[str], model_dir: str, batch_size: int = EMBED_BATCH)
     # Batches of similar length waste little compute on padding; the order is undone below.
     order = np.argsort([len(t) for t in texts], kind="stable")
     out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
+    mixed = (
+        torch.autocast("cpu", dtype=torch.bfloat16)
+        if precision == "bf16"
+        else contextlib.nullcontext()
+    )
     with torch.inference_mode():
         for start in tqdm(range(0, len(texts), batch_size), desc="embed", unit="batch"):
             idx = order[start : start + batch_size]
@@ -127,7 +140,8 @@ def embed_texts(texts: list[str], model_dir: str, batch_size: int = EMBED_BATCH)
                 max_length=EMBED_MAX_LENGTH,
                 return_tensors="pt",
             )
-            hidden = model(**enc).last_hidden_state
+            with mixed:
+                hidden = model(**enc).last_hidden_state.float()
             mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
             out[idx] = torch.nn.functional.normalize(pooled, dim=-1).numpy()
@@ -339,8 +353,16 @@ def detect(
     models = list(params["models"])
     texts = train["text"].to_list()
     if embeddings is None and any(m.startswith("embedding") for m in models):
-        log.info("embedding %d train texts with %s", len(texts), params["embedding_model"])
-        embeddings = embed_texts(texts, resolve_base_model(params["embedding_model"]))
+        precision = resolve_precision(params["precision"], cuda=False, key="label_issues.precision")
+        log.info(
+            "embedding %d train texts with %s in %s",
+            len(texts),
+            params["embedding_model"],
+            precision,
+        )
+        embeddings = embed_texts(
+            texts, resolve_base_model(params["embedding_model"]), precision=precision
+        )
     probs = out_of_fold_probs(
         texts, labels, embeddings, models, int(params["folds"]), int(params["seed"])
     )

@@ -338,6 +338,7 @@ def render_html(
     tokens, issues, augment = reports["tokens"], reports["label_issues"], reports["augment"]
     cards = [
         ("test accuracy", _pct(metrics["accuracy"])),
+        ("as trained (before merging)", _pct(metrics["accuracy_as_trained"])),
         ("macro-F1", _pct(metrics["macro_f1"])),
         ("TF-IDF baseline", _pct(metrics["baseline_accuracy"])),
         ("ROC AUC (macro)", f"{metrics['roc_auc_macro']:.4f}"),
@@ -461,7 +462,18 @@ def render_html(
             f"difference| fp32 {export['parity']['fp32_max_abs_logit_diff']:.3g}"
             + (
                 f", int8 top-1 agreement {_pct(export['parity']['int8_top1_agreement'])}"
+                + (
+                    ""
+                    if export["parity"]["int8_meets_bound"]
+                    else " — below the bound: <code>newsclf predict</code> defaults to fp32"
+                )
                 if "int8_top1_agreement" in export["parity"]
+                else ""
+            )
+            + (
+                f"; {len(export['int8']['kept_fp32'])} of {export['int8']['candidates']} "
+                "int8 nodes kept fp32 (chosen on train texts)"
+                if "int8" in export
                 else ""
             )
             + f"; opset {export['opset']}.</p>",

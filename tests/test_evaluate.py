@@ -116,8 +116,12 @@ def test_report_tables():
     assert curves["world"]["tpr"].to_list()[-1] == 1.0
 
 
-def test_train_then_evaluate_end_to_end(tiny_bert_dir, tmp_path, monkeypatch, news_rows):
-    """Both stages' `main()` in a scratch repository: tiny model, a few dozen rows."""
+@pytest.mark.parametrize("quantization", ["none", "4bit"])
+def test_train_then_evaluate_end_to_end(
+    quantization, tiny_bert_dir, tmp_path, monkeypatch, news_rows
+):
+    """Both stages' `main()` in a scratch repository: tiny model, a few dozen rows; with a 4-bit
+    base, evaluate scores the adapter merged into fp32 (what export ships) and as trained."""
     from stages import evaluate as evaluate_stage
     from stages import train as train_stage
 
@@ -133,7 +137,8 @@ def test_train_then_evaluate_end_to_end(tiny_bert_dir, tmp_path, monkeypatch, ne
             "group_by_length": True,
             "torch_threads": None,
             "checkpoint_steps": 2,
-            "quantization": "none",
+            "quantization": quantization,
+            "precision": "bf16" if quantization == "4bit" else "fp32",
             "seed": 0,
             "lora": {
                 "r": 4,
@@ -165,6 +170,12 @@ def test_train_then_evaluate_end_to_end(tiny_bert_dir, tmp_path, monkeypatch, ne
     assert report["gain_over_baseline"] == pytest.approx(
         report["accuracy"] - report["baseline_accuracy"], abs=1e-6
     )
+    assert 0 <= report["accuracy_as_trained"] <= 1
+    assert report["merge_gain"] == pytest.approx(
+        report["accuracy"] - report["accuracy_as_trained"], abs=1e-6
+    )
+    if quantization == "none":  # the merged model is the trained one
+        assert report["accuracy_as_trained"] == report["accuracy"]
     assert set(report["per_class"]) == set(LABEL_NAMES)
     assert pl.read_csv("reports/plots/confusion.csv").height == 16
     errors = pl.read_csv("reports/errors.csv")
@@ -183,5 +194,5 @@ def test_train_then_evaluate_end_to_end(tiny_bert_dir, tmp_path, monkeypatch, ne
 def test_evaluate_names_a_missing_adapter(tmp_path):
     from stages.evaluate import load_classifier
 
-    with pytest.raises(StageError, match="no adapter_model.safetensors"):
-        load_classifier(tmp_path, "unused", "none")
+    with pytest.raises(StageError, match="no adapter_config.json \\+ adapter_model.safetensors"):
+        load_classifier(tmp_path, "unused")

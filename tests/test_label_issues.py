@@ -26,6 +26,7 @@ FILLER = ("the", "a", "on", "after", "with", "today", "new", "report", "says", "
 PARAMS = {
     "models": ["tfidf_lr", "embedding_lr", "embedding_knn"],
     "embedding_model": "unused-when-embeddings-are-given",
+    "precision": "auto",
     "folds": 4,
     "seed": 0,
     "filter_by": "low_self_confidence",
@@ -212,6 +213,16 @@ def test_embed_texts_is_normalised_and_independent_of_batching(tiny_bert_dir: Pa
     assert one.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(one, axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(one, many, atol=1e-5)
+
+
+def test_bf16_embeddings_stay_close_to_fp32(tiny_bert_dir: Path) -> None:
+    texts = ["Stocks rise", "A much longer sentence about the championship final tonight", "Hi"]
+    fp32 = li.embed_texts(texts, str(tiny_bert_dir), precision="fp32")
+    bf16 = li.embed_texts(texts, str(tiny_bert_dir), precision="bf16")
+    assert bf16.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(bf16, axis=1), 1.0, atol=1e-5)
+    assert not np.array_equal(fp32, bf16)  # bf16 really ran
+    assert ((fp32 * bf16).sum(axis=1) > 0.99).all()  # cosine similarity
 
 
 def test_markdown_lists_the_top_suspects(detected) -> None:

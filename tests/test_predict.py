@@ -14,11 +14,10 @@ import pytest
 from newsclf.cli import main
 from newsclf.predict import OnnxClassifier
 from stages.common import LABEL_NAMES
-from stages.export import build_export
+from stages.export import Int8Plan, build_export
 from tests.lora_fixture import make_adapter
 
 MAX_LENGTH = 32
-KEEP_FP32 = ["/model/bert/encoder/layer.0/output/dense/MatMul"]
 HEADLINES = [
     "Stocks rally as the central bank holds interest rates steady",
     "Home side wins the cup final in extra time",
@@ -30,7 +29,8 @@ HEADLINES = [
 def model_dir(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     adapter = make_adapter(tiny_bert_dir, tmp_path_factory.mktemp("adapter"))
     out = tmp_path_factory.mktemp("export") / "onnx"
-    build_export(adapter, str(tiny_bert_dir), out, 17, True, MAX_LENGTH, KEEP_FP32)
+    int8 = Int8Plan(HEADLINES * 4, min_agreement=0.0, max_fp32_nodes=0, batch_size=4)
+    build_export(adapter, str(tiny_bert_dir), out, 17, MAX_LENGTH, int8)
     return out
 
 

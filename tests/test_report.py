@@ -69,6 +69,7 @@ def reports_fixture() -> dict[str, dict]:
         },
         "metrics": {
             "accuracy": 0.85,
+            "accuracy_as_trained": 0.86,
             "macro_f1": 0.84,
             "baseline_accuracy": 0.8,
             "roc_auc_macro": 0.95,
@@ -78,7 +79,13 @@ def reports_fixture() -> dict[str, dict]:
         },
         "export": {
             "opset": 17,
-            "parity": {"n_texts": 16, "fp32_max_abs_logit_diff": 1e-6, "int8_top1_agreement": 1},
+            "parity": {
+                "n_texts": 16,
+                "fp32_max_abs_logit_diff": 1e-6,
+                "int8_top1_agreement": 0.99,
+                "int8_meets_bound": False,
+            },
+            "int8": {"candidates": 24, "kept_fp32": ["Attention_0"]},
             "accuracy": {"n_texts": 20, "onnx_fp32": 0.85, "onnx_int8": 0.85},
             "size_mb": {"fp32": 1.5, "int8": 0.9},
         },
@@ -215,6 +222,8 @@ def test_page_is_self_contained_escaped_and_reproducible() -> None:
     ):
         assert f"<h2>{section}" in page
     assert "85.00%" in page and "exact_duplicate: 4" in page and "200" in page
+    assert "86.00%" in page  # accuracy as trained, beside the merged model's
+    assert "below the bound" in page and "1 of 24 int8 nodes kept fp32" in page
     assert render(reports, hostile) == page  # same inputs, same bytes
 
 

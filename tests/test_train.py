@@ -11,33 +11,40 @@ import polars as pl
 import pytest
 import torch
 
-from stages.common import StageError
+from stages.common import StageError, load_params
+from stages.modeling import resolve_precision, resolve_quantization
 from stages.train import (
     FINGERPRINT_NAME,
-    LoraParams,
     TrainParams,
     parse_params,
-    resolve_quantization,
     save_adapter,
     split_train_val,
     train_model,
 )
 
+REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+
 
 def tiny_params(base: Path, **overrides) -> TrainParams:
-    defaults = dict(
+    """params.yaml's `train:` section, fitted to the tiny model and data."""
+    repo = parse_params(load_params("train", REPO_PARAMS))
+    lora = replace(repo.lora, r=4, alpha=8, dropout=0.0, target_modules=("query", "value"))
+    fitted = dict(
         base_model=str(base),
+        max_train_samples=None,
         val_fraction=0.2,
         epochs=2,
         batch_size=8,
         learning_rate=5e-3,
         max_length=16,
         checkpoint_steps=2,
-        quantization="auto",
-        lora=LoraParams(r=4, alpha=8, dropout=0.0, target_modules=("query", "value")),
+        torch_threads=None,
+        quantization="none",
+        precision="fp32",
+        seed=42,
+        lora=lora,
     )
-    defaults.update(overrides)
-    return TrainParams(**defaults)
+    return replace(repo, **(fitted | overrides))
 
 
 def raw_params() -> dict:
@@ -53,6 +60,7 @@ def raw_params() -> dict:
         "torch_threads": None,
         "checkpoint_steps": 50,
         "quantization": "auto",
+        "precision": "auto",
         "seed": 42,
         "lora": {
             "r": 8,
@@ -94,8 +102,10 @@ def test_parse_params_accepts_the_defaults_and_names_bad_keys():
         parse_params(missing)
     with pytest.raises(StageError, match="unknown key.*epoch"):
         parse_params(raw_params() | {"epoch": 3})
-    with pytest.raises(StageError, match="quantization='2bit'"):
-        parse_params(raw_params() | {"quantization": "2bit"})
+    with pytest.raises(StageError, match="quantization='3bit'"):
+        parse_params(raw_params() | {"quantization": "3bit"})
+    with pytest.raises(StageError, match="precision='fp8'"):
+        parse_params(raw_params() | {"precision": "fp8"})
 
 
 def test_split_is_stratified_seeded_and_keeps_augmented_copies_of_val_rows_out(news_rows):
@@ -121,30 +131,57 @@ def test_split_is_stratified_seeded_and_keeps_augmented_copies_of_val_rows_out(n
     assert small.height == 10 and set(small["id"]) <= set(train["id"])
 
 
-def test_quantization_auto_without_cuda_is_plain_lora_and_says_so(train_log):
+@pytest.fixture
+def model_log():
+    handler = Records()
+    logger = logging.getLogger("newsclf.model")
+    logger.addHandler(handler)
+    yield handler.messages
+    logger.removeHandler(handler)
+
+
+def test_quantization_auto_resolves_per_device_and_says_so(model_log):
     assert resolve_quantization("auto", cuda=False) == "none"
-    assert any("no CUDA, plain LoRA" in m for m in train_log)
-    assert resolve_quantization("none", cuda=False) == "none"
+    assert any("CPU (no CUDA), plain LoRA" in m for m in model_log)
+    assert resolve_quantization("auto", cuda=True) == "4bit"
+    assert any("CUDA GPU, QLoRA" in m for m in model_log)
+    # bitsandbytes quantizes on a CPU as well: an explicit choice is taken as it is.
+    assert resolve_quantization("4bit", cuda=False) == "4bit"
+    assert resolve_quantization("8bit", cuda=False) == "8bit"
 
 
-@pytest.mark.parametrize("mode", ["4bit", "8bit"])
-def test_kbit_without_cuda_fails_clearly(mode, tiny_bert_dir, tmp_path, monkeypatch, news_rows):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    df = news_rows(5)
-    train, val = split_train_val(df, 0.2, seed=0)
-    data = tmp_path / "train.parquet"
-    df.write_parquet(data)
-    with pytest.raises(StageError, match=f"quantization='{mode}' needs a CUDA GPU"):
-        train_model(
-            train,
-            val,
-            tiny_params(tiny_bert_dir, quantization=mode),
-            data_path=data,
-            checkpoint_dir=tmp_path / "ck",
-            adapter_dir=tmp_path / "adapter",
-            live_dir=None,
-        )
-    assert not (tmp_path / "adapter").exists()
+def test_precision_follows_native_bf16_and_refuses_emulated_bf16(monkeypatch, model_log):
+    from stages import modeling
+
+    monkeypatch.setattr(modeling, "native_bf16", lambda cuda: (False, "CPU without AVX512-BF16"))
+    assert resolve_precision("auto", cuda=False) == "fp32"
+    assert any(
+        "train.precision=auto: CPU without AVX512-BF16, computing in fp32" in m for m in model_log
+    )
+    with pytest.raises(StageError, match="train.precision='bf16'.*CPU without AVX512-BF16"):
+        resolve_precision("bf16", cuda=False)
+    monkeypatch.setattr(modeling, "native_bf16", lambda cuda: (True, "CPU with AMX"))
+    assert resolve_precision("auto", cuda=False) == "bf16"
+    assert resolve_precision("bf16", cuda=False) == "bf16"
+    assert resolve_precision("fp32", cuda=False) == "fp32"
+
+
+def test_fully_trained_modules_stay_out_of_quantization(tiny_bert_dir):
+    """`pooler` in modules_to_save: transformers' own skip-list matching leaves `bert.pooler.dense`
+    quantized, and PEFT then fails; full names from the model keep it (and the head) fp32."""
+    import bitsandbytes as bnb
+
+    from stages.modeling import load_base_model, unquantized_linears
+
+    model = load_base_model(str(tiny_bert_dir), "4bit", "bf16", ["classifier", "pooler"])
+    kinds = {name: type(m) for name, m in model.named_modules()}
+    assert kinds["bert.pooler.dense"] is torch.nn.Linear
+    assert kinds["classifier"] is torch.nn.Linear
+    assert kinds["bert.encoder.layer.0.attention.self.query"] is bnb.nn.Linear4bit
+    assert kinds["bert.encoder.layer.1.output.dense"] is bnb.nn.Linear4bit
+    assert unquantized_linears(model, ["pooler"]) == ["bert.pooler.dense"]
+    with pytest.raises(StageError, match="modules_to_save: no module 'poolr'"):
+        unquantized_linears(model, ["poolr"])
 
 
 class Interrupt(Exception):
@@ -277,6 +314,29 @@ def test_training_is_deterministic_and_updates_the_adapter(tiny_bert_dir, tmp_pa
     lora_b = [v for k, v in weights[0].items() if "lora_B" in k]
     assert lora_b and all(v.abs().sum() > 0 for v in lora_b)
     assert any("classifier" in k for k in weights[0])
+
+
+@pytest.mark.parametrize("mode", ["4bit", "8bit"])
+def test_kbit_training_on_cpu_resumes_and_saves_a_safetensors_adapter(
+    mode, tiny_bert_dir, tiny_run, train_log
+):
+    """QLoRA (4-bit NF4) and 8-bit LoRA through the train stage on this CPU, with `pooler`
+    trained in full, interrupted and resumed."""
+    from safetensors.torch import load_file
+
+    run, tmp = tiny_run
+    params = tiny_params(tiny_bert_dir, quantization=mode, precision="bf16")
+    params = replace(params, lora=replace(params.lora, modules_to_save=("classifier", "pooler")))
+    with pytest.raises(Interrupt):
+        run(params, callbacks=[_stop_at(3)])
+    result = run(params)
+    assert result.resumed_from == "checkpoint-2"
+    assert (result.quantization, result.precision, result.global_step) == (mode, "bf16", 8)
+    weights = load_file(tmp / "adapter" / "adapter_model.safetensors")
+    assert any("pooler" in k for k in weights) and any("classifier" in k for k in weights)
+    lora_b = [v for k, v in weights.items() if "lora_B" in k]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b)
+    assert all(v.dtype == torch.float32 for v in weights.values())
 
 
 @pytest.mark.gpu

@@ -1,0 +1,260 @@
+"""The classifier as train, evaluate and export load it: device, precision, quantization, merge.
+
+One place decides what `train.quantization` and `train.precision` mean on the machine at hand
+(and says it in one log line each), which modules stay out of quantization, how a base is loaded
+(plain, or 4-/8-bit through bitsandbytes on CUDA and CPU alike), and how a trained adapter is
+loaded back: on the base it was trained on, or merged into a fresh fp32 base (what export ships).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stages.common import LABEL_NAMES, NUM_LABELS, StageError, get_logger
+
+QUANTIZATION_MODES = ("auto", "none", "4bit", "8bit")
+PRECISION_MODES = ("auto", "fp32", "bf16")
+KBIT = ("4bit", "8bit")
+# Measured on this project's CPU (bench/bench_quant.py, docs/train_evaluate.md): see AUTO_ON_CPU.
+AUTO_ON_CUDA = "4bit"
+AUTO_ON_CPU = "none"
+# The classification head: PEFT trains it in full for SEQ_CLS whatever modules_to_save says.
+HEAD = "classifier"
+
+log = get_logger("model")
+
+
+def native_bf16(cuda: bool) -> tuple[bool, str]:
+    """Whether this device computes bf16 natively, and what was found, in words.
+
+    On a CPU, bf16 autocast pays only with AVX512-BF16 or AMX instructions; elsewhere each bf16
+    op is emulated and slower than fp32, so it is detected, never assumed.
+    """
+    if cuda:
+        name = torch.cuda.get_device_name()
+        ok = torch.cuda.is_bf16_supported(including_emulation=False)
+        return ok, f"CUDA GPU {name} {'with' if ok else 'without'} native bf16"
+    found = [
+        flag
+        for flag, present in (
+            ("AVX512-BF16", torch.cpu._is_avx512_bf16_supported()),
+            ("AMX", torch.cpu._is_amx_tile_supported()),
+        )
+        if present
+    ]
+    if found:
+        return True, f"CPU with {' and '.join(found)}"
+    return False, "CPU without AVX512-BF16 or AMX"
+
+
+def resolve_precision(mode: str, cuda: bool, key: str = "train.precision") -> str:
+    """`auto` → bf16 where the device computes it natively, fp32 elsewhere; said in one line.
+
+    An explicit `bf16` on a device without native bf16 is an error rather than a silent slowdown.
+    `key` is the param's name, for the messages.
+    """
+    if mode not in PRECISION_MODES:
+        raise StageError(f"{key}={mode!r}: expected one of {PRECISION_MODES}")
+    supported, device = native_bf16(cuda)
+    if mode == "auto":
+        chosen = "bf16" if supported else "fp32"
+        log.info("%s=auto: %s, computing in %s", key, device, chosen)
+        return chosen
+    if mode == "bf16" and not supported:
+        raise StageError(
+            f"{key}='bf16': this {device}, where bf16 runs emulated and slower than "
+            f"fp32; set {key} to `auto` or `fp32`"
+        )
+    return mode
+
+
+def resolve_quantization(mode: str, cuda: bool) -> str:
+    """`auto` → QLoRA (4-bit) with CUDA, `AUTO_ON_CPU` without; said in one line."""
+    if mode not in QUANTIZATION_MODES:
+        raise StageError(f"train.quantization={mode!r}: expected one of {QUANTIZATION_MODES}")
+    if mode == "auto":
+        mode = AUTO_ON_CUDA if cuda else AUTO_ON_CPU
+        where = "CUDA GPU" if cuda else "CPU (no CUDA)"
+        what = {"none": "plain LoRA on a full-precision base", "4bit": "QLoRA, 4-bit NF4 base"}
+        log.info("quantization=auto: %s, %s", where, what[mode])
+    if mode in KBIT and importlib.util.find_spec("bitsandbytes") is None:
+        raise StageError(f"train.quantization={mode!r} needs bitsandbytes: pip install -e .")
+    return mode
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def _matches(name: str, key: str) -> bool:
+    """PEFT's rule for `modules_to_save` keys: the module's name, or its last dotted parts."""
+    return name == key or name.endswith(f".{key}")
+
+
+def unquantized_linears(
+    model: torch.nn.Module, keep: Iterable[str], strict: bool = True
+) -> list[str]:
+    """Full names of every Linear inside the modules named by `keep` (PEFT's matching).
+
+    bitsandbytes must leave these in full precision, as they are trained in full. transformers
+    matches its skip list from the start of a module's full name or as a suffix, so `pooler`
+    does not cover `bert.pooler.dense`; full names, taken from the model itself, cover exactly
+    what PEFT will train. With `strict`, a key that names no module is an error naming it
+    (PEFT itself passes over such keys: it saves `score` too, the head's name in other models).
+    """
+    names = [name for name, _ in model.named_modules()]
+    kept: set[str] = set()
+    for key in keep:
+        roots = [name for name in names if _matches(name, key)]
+        if not roots and strict:
+            raise StageError(f"train.lora.modules_to_save: no module {key!r} in the base model")
+        for name, module in model.named_modules():
+            inside = any(name == root or name.startswith(f"{root}.") for root in roots)
+            if inside and isinstance(module, torch.nn.Linear):
+                kept.add(name)
+    return sorted(kept)
+
+
+def label_kwargs() -> dict[str, Any]:
+    return {
+        "num_labels": NUM_LABELS,
+        "id2label": dict(enumerate(LABEL_NAMES)),
+        "label2id": {name: i for i, name in enumerate(LABEL_NAMES)},
+    }
+
+
+def quantization_kwargs(
+    base_path: str,
+    quantization: str,
+    precision: str,
+    modules_to_save: Sequence[str],
+    strict: bool = True,
+) -> dict[str, Any]:
+    """`from_pretrained` arguments for a 4-/8-bit base: NF4 + double quantization, compute in
+    the training precision, trained-in-full modules kept out, one copy per process's device."""
+    from accelerate import PartialState
+    from transformers import AutoConfig, AutoModelForSequenceClassification, BitsAndBytesConfig
+
+    # The architecture without weights (meta device) tells the modules' full names.
+    config = AutoConfig.from_pretrained(base_path, **label_kwargs())
+    with torch.device("meta"):
+        skeleton = AutoModelForSequenceClassification.from_config(config)
+    skip = unquantized_linears(skeleton, [HEAD, *modules_to_save], strict)
+    if quantization == "4bit":
+        qconfig = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype(precision),
+            llm_int8_skip_modules=skip,
+        )
+    else:
+        qconfig = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    state = PartialState()
+    # Each process (torchrun / accelerate launch) holds its own quantized copy on its own device.
+    device = state.local_process_index if torch.cuda.is_available() else "cpu"
+    return {"quantization_config": qconfig, "device_map": {"": device}}
+
+
+def keep_4bit_layout(model: torch.nn.Module) -> torch.nn.Module:
+    """Stop bitsandbytes from repacking 4-bit weights into its CPU inference layout.
+
+    On a CPU with AVX512-BF16, a Linear4bit run in eval mode without gradients rewrites its weight
+    into another layout whose matmul has no backward: training after an evaluation then fails
+    (or, after a checkpoint save unpacks it again, works by accident). Kept in the one layout,
+    training and scoring "as trained" run the same kernels.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
+def load_base_model(
+    base_path: str,
+    quantization: str = "none",
+    precision: str = "fp32",
+    modules_to_save: Sequence[str] = (),
+    strict: bool = True,
+) -> torch.nn.Module:
+    """The base sequence classifier, 4-/8-bit quantized through bitsandbytes when asked."""
+    from transformers import AutoModelForSequenceClassification
+
+    kwargs = label_kwargs()
+    if quantization == "8bit":
+        # bitsandbytes logs "inputs will be cast ... to float16" on every forward of every 8-bit
+        # layer: the cast is how its int8 kernels work, and the line would flood the stage's log.
+        logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+    if quantization in KBIT:
+        kwargs |= quantization_kwargs(base_path, quantization, precision, modules_to_save, strict)
+    else:
+        kwargs["dtype"] = torch.float32
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(base_path, **kwargs)
+    except OSError as err:
+        raise StageError(f"train.base_model: cannot load {base_path!r}: {err}") from err
+    return keep_4bit_layout(model) if quantization == "4bit" else model
+
+
+def _require_adapter(adapter_dir: Path) -> Path:
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not (adapter_dir / "adapter_config.json").is_file() or not weights.is_file():
+        raise StageError(
+            f"{adapter_dir}: no adapter_config.json + adapter_model.safetensors; run train first"
+        )
+    return weights
+
+
+def load_as_trained(
+    adapter_dir: Path, base_path: str, quantization: str, precision: str
+) -> torch.nn.Module:
+    """The adapter on the base it was trained on (quantized for QLoRA), unmerged, in eval mode."""
+    from peft import PeftConfig, PeftModel
+
+    _require_adapter(adapter_dir)
+    # The modules the adapter trained in full must load unquantized, as they were in training.
+    trained_in_full = PeftConfig.from_pretrained(str(adapter_dir)).modules_to_save or []
+    base = load_base_model(base_path, quantization, precision, trained_in_full, strict=False)
+    try:
+        model = PeftModel.from_pretrained(base, str(adapter_dir))
+    except (KeyError, ValueError, RuntimeError) as err:
+        raise StageError(f"{adapter_dir}: adapter does not fit {base_path}: {err}") from err
+    return model.eval()
+
+
+def load_merged_model(adapter_dir: Path, base_path: str) -> torch.nn.Module:
+    """A fresh fp32 base with the adapter merged in, in eval mode: the model export ships.
+
+    Always fp32, whatever the training used: merging into a 4-bit base would round the merged
+    weights, so a QLoRA adapter is merged into the full-precision weights it approximates.
+    """
+    from peft import PeftModel
+    from safetensors import safe_open
+
+    weights_file = _require_adapter(adapter_dir)
+    # The classification head is trained in full and saved in the adapter; without it the
+    # "merged" model would carry the randomly initialised head of the base.
+    with safe_open(str(weights_file), framework="pt") as weights:
+        head = {k: weights.get_tensor(k) for k in weights.keys() if "lora_" not in k}  # noqa: SIM118
+    if not head:
+        raise StageError(f"{weights_file}: holds no classification-head weights")
+    base = load_base_model(base_path)
+    try:
+        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    except (KeyError, ValueError, RuntimeError) as err:
+        raise StageError(f"{adapter_dir}: adapter does not fit {base_path}: {err}") from err
+    merged.eval()
+    state = merged.state_dict()
+    for key, tensor in head.items():
+        name = key.removeprefix("base_model.model.")
+        if name not in state or not torch.equal(state[name], tensor):
+            raise StageError(f"{weights_file}: head weight {key} did not load into the model")
+    return merged
