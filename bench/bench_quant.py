@@ -1,6 +1,6 @@
 """LoRA against QLoRA: accuracy, speed and memory of each training precision, CPU or CUDA.
 
-    python -m bench.bench_quant [--seeds 42 7] [--modes fp32 bf16 nf4 int8] [--large-steps 10]
+    python -m bench.bench_quant [--seeds 42 7] [--modes fp32 bf16 nf4 int8] [--large-steps 5] [--parts minilm large speed]
 
 Two parts, each run in its own child process per configuration (so that peak RSS is that
 configuration's own), written to `reports/bench_quant.json` with the device named, then printed:
@@ -15,8 +15,8 @@ configuration's own), written to `reports/bench_quant.json` with the device name
    process (peak GPU memory on CUDA) and the model's `get_memory_footprint()`.
 2. `large`: a randomly initialised BERT-large-sized classifier (24 layers, 1024 wide; no weights
    needed), `--large-steps` optimizer steps on random tokens at batch 8 x 128 for fp32, bf16 and
-   nf4: footprint, peak RSS (or GPU memory) and seconds per step. MiniLM is too small for weight
-   memory to matter; this is where 4-bit shows.
+   nf4, and fp32 and nf4 with gradient checkpointing: footprint, peak RSS (or GPU memory) and
+   seconds per step. MiniLM is too small for weight memory to matter; this is where 4-bit shows.
 
 3. `speed`: one child holds a MiniLM model per mode and trains them in turn, one optimizer step
    each per round (`--speed-rounds` rounds, a batch of 32 real train texts at `train.max_length`),
@@ -55,7 +55,9 @@ MODES: dict[str, tuple[str, str, str]] = {
     "nf4": ("QLoRA NF4, bf16 compute", "4bit", "bf16"),
     "int8": ("LoRA on 8-bit base, bf16", "8bit", "bf16"),
 }
-LARGE_MODES = ("fp32", "bf16", "nf4")
+# "+gc": with gradient checkpointing (activations recomputed in the backward pass), as the QLoRA
+# recipe trains; at batch 8 x 128 on 24 layers the activations, not the weights, fill the memory.
+LARGE_MODES = ("fp32", "bf16", "nf4", "fp32+gc", "nf4+gc")
 
 
 def _version(pkg: str) -> str | None:
@@ -84,6 +86,13 @@ def peak_memory() -> dict[str, float]:
     if torch.cuda.is_available():
         memory["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 3)
     return memory
+
+
+def trim_heap() -> None:
+    """Return freed heap to the OS (glibc `malloc_trim`), so RSS shows what is held."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def step_timer():
@@ -211,9 +220,18 @@ def run_large(mode: str, model_dir: Path, steps: int, batch: int, seq_len: int) 
     from stages.modeling import compute_dtype
     from stages.train import build_peft_model, parse_params
 
-    label, quantization, precision = MODES[mode]
+    base_mode, checkpointing = mode.removesuffix("+gc"), mode.endswith("+gc")
+    label, quantization, precision = MODES[base_mode]
     params = parse_params(load_params("train"))
     model = build_peft_model(str(model_dir), params, quantization, precision)
+    if checkpointing:
+        label += " + gradient checkpointing"
+        model.enable_input_require_grads()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # Loading a 4-bit base reads fp32 tensors and frees them once quantized; glibc keeps freed heap
+    # in the process's RSS unless trimmed, which would hide what training itself holds.
+    load_peak = peak_rss_gib()
+    trim_heap()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if quantization == "none":
         model.to(device)  # a k-bit base is placed on its device when loaded
@@ -250,6 +268,7 @@ def run_large(mode: str, model_dir: Path, steps: int, batch: int, seq_len: int) 
         "batch_size": batch,
         "seq_len": seq_len,
         "footprint_gib": round(footprint / GIB, 4),
+        "peak_rss_loading_gib": load_peak,
         **peak_memory(),
         "max_rss_while_training_gib": round(max(rss) / GIB, 3),
         "seconds_per_step": round(statistics.median(seconds[1:] or seconds), 2),
@@ -374,6 +393,10 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
             large["nf4"]["footprint_gib"] / large["fp32"]["footprint_gib"], 3
         )
         summary["large_nf4_peak_memory_vs_fp32"] = round(large["nf4"][rss] / large["fp32"][rss], 3)
+        if "nf4+gc" in large:
+            summary["large_nf4_gc_peak_memory_vs_fp32"] = round(
+                large["nf4+gc"][rss] / large["fp32"][rss], 3
+            )
     return summary
 
 
@@ -397,7 +420,7 @@ def print_table(runs: list[dict[str, Any]]) -> None:
             "mode",
             "seconds_per_step",
             "footprint_gib",
-            "peak_rss_gib",
+            "peak_rss_loading_gib",
             "max_rss_while_training_gib",
         ],
     }
@@ -415,13 +438,13 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     parser.add_argument("--data", type=Path, default=Path("data/processed"))
     parser.add_argument("--parts", nargs="+", choices=("minilm", "large", "speed"))
-    parser.add_argument("--large-steps", type=int, default=10)
+    parser.add_argument("--large-steps", type=int, default=5)
     parser.add_argument("--speed-rounds", type=int, default=20)
     parser.add_argument("--jobs", type=int, default=1 if torch.cuda.is_available() else 2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per child")
     # Internal: one configuration in a child process.
     parser.add_argument("--child", choices=("minilm", "large", "speed"), help=argparse.SUPPRESS)
-    parser.add_argument("--mode", choices=list(MODES), help=argparse.SUPPRESS)
+    parser.add_argument("--mode", choices=[*MODES, *LARGE_MODES], help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -457,7 +480,7 @@ def main() -> None:
                 ["--child", "large", "--mode", m, "--model-dir", str(large_dir)]
                 + ["--large-steps", str(args.large_steps)]
                 for m in LARGE_MODES
-                if m in args.modes
+                if m.removesuffix("+gc") in args.modes
             ]
         futures = [
             pool.submit(spawn, argv, Path(tmp) / f"run{i}.json", args.threads)
