@@ -25,6 +25,7 @@ fusion confuses with the mask's Mul, leaving attention unfused and about a third
 
 from __future__ import annotations
 
+import logging
 import math
 import shutil
 import tempfile
@@ -158,6 +159,13 @@ def optimize_onnx(src: Path, dst: Path, num_heads: int, hidden_size: int) -> Non
     optimized.save_model_to_file(str(dst))
 
 
+def _skip_preprocess_hint(record: logging.LogRecord) -> bool:
+    """Drop quantize_dynamic's root-logger hint to pre-process the model: it is ORT's symbolic shape
+    inference and graph optimisation, which `optimize_onnx` has done; repeated for every trial
+    quantisation of the node choice, it would bury the stage's log."""
+    return "pre-processing before quantization" not in record.getMessage()
+
+
 def int8_candidates(path: Path) -> list[str]:
     """Nodes dynamic int8 quantisation applies to: fused Attention and the MatMuls that multiply
     by a weight (never two activations); the pooler and classifier Gemms stay fp32."""
@@ -188,6 +196,7 @@ def quantize_int8(src: Path, dst: Path, keep_fp32: Sequence[str]) -> None:
         raise StageError(f"int8: no quantizable node named {unknown[0]!r} in the ONNX graph")
     # The fused graph holds com.microsoft ops whose outputs ONNX shape inference cannot type;
     # they are all float tensors, which DefaultTensorType tells the quantiser.
+    logging.getLogger().addFilter(_skip_preprocess_hint)
     quantize_dynamic(
         str(src),
         str(dst),
