@@ -117,8 +117,7 @@ def run_minilm(mode: str, seed: int, data_dir: Path) -> dict[str, Any]:
     """Train with one mode and seed as the train stage does, then score as evaluate does."""
     from bench.training import load_bench_data
     from stages.common import load_params, resolve_base_model
-    from stages.evaluate import compute_metrics, load_classifier, predict_proba
-    from stages.modeling import KBIT, compute_dtype, load_as_trained
+    from stages.evaluate import as_trained_proba, compute_metrics, load_classifier, predict_proba
     from stages.train import build_peft_model, parse_params, train_model
 
     label, quantization, precision = MODES[mode]
@@ -155,18 +154,8 @@ def run_minilm(mode: str, seed: int, data_dir: Path) -> dict[str, Any]:
             predict_proba(model, tokenizer, texts, params.max_length, eval_batch), labels
         )
         score_wall = time.perf_counter() - t1
-        as_trained = shipped
-        if quantization in KBIT:
-            trained = load_as_trained(Path(tmp) / "adapter", base_path, quantization, precision)
-            probs = predict_proba(
-                trained,
-                tokenizer,
-                texts,
-                params.max_length,
-                eval_batch,
-                autocast=compute_dtype(precision),
-            )
-            as_trained = compute_metrics(probs, labels)
+        _, probs = as_trained_proba(Path(tmp) / "adapter", params, tokenizer, texts, eval_batch)
+        as_trained = compute_metrics(probs, labels) if probs is not None else shipped
     return {
         "part": "minilm",
         "mode": mode,

@@ -15,7 +15,6 @@ Writes `reports/metrics.json`, `reports/plots/confusion.csv` (one row per test e
 
 from __future__ import annotations
 
-import contextlib
 import re
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,6 @@ from stages.common import (
 )
 from stages.modeling import (
     KBIT,
-    compute_dtype,
     load_as_trained,
     load_merged_model,
     resolve_precision,
@@ -46,6 +44,7 @@ from stages.modeling import (
 from stages.train import (
     ADAPTER_DIR,
     TRAIN_FILE,
+    TrainParams,
     parse_params,
     read_processed,
     split_train_val,
@@ -77,25 +76,21 @@ def predict_proba(
     texts: list[str],
     max_length: int,
     batch_size: int,
-    autocast: torch.dtype | None = None,
+    precision: str = "fp32",
     desc: str = "scoring",
 ) -> np.ndarray:
     """Class probabilities, one row per text, in input order.
 
     Texts are scored shortest first so each batch pads only to its own longest row; news texts vary
     from a dozen to hundreds of tokens, so this saves most of the padding a random order costs.
-    `autocast` (bf16) scores under mixed precision, as a model trained with it ran.
+    `precision` bf16 scores under bf16 autocast, as a model trained with it ran.
     """
     enc = tokenizer(texts, truncation=True, max_length=max_length)
     ids = enc["input_ids"]
     order = np.argsort([len(x) for x in ids], kind="stable")
     device = next(model.parameters()).device
     probs = np.zeros((len(texts), NUM_LABELS), dtype=np.float64)
-    mixed = (
-        torch.autocast(device.type, dtype=autocast)
-        if autocast not in (None, torch.float32)
-        else contextlib.nullcontext()
-    )
+    mixed = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     with torch.inference_mode(), mixed:
         for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
             rows = order[start : start + batch_size]
@@ -109,6 +104,32 @@ def predict_proba(
             logits = model(**batch).logits.float()
             probs[rows] = torch.softmax(logits, dim=-1).cpu().numpy()
     return probs
+
+
+def as_trained_proba(
+    adapter_dir: Path, params: TrainParams, tokenizer, texts: list[str], batch_size: int
+) -> tuple[str, np.ndarray | None]:
+    """The quantization the run trained with, and for a 4-/8-bit base the class probabilities of
+    the adapter on that base, in the training precision (None for an unquantized base, whose
+    merged model is the trained one)."""
+    cuda = torch.cuda.is_available()
+    quantization = resolve_quantization(params.quantization, cuda)
+    if quantization not in KBIT:
+        return quantization, None
+    precision = resolve_precision(params.precision, cuda)
+    model = load_as_trained(
+        adapter_dir, resolve_base_model(params.base_model), quantization, precision
+    )
+    probs = predict_proba(
+        model,
+        tokenizer,
+        texts,
+        params.max_length,
+        batch_size,
+        precision=precision,
+        desc=f"as trained ({quantization})",
+    )
+    return quantization, probs
 
 
 def baseline_proba(
@@ -241,25 +262,10 @@ def main() -> None:
     model_metrics = compute_metrics(probs, labels)
     del model
 
-    cuda = torch.cuda.is_available()
-    quantization = resolve_quantization(train_params.quantization, cuda)
-    as_trained_metrics = None
-    if quantization in KBIT:
-        precision = resolve_precision(train_params.precision, cuda)
-        quantized = load_as_trained(
-            ADAPTER_DIR, resolve_base_model(train_params.base_model), quantization, precision
-        )
-        as_trained = predict_proba(
-            quantized,
-            tokenizer,
-            texts,
-            max_length,
-            batch_size,
-            autocast=compute_dtype(precision),
-            desc=f"as trained ({quantization})",
-        )
-        as_trained_metrics = compute_metrics(as_trained, labels)
-        del quantized
+    quantization, as_trained = as_trained_proba(
+        ADAPTER_DIR, train_params, tokenizer, texts, batch_size
+    )
+    as_trained_metrics = compute_metrics(as_trained, labels) if as_trained is not None else None
 
     log.info("baseline: TF-IDF + logistic regression on the same %d train rows", train_rows.height)
     base_probs = baseline_proba(

@@ -232,14 +232,15 @@ def session_logits(
 
 def choose_fp32_nodes(
     fp32_path: Path,
+    int8_path: Path,
     calibration_ids: Sequence[list[int]],
     pad_id: int,
     min_agreement: float,
     max_nodes: int,
     batch_size: int,
-    work_dir: Path,
 ) -> dict[str, Any]:
-    """The nodes to leave fp32 in the int8 model, chosen on calibration texts of the model at hand.
+    """The nodes to leave fp32 in the int8 model, chosen on calibration texts of the model at hand;
+    the int8 model with that choice is left at `int8_path` (the last trial is the final model).
 
     If quantising every candidate keeps the top-1 agreement with fp32 at `min_agreement` or more,
     none is kept. Otherwise each node's sensitivity is measured alone (mean squared logit error
@@ -249,11 +250,10 @@ def choose_fp32_nodes(
     """
     reference = session_logits(fp32_path, calibration_ids, pad_id, batch_size)
     candidates = int8_candidates(fp32_path)
-    trial = work_dir / "trial.int8.onnx"
 
     def agreement_keeping(keep: Sequence[str]) -> float:
-        quantize_int8(fp32_path, trial, keep)
-        logits = session_logits(trial, calibration_ids, pad_id, batch_size)
+        quantize_int8(fp32_path, int8_path, keep)
+        logits = session_logits(int8_path, calibration_ids, pad_id, batch_size)
         return float((logits.argmax(1) == reference.argmax(1)).mean())
 
     steps = [{"kept_fp32": 0, "agreement": round(agreement_keeping([]), 6)}]
@@ -262,8 +262,8 @@ def choose_fp32_nodes(
     if steps[0]["agreement"] < min_agreement and max_nodes > 0:
         probe = calibration_ids[:SENSITIVITY_TEXTS]
         for name in tqdm(candidates, desc="int8 sensitivity", unit="node"):
-            quantize_int8(fp32_path, trial, [c for c in candidates if c != name])
-            logits = session_logits(trial, probe, pad_id, batch_size)
+            quantize_int8(fp32_path, int8_path, [c for c in candidates if c != name])
+            logits = session_logits(int8_path, probe, pad_id, batch_size)
             sensitivity[name] = float(((logits - reference[: len(probe)]) ** 2).mean())
         # Most sensitive first; ties broken by graph order, so the choice is deterministic.
         ranked = sorted(candidates, key=lambda c: (-sensitivity[c], candidates.index(c)))
@@ -273,7 +273,6 @@ def choose_fp32_nodes(
             steps.append({"kept_fp32": len(keep), "agreement": round(agreement, 6)})
             if agreement >= min_agreement:
                 break
-    trial.unlink(missing_ok=True)
     log.info(
         "int8: %d of %d nodes kept fp32 %s; calibration agreement %s",
         len(keep),
@@ -432,17 +431,15 @@ def build_export(
     if int8 is not None:
         # Calibration texts are tokenised as predict tokenises them (truncation included).
         ids = OnnxClassifier(out_dir, precision="fp32").encode(int8.calibration_texts).ids
-        with tempfile.TemporaryDirectory() as tmp:
-            choice = choose_fp32_nodes(
-                out_dir / FP32_FILE,
-                ids,
-                tokenizer.pad_token_id,
-                int8.min_agreement,
-                int8.max_fp32_nodes,
-                int8.batch_size,
-                Path(tmp),
-            )
-        quantize_int8(out_dir / FP32_FILE, out_dir / INT8_FILE, choice["kept_fp32"])
+        choice = choose_fp32_nodes(
+            out_dir / FP32_FILE,
+            out_dir / INT8_FILE,
+            ids,
+            tokenizer.pad_token_id,
+            int8.min_agreement,
+            int8.max_fp32_nodes,
+            int8.batch_size,
+        )
         models["int8"] = INT8_FILE
         write_meta(out_dir, tokenizer, max_length, models)
     return model, tokenizer, choice

@@ -115,8 +115,6 @@ def embed_texts(
 
     `precision` bf16 runs the encoder under bf16 autocast (pooling and normalisation stay fp32).
     """
-    import contextlib
-
     import torch
     from transformers import AutoModel, AutoTokenizer
 
@@ -125,11 +123,7 @@ def embed_texts(
     # Batches of similar length waste little compute on padding; the order is undone below.
     order = np.argsort([len(t) for t in texts], kind="stable")
     out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
-    mixed = (
-        torch.autocast("cpu", dtype=torch.bfloat16)
-        if precision == "bf16"
-        else contextlib.nullcontext()
-    )
+    mixed = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
     with torch.inference_mode():
         for start in tqdm(range(0, len(texts), batch_size), desc="embed", unit="batch"):
             idx = order[start : start + batch_size]
