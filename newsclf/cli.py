@@ -2,27 +2,28 @@
 `newsclf preset NAME` prints a params preset as `dvc exp run` arguments.
 
 Texts come from arguments, a file (`--file`: one text per line, or CSV/Parquet with a `text`
-column) or stdin. Output is a table, or with `--json` one JSON object per text. Only the light
-inference path is imported (no torch, no transformers), so a one-text call starts fast.
+column) or stdin (newsclf/inputs.py). They stream: read, scored and printed a chunk at a time, so
+memory stays flat at any input size and results appear while input is still coming. Output is a
+table, or with `--json` one JSON object per text carrying its line/row number (and `id`). Only the
+light inference path is imported (no torch, no transformers), so a one-text call starts fast.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from newsclf.inputs import InputError, open_source
+
 DEFAULT_MODEL_DIR = Path("models/onnx")
-PROGRESS_MIN_TEXTS = 1000  # below this a run takes a second or two: no progress bar
-MAX_LISTED = 5  # notices name at most this many texts, then count the rest
-
-
-class InputError(Exception):
-    """Unreadable or empty input: reported in one line, exit status 1."""
+PROGRESS_DELAY_S = 2.0  # a shorter run shows no progress bar
+MAX_LISTED = 5  # notices name at most this many inputs, then count the rest
+# Texts per chunk, in batches: sorting by length inside 32 batches pads about as little as sorting
+# the whole input (bench/bench_predict.py), and a chunk of 2,048 texts holds a few MB.
+CHUNK_BATCHES = 32
 
 
 def notice(message: str) -> None:
@@ -30,113 +31,103 @@ def notice(message: str) -> None:
 
 
 def listed(numbers: Sequence[int]) -> str:
-    shown = ", ".join(str(n) for n in numbers[:MAX_LISTED])
-    return shown + (f" and {len(numbers) - MAX_LISTED} more" if len(numbers) > MAX_LISTED else "")
+    return ", ".join(str(n) for n in numbers[:MAX_LISTED])
 
 
-def decode_utf8(data: bytes, source: str) -> str:
-    """The bytes as text; binary data or another encoding is an InputError naming the place."""
-    nul = data.find(b"\x00")
-    if nul >= 0:
-        raise InputError(f"{source}: binary data (NUL byte at offset {nul}), not text")
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise InputError(
-            f"{source}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start})"
-        ) from err
+class Tally:
+    """Numbers of the inputs a notice is about: the first few kept, all counted."""
+
+    def __init__(self) -> None:
+        self.count, self.first = 0, []
+
+    def add(self, numbers: Sequence[int]) -> None:
+        self.count += len(numbers)
+        self.first.extend(numbers[: MAX_LISTED - len(self.first)])
+
+    def said(self) -> str:
+        more = self.count - len(self.first)
+        return listed(self.first) + (f" and {more} more" if more > 0 else "")
 
 
-def texts_from_table(path: Path) -> list[str | None]:
-    """The `text` column of a CSV (with header) or Parquet file."""
-    if path.suffix.lower() == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        try:
-            table = pq.read_table(path)
-        except (pa.ArrowException, OSError) as err:
-            raise InputError(f"{path}: not a readable Parquet file ({err})") from err
-        if "text" not in table.column_names:
-            raise InputError(f"{path}: no `text` column (has: {', '.join(table.column_names)})")
-        column = table.column("text")
-        if not pa.types.is_string(column.type) and not pa.types.is_large_string(column.type):
-            raise InputError(f"{path}: column `text` is {column.type}, not strings")
-        return column.to_pylist()
-    reader = csv.DictReader(io.StringIO(decode_utf8(path.read_bytes(), str(path)), newline=""))
-    if reader.fieldnames is None or "text" not in reader.fieldnames:
-        raise InputError(f"{path}: CSV needs a header with a `text` column")
-    return [row["text"] for row in reader]
-
-
-def read_texts(args: argparse.Namespace) -> tuple[list[str], str]:
-    """Texts to classify and a name for where they came from; empty ones dropped with a notice."""
-    if args.texts and args.file:
-        raise InputError("give texts as arguments or --file, not both")
-    if args.texts:
-        raw: list[str | None] = list(args.texts)
-        source, unit = "arguments", "argument"
-    elif args.file:
-        path = Path(args.file)
-        if not path.is_file():
-            raise InputError(f"{path}: no such file")
-        if path.suffix.lower() in (".csv", ".parquet"):
-            raw, source, unit = texts_from_table(path), str(path), "row"
-        else:
-            raw = decode_utf8(path.read_bytes(), str(path)).splitlines()
-            source, unit = str(path), "line"
-    else:
-        if sys.stdin.isatty():
-            raise InputError("no texts: give them as arguments, with --file, or on stdin")
-        raw = decode_utf8(sys.stdin.buffer.read(), "stdin").splitlines()
-        source, unit = "stdin", "line"
-    empty = [n for n, text in enumerate(raw, start=1) if text is None or not text.strip()]
-    if empty:
-        notice(f"skipped {len(empty)} empty {unit}(s) in {source}: {unit} {listed(empty)}")
-    texts = [text for text in raw if text is not None and text.strip()]
-    if not texts:
-        raise InputError(f"{source}: no texts to classify")
-    return texts, source
-
-
-def print_table(texts: Sequence[str], predictions: Sequence, labels: Sequence[str]) -> None:
+def table_header(unit: str, labels: Sequence[str]) -> str:
     width = max(len(label) for label in labels)
-    header = f"{'#':>4}  {'label':<{width}}  " + "  ".join(f"{lab:>8}" for lab in labels) + "  text"
-    print(header)
-    for n, (text, pred) in enumerate(zip(texts, predictions, strict=True), start=1):
-        preview = " ".join(text.split())
-        preview = preview if len(preview) <= 60 else preview[:57] + "..."
-        scores = "  ".join(f"{pred.scores[lab]:>8.3f}" for lab in labels)
-        print(f"{n:>4}  {pred.label:<{width}}  {scores}  {preview}")
+    scores = "  ".join(f"{lab:>8}" for lab in labels)
+    return f"{unit:>8}  {'label':<{width}}  {scores}  text"
+
+
+def table_row(item, pred, labels: Sequence[str]) -> str:
+    width = max(len(label) for label in labels)
+    preview = " ".join(item.text.split())
+    preview = preview if len(preview) <= 60 else preview[:57] + "..."
+    scores = "  ".join(f"{pred.scores[lab]:>8.3f}" for lab in labels)
+    return f"{item.number:>8}  {pred.label:<{width}}  {scores}  {preview}"
+
+
+def json_row(unit: str, item, pred) -> str:
+    record = {unit: item.number}
+    if item.id is not None:
+        record["id"] = item.id
+    return json.dumps(record | {"label": pred.label, "scores": pred.scores})
+
+
+def progress_bar(source):
+    """A progress bar on stderr that appears only if the run lasts PROGRESS_DELAY_S."""
+    from tqdm import tqdm
+
+    return tqdm(
+        total=source.total,
+        desc=f"classifying {source.name}",
+        unit="text",
+        delay=PROGRESS_DELAY_S,
+        file=sys.stderr,
+    )
 
 
 def predict(args: argparse.Namespace) -> int:
+    """Classify chunk by chunk: read, encode, score and print, results in input order."""
     from newsclf.predict import OnnxClassifier
 
-    texts, source = read_texts(args)
+    source = open_source(args.texts, args.file, args.batch_size * CHUNK_BATCHES, sys.stdin.isatty())
     classifier = OnnxClassifier(args.model, precision=args.precision, threads=args.threads)
     if classifier.notice:
         notice(classifier.notice)
-    encoded = classifier.encode(texts)
-    truncated = [n for n, cut in enumerate(encoded.truncated, start=1) if cut]
-    if truncated:
+    labels = classifier.labels
+    empty, truncated = Tally(), Tally()
+    classified = 0
+    with progress_bar(source) as bar:
+        for chunk in source.chunks:
+            is_text = [item.text is not None and item.text.strip() != "" for item in chunk]
+            items = [item for item, ok in zip(chunk, is_text, strict=True) if ok]
+            empty.add([item.number for item, ok in zip(chunk, is_text, strict=True) if not ok])
+            encoded = classifier.encode([item.text for item in items])
+            truncated.add(
+                [i.number for i, cut in zip(items, encoded.truncated, strict=True) if cut]
+            )
+            predictions = classifier.predictions(classifier.logits(encoded.ids, args.batch_size))
+            if args.json:
+                lines = [
+                    json_row(source.unit, i, p) for i, p in zip(items, predictions, strict=True)
+                ]
+            else:
+                lines = [table_row(i, p, labels) for i, p in zip(items, predictions, strict=True)]
+                if items and classified == 0:
+                    lines.insert(0, table_header(source.unit, labels))
+            if lines:
+                print("\n".join(lines), flush=True)
+            classified += len(items)
+            bar.update(len(chunk))
+    if empty.count:
         notice(
-            f"{len(truncated)} text(s) longer than {classifier.max_length} tokens were truncated: "
-            f"text {listed(truncated)}"
+            f"skipped {empty.count} empty {source.unit}(s) in {source.name}: "
+            f"{source.unit} {empty.said()}"
         )
-    if len(texts) >= PROGRESS_MIN_TEXTS:
-        from tqdm import tqdm
-
-        with tqdm(total=len(texts), desc=f"classifying {source}", unit="text") as bar:
-            logits = classifier.logits(encoded.ids, args.batch_size, on_batch=bar.update)
-    else:
-        logits = classifier.logits(encoded.ids, args.batch_size)
-    predictions = classifier.predictions(logits)
-    if args.json:
-        for pred in predictions:
-            print(json.dumps({"label": pred.label, "scores": pred.scores}))
-    else:
-        print_table(texts, predictions, classifier.labels)
+    if truncated.count:
+        notice(
+            f"{truncated.count} text(s) longer than {classifier.max_length} tokens were "
+            f"truncated: {source.unit} {truncated.said()}"
+        )
+    if not classified:
+        raise InputError(f"{source.name}: no texts to classify")
     return 0
 
 
@@ -151,12 +142,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("texts", nargs="*", help="texts to classify (default: read stdin)")
     p.add_argument(
-        "-f", "--file", help="text file (one per line), or .csv/.parquet with a `text` column"
+        "-f",
+        "--file",
+        help="text file (one per line), or .csv/.parquet with a `text` column (and `id`)",
     )
     p.add_argument(
         "--model", type=Path, default=DEFAULT_MODEL_DIR, help="exported model folder (models/onnx)"
     )
-    p.add_argument("--json", action="store_true", help="one JSON object per text")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object per text: its line/row/argument number, id, label, scores",
+    )
     p.add_argument("--batch-size", type=int, default=64, help="texts per ONNX Runtime call")
     p.add_argument(
         "--precision",
@@ -201,3 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `newsclf predict ... | head`: the reader left, nothing to report
         sys.stderr.close()
         return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,8 +12,10 @@ validation metrics to `reports/train/`.
 and on CPU alike; `train.precision` trains in bf16 mixed precision where the device computes bf16
 natively. What `auto` resolves to on this machine is logged (stages/modeling.py).
 
-Multi-GPU: `accelerate launch -m stages.train` runs the same code; the Trainer shards the data and
-only the main process writes files.
+Several processes: `torchrun --standalone --nproc_per_node N -m stages.train` (or `accelerate
+launch --multi_gpu --num_processes N`; dvc.yaml takes it from `train.launcher`) runs the same code
+as N data-parallel processes, on GPUs (NCCL) or CPUs (gloo). Every rank reads and splits the data
+the same way, the Trainer shards the batches, and rank 0 alone writes files.
 """
 
 from __future__ import annotations
@@ -76,6 +78,9 @@ class LoraParams:
 class TrainParams:
     """The `train:` section of params.yaml, validated (no defaults here: params.yaml has them)."""
 
+    # How dvc.yaml starts the stage: `python` (one process) or a multi-process launcher such as
+    # `torchrun --standalone --nproc_per_node 2` (README, "Several processes"). Read by DVC only.
+    launcher: str
     base_model: str
     max_train_samples: int | None
     val_fraction: float
@@ -116,6 +121,7 @@ def parse_params(raw: dict[str, Any]) -> TrainParams:
     values = {k: raw[k] for k in expected}
     params = TrainParams(**values, lora=lora)
     checks = {
+        "launcher": isinstance(params.launcher, str) and params.launcher.strip() != "",
         "epochs": float(params.epochs) > 0,
         "batch_size": int(params.batch_size) > 0,
         "learning_rate": float(params.learning_rate) > 0,
@@ -216,6 +222,12 @@ def build_peft_model(base_path: str, params: TrainParams, quantization: str, pre
     from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
 
     model = load_base_model(base_path, quantization, precision, params.lora.modules_to_save)
+    # One label per row: each process's loss is the mean over its rows, and DDP averages the
+    # gradients, which is the mean over the global batch. Left to itself the Trainer sees `**kwargs`
+    # in forward (BERT's and others'), takes it for a loss that sums over `num_items_in_batch`, and
+    # multiplies the loss by the world size: 2 processes trained on twice the loss (measured, step 1:
+    # 2.785 vs 1.394 with 1 process at the same global batch).
+    model.accepts_loss_kwargs = False
     if quantization in KBIT:
         # No gradient checkpointing: MiniLM activations at 128 tokens are small, and it costs ~30%
         # time; bench_quant.py measures the memory with it off for LoRA and QLoRA alike.
@@ -266,7 +278,10 @@ def fingerprint(
     digest = hashlib.sha256()
     digest.update(f"select_by={SELECT_BY}".encode())
     digest.update(json.dumps(resolved, sort_keys=True).encode())
-    digest.update(json.dumps(asdict(params), sort_keys=True).encode())
+    # The launcher is not hashed: the world size it gives is, whichever launcher gave it.
+    hashed = asdict(params)
+    del hashed["launcher"]
+    digest.update(json.dumps(hashed, sort_keys=True).encode())
     digest.update(hashlib.sha256(data_path.read_bytes()).digest())
     base = Path(base_path)
     if base.is_dir():
@@ -279,24 +294,47 @@ def fingerprint(
     return digest.hexdigest()
 
 
-def prepare_checkpoints(checkpoint_dir: Path, fp: str) -> Path | None:
-    """The checkpoint to resume from, or None after clearing checkpoints of another run."""
+def describe_world(world_size: int) -> str:
+    """The run's processes in words, e.g. "world size 2: 2 data-parallel processes (gloo) ..."."""
+    if world_size == 1:
+        return "world size 1: one process"
+    backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "?"
+    return (
+        f"world size {world_size}: {world_size} data-parallel processes ({backend}); rank 0 "
+        "writes checkpoints, dvclive files and the adapter"
+    )
+
+
+def prepare_checkpoints(checkpoint_dir: Path, fp: str, world_size: int) -> Path | None:
+    """The checkpoint to resume from, or None after clearing checkpoints of another run.
+
+    A checkpoint made by another number of processes is not resumed: its data order and its
+    per-process RNG states belong to that world size.
+    """
     from transformers.trainer_utils import get_last_checkpoint
 
     fp_file = checkpoint_dir / FINGERPRINT_NAME
-    old = json.loads(fp_file.read_text())["fingerprint"] if fp_file.exists() else None
+    old = json.loads(fp_file.read_text()) if fp_file.exists() else {}
     last = get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
-    if old == fp and last is not None:
-        log.info("resuming from %s (params and data unchanged)", last)
+    if old.get("fingerprint") == fp and last is not None:
+        log.info("resuming from %s (params, data and world size unchanged)", last)
         return Path(last)
-    if last is not None:
+    if last is not None and old.get("world_size", world_size) != world_size:
+        log.info(
+            "checkpoints in %s were made with world size %d, this run has world size %d: "
+            "starting fresh",
+            checkpoint_dir,
+            old["world_size"],
+            world_size,
+        )
+    elif last is not None:
         log.info("checkpoints in %s are from other params or data: starting fresh", checkpoint_dir)
     else:
         log.info("no checkpoint in %s: starting fresh", checkpoint_dir)
     if checkpoint_dir.exists():
         shutil.rmtree(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True)
-    fp_file.write_text(json.dumps({"fingerprint": fp}) + "\n")
+    fp_file.write_text(json.dumps({"fingerprint": fp, "world_size": world_size}) + "\n")
     return None
 
 
@@ -395,6 +433,9 @@ class TrainResult:
     resumed_from: str | None
     quantization: str
     precision: str
+    world_size: int
+    # False on ranks other than 0 under torchrun/accelerate: they wrote nothing.
+    is_main_process: bool
     n_train: int
     n_val: int
     train_seconds: float
@@ -446,22 +487,29 @@ def train_model(
         use_cpu=not cuda,
         report_to="none",
         dataloader_num_workers=0,
+        # Under DDP: every trainable parameter (adapter, head, modules_to_save) takes part in each
+        # forward, so DDP need not search the graph for unused ones at every step.
+        ddp_find_unused_parameters=False,
         disable_tqdm=False,
     )
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     train_ds = tokenize_rows(tokenizer, train_df, params.max_length)
     val_ds = tokenize_rows(tokenizer, val_df, params.max_length, sort_by_length=True)
 
+    if args.should_save:
+        log.info("%s", describe_world(args.world_size))
     resolved = {"quantization": quantization, "precision": precision}
     fp = fingerprint(params, data_path, base_path, args.world_size, resolved)
     resume: Path | None = None
+    # Rank 0 decides (and clears stale checkpoints) before the other ranks look.
     with args.main_process_first(desc="checkpoint fingerprint"):
-        resume = prepare_checkpoints(checkpoint_dir, fp) if args.should_save else None
-    if not args.should_save:
-        from transformers.trainer_utils import get_last_checkpoint
+        if args.should_save:
+            resume = prepare_checkpoints(checkpoint_dir, fp, args.world_size)
+        else:
+            from transformers.trainer_utils import get_last_checkpoint
 
-        last = get_last_checkpoint(str(checkpoint_dir))
-        resume = Path(last) if last else None
+            last = get_last_checkpoint(str(checkpoint_dir))
+            resume = Path(last) if last else None
 
     live = None
     if live_dir is not None and args.should_save:
@@ -518,6 +566,8 @@ def train_model(
         resumed_from=resume.name if resume else None,
         quantization=quantization,
         precision=precision,
+        world_size=args.world_size,
+        is_main_process=args.should_save,
         n_train=len(train_ds),
         n_val=len(val_ds),
         train_seconds=float(output.metrics.get("train_runtime", math.nan)),
@@ -534,6 +584,8 @@ def main() -> None:
         df, params.val_fraction, params.seed, params.max_train_samples
     )
     result = train_model(train_df, val_df, params, data_path=TRAIN_FILE)
+    if not result.is_main_process:
+        return
     log.info(
         "done: %d steps in %.0f s, best validation loss %.4f (accuracy %.4f) at %s; adapter in %s",
         result.global_step,

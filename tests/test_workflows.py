@@ -112,10 +112,14 @@ def test_experiments_queue_and_branch_diffs(tmp_path: Path, tiny_pipeline: Path)
     # `dvc exp run $(newsclf preset fast) -S ...`, as the README has it. The tiny pipeline already
     # runs the preset's label_issues and train.max_train_samples values, so label_issues and the
     # stages before it stay; only the stages that read a changed param run.
+    # This one trains as 2 data-parallel processes through `train.launcher` (gloo on CPU).
     preset = load_preset("fast", work / "presets", work / "params.yaml")
     overrides = ["-S", "train.lora.r=4", "-S", "train.learning_rate=0.01"]
-    out = ok(dvc(work, "exp", "run", "-n", "r4", *set_param_args(preset), *overrides))
+    launcher = "train.launcher=python -m torch.distributed.run --standalone --nproc_per_node 2"
+    run = dvc(work, "exp", "run", "-n", "r4", *set_param_args(preset), *overrides, "-S", launcher)
+    out = ok(run)
     assert stages_run(out) == {"train", "evaluate", "export", "report"}
+    assert "[train] INFO world size 2:" in run.stdout + run.stderr
 
     # Queued: runs later, in a temporary copy of the repository, when a worker starts.
     ok(dvc(work, "exp", "run", "--queue", "-n", "r2", "-S", "train.lora.r=2"))

@@ -1,0 +1,126 @@
+"""`train` under the real multi-process launcher: 2 processes over gloo on CPU match 1 process.
+
+Runs `torchrun --standalone --nproc_per_node 2 -m stages.train` as dvc.yaml would with
+`train.launcher` set, in a scratch project with a tiny dropout-free BERT (dropout masks differ from
+process to process, so without it the two runs could not be compared step by step).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO_ROOT, make_news_rows
+
+# 80 rows → 16 validation, 64 training: 4 global batches of 16 per epoch, so 2 processes × 8 and
+# 1 process × 16 see exactly the same rows in every optimizer step (no padded last batch).
+ROWS_PER_CLASS = 20
+GLOBAL_BATCH = 16
+
+
+@pytest.fixture(scope="module")
+def dropout_free_bert(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path) -> Path:
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    out = tmp_path_factory.mktemp("tiny_bert_no_dropout")
+    config = BertConfig.from_pretrained(tiny_bert_dir)
+    config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(out)
+    return out
+
+
+def make_train_project(root: Path, base: Path, per_process_batch: int, quantization: str) -> Path:
+    """params.yaml (the repo's, fitted to the tiny model) and data/processed/train.parquet."""
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params["train"].update(
+        base_model=str(base),
+        val_fraction=0.2,
+        epochs=2,
+        batch_size=per_process_batch,
+        learning_rate=0.05,
+        max_length=16,
+        checkpoint_steps=2,
+        torch_threads=1,
+        quantization=quantization,
+        precision="fp32",
+    )
+    params["train"]["lora"].update(r=4, alpha=8, dropout=0.0, target_modules=["query", "value"])
+    root.mkdir(parents=True)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    data = root / "data" / "processed" / "train.parquet"
+    data.parent.mkdir(parents=True)
+    make_news_rows(ROWS_PER_CLASS).write_parquet(data)
+    return root
+
+
+def start_train(project: Path, n_processes: int) -> subprocess.Popen:
+    """`python -m stages.train`, or torchrun with `n_processes` (the launcher dvc.yaml would run)."""
+    if n_processes == 1:
+        cmd = [sys.executable, "-m", "stages.train"]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        cmd += ["--nproc_per_node", str(n_processes), "-m", "stages.train"]
+    env = os.environ | {"PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        cmd, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def finish(run: subprocess.Popen) -> subprocess.CompletedProcess:
+    stdout, stderr = run.communicate(timeout=300)
+    assert run.returncode == 0, stderr[-3000:]
+    return subprocess.CompletedProcess(run.args, run.returncode, stdout, stderr)
+
+
+def train_log(done: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in done.stderr.splitlines() if line.startswith("[train]")]
+
+
+def log_history(project: Path) -> list[dict]:
+    state = project / "models" / "checkpoints" / "checkpoint-8" / "trainer_state.json"
+    return json.loads(state.read_text())["log_history"]
+
+
+@pytest.mark.parametrize("quantization", ["none", "4bit"])
+def test_two_processes_train_as_one_does_and_resume(
+    quantization, dropout_free_bert, tmp_path: Path
+) -> None:
+    one = make_train_project(tmp_path / "one", dropout_free_bert, GLOBAL_BATCH, quantization)
+    two = make_train_project(tmp_path / "two", dropout_free_bert, GLOBAL_BATCH // 2, quantization)
+    # Side by side: each process has one thread, and the machine two cores.
+    single_run, double_run = start_train(one, 1), start_train(two, 2)
+    single, double = finish(single_run), finish(double_run)
+
+    lines = train_log(double)
+    assert any(line.startswith("[train] INFO world size 2:") for line in lines), lines
+    assert any("world size 1: one process" in line for line in train_log(single))
+    # Rank 0 alone writes and reports: one "done", one adapter, one dvclive summary.
+    assert sum(" done: " in line for line in lines) == 1, lines
+    assert (two / "models" / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((two / "reports" / "train" / "metrics.json").read_text())["step"] == 8
+
+    # Same global batch, same rows per step: the same losses, gradient norms and validation.
+    keys = ("loss", "grad_norm", "eval_loss", "eval_accuracy")
+    reference, distributed = log_history(one), log_history(two)
+    assert [e["step"] for e in distributed] == [e["step"] for e in reference]
+    for ref, dist in zip(reference, distributed, strict=True):
+        for key in keys:
+            if key in ref:
+                assert dist[key] == pytest.approx(ref[key], rel=1e-3), (dist["step"], key)
+    first_eval, last_eval = (e["eval_loss"] for e in reference if "eval_loss" in e)
+    assert last_eval < first_eval - 0.01, "the run must learn, or equal losses prove nothing"
+
+    # A second 2-process run resumes from the 2-process checkpoint and keeps the adapter.
+    adapter = (two / "models" / "adapter" / "adapter_model.safetensors").read_bytes()
+    again = train_log(finish(start_train(two, 2)))
+    assert any("resuming from models/checkpoints/checkpoint-8" in line for line in again), again
+    assert (two / "models" / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
