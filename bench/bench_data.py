@@ -110,11 +110,11 @@ def bench_clean(texts: pl.DataFrame, repeats: int) -> list[dict]:
 
 def bench_tokenize(texts: list[str], repeats: int) -> list[dict]:
     rows = []
-    n_tokens = sum(len(t) for t, _ in tokenize_texts(texts[:2000]))  # warm-up, and a sanity check
+    n_tokens = tokenize_texts(texts[:2000])["n_tokens"].sum()  # warm-up, and a sanity check
     assert n_tokens > 0
     for n_process in (1, 2):
         seconds, tokens = best_time(lambda n=n_process: tokenize_texts(texts, n_process=n), repeats)
-        total = sum(len(t) for t, _ in tokens)
+        total = int(tokens["n_tokens"].sum())
         rows.append(
             {
                 "n_process": n_process,

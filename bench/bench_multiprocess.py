@@ -112,6 +112,7 @@ def run(name: str, seed: int, test: pl.DataFrame) -> dict[str, Any]:
         "accuracy": round(metrics["accuracy"], 4),
         "macro_f1": round(metrics["macro_f1"], 4),
         "loadavg_1m_before": round(load_before, 2),
+        "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
 
@@ -132,13 +133,21 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 7])
+    parser.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS))
+    parser.add_argument(
+        "--update", action="store_true", help="replace these runs in the JSON, keep the others"
+    )
     args = parser.parse_args()
     test = read_processed(DATA_DIR / "test.parquet", "test")
     records = []
+    if args.update and OUT_FILE.exists():
+        records = json.loads(OUT_FILE.read_text())["runs"]
     for seed in args.seeds:
-        for name in LAYOUTS:
+        for name in args.layouts:
+            records = [r for r in records if (r["layout"], r["seed"]) != (name, seed)]
             records.append(run(name, seed, test))
             print(json.dumps(records[-1]), flush=True)
+    records.sort(key=lambda r: (-r["seed"], list(LAYOUTS).index(r["layout"])))
     result = {
         "machine": {"cores": os.cpu_count(), "torch": torch.__version__},
         "runs": records,

@@ -9,24 +9,40 @@ from stages.common import StageError
 from stages.tokenize import length_histogram, token_stats, tokenize_texts, tokens_table
 
 
+def rows(tokenized: pl.DataFrame) -> list[tuple[list[str], list[bool]]]:
+    return list(zip(tokenized["tokens"].to_list(), tokenized["whitespace"].to_list(), strict=True))
+
+
 def test_tokenize_texts_splits_punctuation_and_contractions() -> None:
-    (tokens, whitespace), (tokens2, _) = tokenize_texts(
-        ["Oil hits $50 a barrel, doesn't it?", "U.S. stocks rise"]
-    )
+    tokenized = tokenize_texts(["Oil hits $50 a barrel, doesn't it?", "U.S. stocks rise"])
+    (tokens, whitespace), (tokens2, _) = rows(tokenized)
     assert tokens == ["Oil", "hits", "$", "50", "a", "barrel", ",", "does", "n't", "it", "?"]
     assert whitespace == [True, True, False, True, True, False, True, False, True, False, False]
     assert tokens2 == ["U.S.", "stocks", "rise"]
+    assert tokenized["n_tokens"].to_list() == [11, 3]
 
 
-def test_tokens_and_whitespace_give_back_the_text() -> None:
-    texts = ["Intel's $2 billion (U.S.) plan - for chips!", "Talks resume in Geneva."]
-    for text, (tokens, whitespace) in zip(texts, tokenize_texts(texts), strict=True):
+def test_tokens_are_spacys_and_give_back_the_text() -> None:
+    """Tokens cut out by offsets are exactly spaCy's token texts, non-ASCII and odd spacing too."""
+    import spacy
+
+    texts = [
+        "Intel's $2 billion (U.S.) plan - for chips!",
+        "Talks resume in Genève \u2014 «finally»  at 9:30 a.m. \U0001f600 emoji",
+        "tab\tand  double  spaces, trailing dot.",
+    ]
+    nlp = spacy.blank("en")
+    for text, doc, (tokens, whitespace) in zip(
+        texts, nlp.pipe(texts), rows(tokenize_texts(texts)), strict=True
+    ):
+        assert tokens == [t.text for t in doc]
+        assert whitespace == [bool(t.whitespace_) for t in doc]
         assert "".join(t + " " * w for t, w in zip(tokens, whitespace, strict=True)) == text
 
 
 def test_tokens_are_the_same_with_two_processes() -> None:
     texts = [f"Story number {i} about markets, sports and science." for i in range(50)]
-    assert tokenize_texts(texts, n_process=2, batch_size=7) == tokenize_texts(texts)
+    assert tokenize_texts(texts, n_process=2, batch_size=7).equals(tokenize_texts(texts))
 
 
 def test_bad_params_are_a_clear_error() -> None:
@@ -36,9 +52,7 @@ def test_bad_params_are_a_clear_error() -> None:
 
 def test_tokens_table_stats_and_histogram() -> None:
     df = pl.DataFrame({"id": ["a", "b", "c"], "split": ["train", "train", "test"]})
-    table = tokens_table(
-        df, [(["one", "two"], [True, False]), (["one"], [False]), (["three"] * 9, [True] * 9)]
-    )
+    table = tokens_table(df, tokenize_texts(["one two", "one", " ".join(["three"] * 9)]))
     assert table.columns == ["id", "split", "tokens", "whitespace", "n_tokens"]
     assert table["n_tokens"].to_list() == [2, 1, 9]
     stats = token_stats(table)
