@@ -124,16 +124,3 @@ def test_two_processes_train_as_one_does_and_resume(
     again = train_log(finish(start_train(two, 2)))
     assert any("resuming from models/checkpoints/checkpoint-8" in line for line in again), again
     assert (two / "models" / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
-
-
-@pytest.mark.parametrize(("sync", "expected"), [(True, "same"), (False, "different")])
-def test_ranks_shuffle_alike_at_each_epoch(sync: bool, expected: str, tmp_path: Path) -> None:
-    """Without the epoch-begin sync, ranks whose RNGs drifted would shuffle differently."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd += [str(REPO_ROOT / "tests" / "ddp_shuffle_probe.py"), str(tmp_path)]
-    env = os.environ | {"PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        cmd + (["--sync"] if sync else []), env=env, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split() == [expected]
