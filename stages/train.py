@@ -366,6 +366,11 @@ def log_to_live(live, logs: dict[str, Any], step: int) -> None:
     live.make_summary()
 
 
+def derived_seed(*values: int) -> int:
+    """A 32-bit seed that depends on every value (numpy's SeedSequence mixing)."""
+    return int(np.random.SeedSequence(list(values)).generate_state(1)[0])
+
+
 def make_callbacks(live, checkpoint_steps: int) -> list:
     from transformers import TrainerCallback
 
@@ -380,12 +385,31 @@ def make_callbacks(live, checkpoint_steps: int) -> list:
             if state.global_step % checkpoint_steps == 0:
                 control.should_save = True
 
+    class OwnDropoutPerRank(TrainerCallback):
+        """Under DDP: one shuffle for all ranks, but each rank its own dropout masks.
+
+        Every rank starts from the same seed and dropout draws its masks from it, so two ranks
+        applied the same masks to their halves of the global batch (measured: identical masks for
+        equal shapes, identical prefixes for unequal ones), where one process draws independent
+        masks for all its rows. Each step now reseeds each rank from (seed, step, rank); each epoch
+        starts all ranks from one state of (seed, epoch), from which the length-grouped sampler
+        draws that epoch's shuffle, so the ranks still split one permutation. One process: no-op.
+        """
+
+        def on_epoch_begin(self, args, state, control, **kwargs):
+            if args.world_size > 1:
+                torch.manual_seed(derived_seed(args.seed, 0, round(state.epoch or 0)))
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if args.world_size > 1:
+                torch.manual_seed(derived_seed(args.seed, 1, state.global_step, args.process_index))
+
     class LiveLogger(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
             if live is not None and state.is_world_process_zero and logs:
                 log_to_live(live, logs, state.global_step)
 
-    return [MidEpochCheckpoints(), LiveLogger()]
+    return [MidEpochCheckpoints(), OwnDropoutPerRank(), LiveLogger()]
 
 
 def compute_metrics(eval_pred) -> dict[str, float]:

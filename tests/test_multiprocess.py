@@ -52,6 +52,9 @@ def make_train_project(root: Path, base: Path, per_process_batch: int, quantizat
         torch_threads=1,
         quantization=quantization,
         precision="fp32",
+        # Random batches come from accelerate's seeded sampler, the same in both layouts; under
+        # DDP, length-grouped batches are drawn from a per-epoch seed (stages/train.py).
+        group_by_length=False,
     )
     params["train"]["lora"].update(r=4, alpha=8, dropout=0.0, target_modules=["query", "value"])
     root.mkdir(parents=True)
@@ -124,3 +127,12 @@ def test_two_processes_train_as_one_does_and_resume(
     again = train_log(finish(start_train(two, 2)))
     assert any("resuming from models/checkpoints/checkpoint-8" in line for line in again), again
     assert (two / "models" / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
+
+
+def test_ranks_draw_their_own_dropout_and_share_the_shuffle(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += [str(REPO_ROOT / "tests" / "ddp_dropout_probe.py"), str(tmp_path)]
+    env = os.environ | {"PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["different", "same"]
