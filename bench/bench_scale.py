@@ -185,14 +185,22 @@ def main() -> None:
         help="label_issues only at sizes up to this (its embedding pass is the slow part)",
     )
     parser.add_argument(
+        "--update", action="store_true", help="replace these steps in the JSON, keep the others"
+    )
+    parser.add_argument(
         "--only", nargs="+", help="stages to run (ingest and clean always run), e.g. --only clean"
     )
     args = parser.parse_args()
     load_at_start = os.getloadavg()
     records = []
+    earlier = json.loads(OUT_FILE.read_text())["runs"] if args.update and OUT_FILE.exists() else []
     for size in args.sizes:
         with_label_issues = args.label_issues and size <= args.label_issues_max_rows
         records += bench_size(size, with_label_issues, set(args.only) if args.only else None)
+    ran = {(r["rows"], r["step"]) for r in records}
+    records = [r for r in earlier if (r["rows"], r["step"]) not in ran] + records
+    order = ["ingest", "clean", "tokenize", "label_issues"]
+    records.sort(key=lambda r: (r["rows"], order.index(r["stage"]), r["step"]))
     report = {
         "machine": {"cpus": os.cpu_count(), "polars": pl.__version__},
         "load_average_at_start": load_at_start,

@@ -5,13 +5,18 @@ downloaded). Texts go through it in chunks of `batch_size`; with `n_process` > 1
 spread over worker processes. A worker sends back a small Polars table per chunk, built from each
 Doc's offset arrays (`Doc.to_array`), never the Doc objects: pickling Docs between processes made 2
 processes 3.5x slower than one (reports/bench_data.json). Chunks come back in order, so the output is
-the same for any number of workers. Run as `python -m stages.tokenize`: run as a script, this file
-would shadow the standard library's `tokenize` module.
+the same for any number of workers. The stage streams: `clean.parquet` is read, tokenized and
+written a chunk at a time (a few chunks in flight), `tokens.parquet` a row group of
+`STREAM_ROW_GROUP_ROWS` rows at a time, and the statistics keep only each row's split and token
+count and each split's vocabulary, so memory does not grow with the corpus (bench/bench_scale.py).
+Run as `python -m stages.tokenize`: run as a script, this file would shadow the standard library's
+`tokenize` module.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
@@ -26,11 +31,11 @@ from stages.common import (
     StageError,
     get_logger,
     load_params,
-    read_table,
+    require_file,
     run_main,
     write_csv,
     write_json,
-    write_table,
+    write_table_stream,
 )
 
 log = get_logger("tokenize")
@@ -78,63 +83,98 @@ def tokenize_chunk(texts: list[str]) -> pl.DataFrame:
     ).cast({"tokens": pl.List(pl.String), "whitespace": pl.List(pl.Boolean)})
 
 
-def _chunks(texts: list[str], size: int) -> Iterator[list[str]]:
-    for start in range(0, len(texts), size):
-        yield texts[start : start + size]
-
-
-def tokenize_texts(texts: list[str], n_process: int = 1, batch_size: int = 1000) -> pl.DataFrame:
-    """`tokenize_chunk` over `texts` in chunks of `batch_size`, on `n_process` processes, in order."""
-    if n_process < 1 or batch_size < 1:
-        raise StageError(
-            f"params.yaml tokenize: n_process ({n_process}) and batch_size ({batch_size}) must be >= 1"
-        )
-    bar = tqdm(total=len(texts), desc="tokenize", unit="row", mininterval=1)
-    frames = []
-    with bar:
-        if n_process == 1:
-            for chunk in _chunks(texts, batch_size):
-                frames.append(tokenize_chunk(chunk))
-                bar.update(len(chunk))
-        else:
-            # spawn, not fork: a forked child of a process that has started Polars' thread pool can
-            # deadlock. `map` keeps the chunks' order whatever worker finishes first.
-            with ProcessPoolExecutor(n_process, mp_context=get_context("spawn")) as pool:
-                for frame in pool.map(tokenize_chunk, _chunks(texts, batch_size)):
-                    frames.append(frame)
-                    bar.update(frame.height)
-    if not frames:
-        return pl.DataFrame(
-            schema={
-                "tokens": pl.List(pl.String),
-                "whitespace": pl.List(pl.Boolean),
-                "n_tokens": pl.Int64,
-            }
-        )
-    return pl.concat(frames).rechunk()
-
-
 def tokens_table(df: pl.DataFrame, tokenized: pl.DataFrame) -> pl.DataFrame:
     """The tokens table: id, split, tokens, whitespace, n_tokens, in the row order of `df`."""
     return pl.concat([df.select("id", "split"), tokenized.select(TOKEN_COLUMNS)], how="horizontal")
 
 
-def token_stats(table: pl.DataFrame) -> dict:
-    """Vocabulary size and token-count percentiles, overall and per split."""
+def tokenize_rows(rows: pl.DataFrame) -> pl.DataFrame:
+    """The tokens table of some rows (id, split, text)."""
+    return tokens_table(rows, tokenize_chunk(rows["text"].to_list()))
 
-    def stats(part: pl.DataFrame) -> dict:
-        n = part["n_tokens"]
-        return {
-            "rows": part.height,
-            "tokens": int(n.sum()),
-            "vocabulary_size": part["tokens"].explode().n_unique(),
-            "n_tokens_mean": round(float(n.mean()), 2),
-            **{f"n_tokens_p{p}": int(n.quantile(p / 100, "nearest")) for p in PERCENTILES},
-            "n_tokens_max": int(n.max()),
+
+def tokenize_stream(
+    chunks: Iterable[pl.DataFrame], n_process: int, batch_size: int
+) -> Iterator[pl.DataFrame]:
+    """`tokenize_rows` of each chunk, in order, on `n_process` processes, a few chunks in flight."""
+    if n_process < 1 or batch_size < 1:
+        raise StageError(
+            f"params.yaml tokenize: n_process ({n_process}) and batch_size ({batch_size}) must be >= 1"
+        )
+    if n_process == 1:
+        yield from map(tokenize_rows, chunks)
+        return
+    # spawn, not fork: a forked child of a process that has started Polars' thread pool can
+    # deadlock. Results are taken in submission order, whichever worker finishes first.
+    with ProcessPoolExecutor(n_process, mp_context=get_context("spawn")) as pool:
+        in_flight: deque = deque()
+        for chunk in chunks:
+            in_flight.append(pool.submit(tokenize_rows, chunk))
+            if len(in_flight) >= 2 * n_process:
+                yield in_flight.popleft().result()
+        while in_flight:
+            yield in_flight.popleft().result()
+
+
+def tokenize_texts(texts: list[str], n_process: int = 1, batch_size: int = 1000) -> pl.DataFrame:
+    """tokens, whitespace and n_tokens of each text, in order (`tokenize_stream` over a list)."""
+    rows = pl.DataFrame({"id": list(range(len(texts))), "text": texts}, strict=False)
+    rows = rows.with_columns(pl.lit("").alias("split"))
+    chunks = (rows.slice(start, batch_size) for start in range(0, len(texts), batch_size))
+    tables = list(tokenize_stream(chunks, n_process, batch_size))
+    if not tables:
+        return tokenize_chunk([])
+    return pl.concat(tables).select(TOKEN_COLUMNS)
+
+
+class TokenStats:
+    """What the report needs of the tokens table, kept small: each row's split and token count, and
+    each split's vocabulary (deduplicated as it grows)."""
+
+    def __init__(self) -> None:
+        self.lengths: list[pl.DataFrame] = []
+        self.vocab = pl.DataFrame(schema={"split": pl.String, "tokens": pl.String})
+        self.new_words: list[pl.DataFrame] = []
+
+    def add(self, table: pl.DataFrame) -> pl.DataFrame:
+        self.lengths.append(table.select("split", "n_tokens"))
+        self.new_words.append(table.select("split", "tokens").explode("tokens").unique())
+        if sum(words.height for words in self.new_words) > max(self.vocab.height, 1 << 18):
+            self._compact()
+        return table
+
+    def _compact(self) -> None:
+        self.vocab = pl.concat([self.vocab, *self.new_words]).unique()
+        self.new_words = []
+
+    def report(self) -> tuple[dict, pl.DataFrame]:
+        """Vocabulary size and token-count percentiles, overall and per split (in order of first
+        appearance); and every row's split and n_tokens, for the histogram."""
+        self._compact()
+        lengths = pl.concat(self.lengths)
+
+        def stats(n: pl.Series, words: pl.Series) -> dict:
+            return {
+                "rows": n.len(),
+                "tokens": int(n.sum()),
+                "vocabulary_size": words.drop_nulls().n_unique(),
+                "n_tokens_mean": round(float(n.mean()), 2),
+                **{f"n_tokens_p{p}": int(n.quantile(p / 100, "nearest")) for p in PERCENTILES},
+                "n_tokens_max": int(n.max()),
+            }
+
+        splits = {
+            split: stats(part["n_tokens"], self.vocab.filter(pl.col("split") == split)["tokens"])
+            for (split,), part in lengths.group_by("split", maintain_order=True)
         }
+        return {**stats(lengths["n_tokens"], self.vocab["tokens"]), "per_split": splits}, lengths
 
-    splits = {s: stats(part) for (s,), part in table.group_by("split", maintain_order=True)}
-    return {**stats(table), "per_split": splits}
+
+def token_stats(table: pl.DataFrame) -> dict:
+    """Vocabulary size and token-count percentiles of a whole tokens table (see TokenStats)."""
+    stats = TokenStats()
+    stats.add(table)
+    return stats.report()[0]
 
 
 def length_histogram(table: pl.DataFrame) -> pl.DataFrame:
@@ -149,21 +189,32 @@ def length_histogram(table: pl.DataFrame) -> pl.DataFrame:
 
 
 def main() -> None:
+    import pyarrow.parquet as pq
+
     params = load_params("tokenize")
-    df = read_table("data/interim/clean.parquet", columns=["id", "split", "text"])
-    tokens = tokenize_texts(df["text"].to_list(), params["n_process"], params["batch_size"])
-    table = tokens_table(df, tokens)
-    stats = token_stats(table)
+    source = pq.ParquetFile(require_file("data/interim/clean.parquet"))
+    batches = source.iter_batches(batch_size=params["batch_size"], columns=["id", "split", "text"])
+    stats = TokenStats()
+    with tqdm(total=source.metadata.num_rows, desc="tokenize", unit="row", mininterval=1) as bar:
+
+        def counted(tables: Iterable[pl.DataFrame]) -> Iterator[pl.DataFrame]:
+            for table in tables:
+                bar.update(table.height)
+                yield stats.add(table)
+
+        chunks = (pl.from_arrow(batch) for batch in batches)
+        tables = tokenize_stream(chunks, params["n_process"], params["batch_size"])
+        write_table_stream(counted(tables), "data/interim/tokens.parquet")
+    report, lengths = stats.report()
     log.info(
         "%d rows, %d tokens, vocabulary %d, p95 %d tokens",
-        stats["rows"],
-        stats["tokens"],
-        stats["vocabulary_size"],
-        stats["n_tokens_p95"],
+        report["rows"],
+        report["tokens"],
+        report["vocabulary_size"],
+        report["n_tokens_p95"],
     )
-    write_table(table, "data/interim/tokens.parquet")
-    write_json(stats, "reports/tokens.json")
-    write_csv(length_histogram(table), "reports/plots/token_lengths.csv")
+    write_json(report, "reports/tokens.json")
+    write_csv(length_histogram(lengths), "reports/plots/token_lengths.csv")
 
 
 if __name__ == "__main__":

@@ -63,3 +63,41 @@ def test_tokens_table_stats_and_histogram() -> None:
     assert stats["per_split"]["train"]["vocabulary_size"] == 2
     hist = length_histogram(table)
     assert hist.rows() == [("000-007", 2), ("008-015", 1)]
+
+
+def test_streamed_table_depends_on_rows_not_on_chunking(tmp_path) -> None:
+    import pyarrow.parquet as pq
+
+    from stages.common import write_table_stream
+
+    texts = [f"Story {i}: markets, sports {i % 7} and science." for i in range(250)]
+    table = tokens_table(
+        pl.DataFrame({"id": [str(i) for i in range(250)], "split": "train"}), tokenize_texts(texts)
+    )
+    files = []
+    for sizes in ((250,), (1, 99, 150), (64, 64, 64, 58)):
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        frames = [table.slice(start, size) for start, size in zip(starts, sizes, strict=True)]
+        path = tmp_path / f"tokens_{len(sizes)}.parquet"
+        assert write_table_stream(frames, path, row_group_rows=100) == 250
+        files.append(path.read_bytes())
+    assert files[0] == files[1] == files[2]
+    parquet = pq.ParquetFile(tmp_path / "tokens_1.parquet")
+    assert [parquet.metadata.row_group(i).num_rows for i in range(3)] == [100, 100, 50]
+    assert pl.read_parquet(tmp_path / "tokens_1.parquet").equals(table)
+
+
+def test_two_processes_stream_the_same_tables() -> None:
+    from stages.tokenize import tokenize_stream
+
+    rows = pl.DataFrame(
+        {
+            "id": [str(i) for i in range(40)],
+            "split": "test",
+            "text": [f"Text {i}, ok." for i in range(40)],
+        }
+    )
+    chunks = [rows.slice(i, 6) for i in range(0, 40, 6)]
+    one = pl.concat(tokenize_stream(chunks, n_process=1, batch_size=6))
+    two = pl.concat(tokenize_stream(chunks, n_process=2, batch_size=6))
+    assert one.equals(two) and one["id"].to_list() == rows["id"].to_list()
