@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -43,7 +44,9 @@ def write_lines(path: Path, n: int) -> None:
 
 
 def run_predict(code_dir: Path, lines: Path, model: Path, batch: int, max_s: float) -> dict:
-    cmd = [sys.executable, "-m", "newsclf.cli", "predict", "--json", "-f", str(lines)]
+    # `main()` called from -c: older versions of newsclf/cli.py have no `__main__` block.
+    call = "import sys; from newsclf.cli import main; sys.exit(main())"
+    cmd = [sys.executable, "-c", call, "predict", "--json", "-f", str(lines)]
     cmd += ["--model", str(model), "--batch-size", str(batch)]
     env = os.environ | {"PYTHONPATH": str(code_dir)}
     start = time.perf_counter()
@@ -93,9 +96,14 @@ def main() -> None:
     parser.add_argument("--baseline-ref", help="git commit of the version to compare against")
     parser.add_argument("--baseline-max-lines", type=int, default=20_000)
     parser.add_argument("--max-seconds", type=float, default=600)
+    parser.add_argument(
+        "--update", action="store_true", help="replace these runs in the JSON, keep the others"
+    )
     args = parser.parse_args()
     model = args.model.resolve()
     records: list[dict[str, Any]] = []
+    if args.update and OUT_FILE.exists():
+        records = json.loads(OUT_FILE.read_text())["runs"]
     with tempfile.TemporaryDirectory(prefix="bench_predict_") as tmp:
         versions = {"this checkout": Path.cwd()}
         if args.baseline_ref:
@@ -113,6 +121,7 @@ def main() -> None:
                 for name, code_dir in versions.items():
                     if code_dir != Path.cwd() and size > args.baseline_max_lines:
                         continue
+                    records = [r for r in records if (r["version"], r["lines"]) != (name, size)]
                     record = {"version": name, "lines": size}
                     record |= run_predict(code_dir, lines, model, args.batch_size, args.max_seconds)
                     records.append(record)

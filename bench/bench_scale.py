@@ -77,15 +77,13 @@ def set_params(root: Path, values: dict[str, Any]) -> None:
 def run_stage(root: Path, stage: str) -> dict[str, Any]:
     """Run `python -m stages.<stage>` in `root`; wall time and peak RSS (whole process tree)."""
     env = os.environ | {"PYTHONPATH": str(Path.cwd())}
+    log_file = root / f"{stage}.log"
     start = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", f"stages.{stage}"],
-        cwd=root,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    # The log goes to a file: a pipe nobody reads until the end fills up and blocks the stage.
+    with log_file.open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", f"stages.{stage}"], cwd=root, env=env, stdout=log, stderr=log
+        )
     parent = psutil.Process(proc.pid)
     peak_tree = peak_process = 0
     while proc.poll() is None:
@@ -96,7 +94,7 @@ def run_stage(root: Path, stage: str) -> dict[str, Any]:
             continue
         peak_tree, peak_process = max(peak_tree, sum(rss)), max(peak_process, max(rss))
         time.sleep(SAMPLE_S)
-    stderr = proc.stderr.read()
+    stderr = log_file.read_text()
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{stage} failed in {root}:\n{stderr[-3000:]}")
