@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -76,52 +76,6 @@ def write_table(df: pl.DataFrame, path: str | Path) -> None:
     df.write_parquet(
         path, compression="zstd", compression_level=3, statistics=True, row_group_size=1 << 30
     )
-
-
-# Rows per Parquet row group when a table is written as a stream: a table of up to this many rows is
-# one row group; a larger one is written and read a row group at a time, in bounded memory.
-STREAM_ROW_GROUP_ROWS = 65_536
-
-
-def write_table_stream(
-    frames: Iterable[pl.DataFrame], path: str | Path, row_group_rows: int = STREAM_ROW_GROUP_ROWS
-) -> int:
-    """Write frames (one schema) as one Parquet file, a row group of `row_group_rows` at a time.
-
-    Row groups are cut at fixed row counts whatever the frames' sizes, so the file depends only on
-    the rows: the same bytes from any chunking (zstd level 3, as `write_table`). Returns the rows.
-    """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    writer: pq.ParquetWriter | None = None
-    pending: list[pa.Table] = []
-    buffered = rows = 0
-
-    def flush(n: int) -> None:
-        nonlocal pending, buffered
-        table = pa.concat_tables(pending)
-        writer.write_table(table.slice(0, n), row_group_size=row_group_rows)
-        pending, buffered = [table.slice(n)], table.num_rows - n
-
-    for frame in frames:
-        # Oldest compat level: plain large_string/large_list columns, which every reader knows.
-        table = frame.to_arrow(compat_level=pl.CompatLevel.oldest())
-        if writer is None:
-            writer = pq.ParquetWriter(path, table.schema, compression="zstd", compression_level=3)
-        pending.append(table)
-        buffered += table.num_rows
-        rows += table.num_rows
-        while buffered >= row_group_rows:
-            flush(row_group_rows)
-    if writer is None:
-        raise StageError(f"{path}: nothing to write")
-    if buffered:
-        flush(buffered)
-    writer.close()
-    return rows
 
 
 def write_csv(df: pl.DataFrame, path: str | Path) -> None:

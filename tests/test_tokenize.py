@@ -68,7 +68,7 @@ def test_tokens_table_stats_and_histogram() -> None:
 def test_streamed_table_depends_on_rows_not_on_chunking(tmp_path) -> None:
     import pyarrow.parquet as pq
 
-    from stages.common import write_table_stream
+    from stages.tokenize import write_table_stream
 
     texts = [f"Story {i}: markets, sports {i % 7} and science." for i in range(250)]
     table = tokens_table(
