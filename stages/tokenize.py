@@ -4,8 +4,8 @@ Uses the rule-based English tokenizer of `spacy.blank("en")` (no statistical mod
 downloaded). Texts go through it in chunks of `batch_size`; with `n_process` > 1 the chunks are
 spread over worker processes. A worker sends back a small Polars table per chunk, built from each
 Doc's offset arrays (`Doc.to_array`), never the Doc objects: pickling Docs between processes made 2
-processes 3.5x slower than one (reports/bench_data.json). Chunks come back in order, so the output is
-the same for any number of workers. The stage streams: `clean.parquet` is read, tokenized and
+processes 3.5x slower than one; now 2 are 1.86x faster at 1.2M rows (reports/bench_scale.json).
+Chunks come back in order, so the output is the same for any number of workers. The stage streams: `clean.parquet` is read, tokenized and
 written a chunk at a time (a few chunks in flight), `tokens.parquet` a row group of
 `STREAM_ROW_GROUP_ROWS` rows at a time, and the statistics keep only each row's split and token
 count and each split's vocabulary, so memory does not grow with the corpus (bench/bench_scale.py).
