@@ -7,7 +7,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 # `cpu` installs onnxruntime; GPU users run `make install EXTRAS=gpu,dev` after installing CUDA torch.
 EXTRAS ?= cpu,dev
 
-.PHONY: install repro test bench
+.PHONY: install repro test test-fast bench
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,12 @@ test: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest -q
+
+# Day-to-day lane: everything but the tests that drive real `dvc` runs (CI runs them all).
+test-fast: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/pytest -q -m "not e2e"
 
 bench: install
 	$(BIN)/python -m bench.bench_data

@@ -34,6 +34,7 @@ import torch
 from newsclf.predict import CUDA_PROVIDER, OnnxClassifier, default_providers, pad_batch
 from stages.common import (
     StageError,
+    load_labels,
     load_params,
     read_table,
     resolve_base_model,
@@ -47,6 +48,7 @@ from stages.export import (
     build_export,
     calibration_texts,
 )
+from stages.modeling import label_kwargs
 from stages.train import read_processed
 
 CLEAN_TABLE = Path("data/interim/clean.parquet")
@@ -54,13 +56,15 @@ BATCH_SIZES = (1, 8, 64)
 HEADLINE = "Stocks rally as the central bank holds interest rates steady"
 
 
-def fresh_adapter(base_model: str, out: Path) -> Path:
+def fresh_adapter(base_model: str, label_names: tuple[str, ...], out: Path) -> Path:
     """A LoRA-wrapped base with random (non-zero) LoRA weights, saved as train saves one."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     lora = load_params("train")["lora"]
-    model = AutoModelForSequenceClassification.from_pretrained(base_model, num_labels=4)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        base_model, **label_kwargs(label_names)
+    )
     config = LoraConfig(
         task_type="SEQ_CLS",
         r=lora["r"],
@@ -149,6 +153,7 @@ def main() -> None:
 
     train = load_params("train")
     export = load_params("export")
+    label_names = load_labels()
     max_length = int(train["max_length"])
     base_model = resolve_base_model(train["base_model"])
     test, source = load_test(args.texts)
@@ -156,18 +161,23 @@ def main() -> None:
     load_before = os.getloadavg()[0]
 
     with tempfile.TemporaryDirectory() as tmp:
-        adapter = ADAPTER_DIR if trained else fresh_adapter(base_model, Path(tmp) / "adapter")
+        adapter = (
+            ADAPTER_DIR
+            if trained
+            else fresh_adapter(base_model, label_names, Path(tmp) / "adapter")
+        )
         onnx_dir = Path(tmp) / "onnx"
         int8 = Int8Plan(
             calibration_texts(
-                read_processed(TRAIN_TABLE, "train"), int(export["int8_calibration_texts"])
+                read_processed(TRAIN_TABLE, "train", label_names),
+                int(export["int8_calibration_texts"]),
             ),
             float(export["parity"]["min_int8_agreement"]),
             int(export["int8_max_fp32_nodes"]),
             int(export["batch_size"]),
         )
         model, _, _ = build_export(
-            adapter, base_model, onnx_dir, int(export["opset"]), max_length, int8
+            adapter, base_model, label_names, onnx_dir, int(export["opset"]), max_length, int8
         )
         backends: dict[str, Callable[[dict], Any]] = {"pytorch_fp32": torch_runner(model, "cpu")}
         classifiers = {}

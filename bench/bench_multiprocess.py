@@ -29,11 +29,12 @@ import polars as pl
 import torch
 import yaml
 
-from stages.common import PARAMS_FILE, load_params
+from stages.common import PARAMS_FILE, load_labels, load_params
 from stages.evaluate import compute_metrics, load_classifier, predict_proba
 from stages.train import parse_params, read_processed
 
 OUT_FILE = Path("reports/bench_multiprocess.json")
+LABEL_NAMES = load_labels()
 DATA_DIR = Path("data/processed")
 CORES = 2
 LAYOUTS = {
@@ -89,7 +90,9 @@ def run(name: str, seed: int, test: pl.DataFrame) -> dict[str, Any]:
         assert world and summary, done.stderr[-2000:]
         params = parse_params(train)
         torch.set_num_threads(CORES)
-        model, tokenizer = load_classifier(root / "models" / "adapter", params.base_model)
+        model, tokenizer = load_classifier(
+            root / "models" / "adapter", params.base_model, LABEL_NAMES
+        )
         probs = predict_proba(
             model,
             tokenizer,
@@ -97,7 +100,7 @@ def run(name: str, seed: int, test: pl.DataFrame) -> dict[str, Any]:
             params.max_length,
             int(load_params("evaluate")["batch_size"]),
         )
-    metrics = compute_metrics(probs, test["label"].to_list())
+    metrics = compute_metrics(probs, test["label"].to_list(), LABEL_NAMES)
     return {
         "layout": name,
         "seed": seed,
@@ -138,7 +141,7 @@ def main() -> None:
         "--update", action="store_true", help="replace these runs in the JSON, keep the others"
     )
     args = parser.parse_args()
-    test = read_processed(DATA_DIR / "test.parquet", "test")
+    test = read_processed(DATA_DIR / "test.parquet", "test", LABEL_NAMES)
     records = []
     if args.update and OUT_FILE.exists():
         records = json.loads(OUT_FILE.read_text())["runs"]

@@ -137,6 +137,7 @@ def run_minilm(mode: str, seed: int, data_dir: Path) -> dict[str, Any]:
             data.train,
             data.val,
             params,
+            data.label_names,
             data_path=data.train_file,
             checkpoint_dir=Path(tmp) / "checkpoints",
             adapter_dir=Path(tmp) / "adapter",
@@ -146,16 +147,24 @@ def run_minilm(mode: str, seed: int, data_dir: Path) -> dict[str, Any]:
         train_wall = time.perf_counter() - t0
         memory = peak_memory()  # before anything else is loaded
         base_path = resolve_base_model(params.base_model)
-        footprint = build_peft_model(base_path, params, quantization, precision)
+        footprint = build_peft_model(base_path, params, quantization, precision, data.label_names)
         footprint = footprint.get_memory_footprint()
-        model, tokenizer = load_classifier(Path(tmp) / "adapter", params.base_model)
+        model, tokenizer = load_classifier(
+            Path(tmp) / "adapter", params.base_model, data.label_names
+        )
         t1 = time.perf_counter()
         shipped = compute_metrics(
-            predict_proba(model, tokenizer, texts, params.max_length, eval_batch), labels
+            predict_proba(model, tokenizer, texts, params.max_length, eval_batch),
+            labels,
+            data.label_names,
         )
         score_wall = time.perf_counter() - t1
-        _, probs = as_trained_proba(Path(tmp) / "adapter", params, tokenizer, texts, eval_batch)
-        as_trained = compute_metrics(probs, labels) if probs is not None else shipped
+        _, probs = as_trained_proba(
+            Path(tmp) / "adapter", params, data.label_names, tokenizer, texts, eval_batch
+        )
+        as_trained = (
+            compute_metrics(probs, labels, data.label_names) if probs is not None else shipped
+        )
     return {
         "part": "minilm",
         "mode": mode,
@@ -193,10 +202,10 @@ def make_large_model(folder: Path) -> None:
     """A random BERT-large-sized classifier saved as the train stage loads a base (safetensors)."""
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from stages.common import NUM_LABELS, PACKAGED_BASE_MODEL, resolve_base_model
+    from stages.common import PACKAGED_BASE_MODEL, load_labels, resolve_base_model
 
     torch.manual_seed(0)
-    config = BertConfig(**LARGE_CONFIG, num_labels=NUM_LABELS)
+    config = BertConfig(**LARGE_CONFIG, num_labels=len(load_labels()))
     BertForSequenceClassification(config).save_pretrained(folder, safe_serialization=True)
     AutoTokenizer.from_pretrained(resolve_base_model(PACKAGED_BASE_MODEL)).save_pretrained(folder)
 
@@ -205,14 +214,15 @@ def run_large(mode: str, model_dir: Path, steps: int, batch: int, seq_len: int) 
     """`steps` LoRA optimizer steps on random tokens; memory and time per step."""
     import psutil
 
-    from stages.common import NUM_LABELS, load_params
+    from stages.common import load_labels, load_params
     from stages.modeling import compute_dtype
     from stages.train import build_peft_model, parse_params
 
     base_mode, checkpointing = mode.removesuffix("+gc"), mode.endswith("+gc")
     label, quantization, precision = MODES[base_mode]
     params = parse_params(load_params("train"))
-    model = build_peft_model(str(model_dir), params, quantization, precision)
+    label_names = load_labels()
+    model = build_peft_model(str(model_dir), params, quantization, precision, label_names)
     if checkpointing:
         label += " + gradient checkpointing"
         model.enable_input_require_grads()
@@ -235,7 +245,7 @@ def run_large(mode: str, model_dir: Path, steps: int, batch: int, seq_len: int) 
     seconds, rss = [], []
     for _ in range(steps):
         ids = torch.randint(1000, vocab, (batch, seq_len), device=device, generator=generator)
-        labels = torch.randint(0, NUM_LABELS, (batch,), device=device, generator=generator)
+        labels = torch.randint(0, len(label_names), (batch,), device=device, generator=generator)
         start = time.perf_counter()
         with torch.autocast(device, dtype=compute_dtype(precision), enabled=precision == "bf16"):
             loss = model(input_ids=ids, labels=labels).loss
@@ -269,21 +279,24 @@ def run_speed(data_dir: Path, rounds: int, batch: int) -> dict[str, Any]:
     """Interleaved optimizer steps of every mode on the same real batches: median s/step."""
     from transformers import AutoTokenizer
 
-    from stages.common import load_params, resolve_base_model
+    from stages.common import load_labels, load_params, resolve_base_model
     from stages.modeling import compute_dtype
     from stages.train import build_peft_model, parse_params, read_processed
 
     params = parse_params(load_params("train"))
+    label_names = load_labels()
     base_path = resolve_base_model(params.base_model)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
-    train = read_processed(data_dir / "train.parquet", "train").sample(
+    train = read_processed(data_dir / "train.parquet", "train", label_names).sample(
         n=batch * rounds, seed=params.seed, with_replacement=batch * rounds > 5000
     )
     labels = torch.tensor(train["label"].to_list())
     models, optimizers = {}, {}
     for mode in MODES:
         _, quantization, precision = MODES[mode]
-        models[mode] = build_peft_model(base_path, params, quantization, precision).train()
+        models[mode] = build_peft_model(
+            base_path, params, quantization, precision, label_names
+        ).train()
         optimizers[mode] = torch.optim.AdamW(
             [p for p in models[mode].parameters() if p.requires_grad], lr=params.learning_rate
         )

@@ -65,12 +65,12 @@ def run(name: str, overrides: list[str], data_dir: Path, eval_batch: int) -> dic
         t0, c0 = time.perf_counter(), _cpu_seconds()
         result, adapter_dir = train_in(Path(tmp), data, params)
         t1, c1 = time.perf_counter(), _cpu_seconds()
-        model, tokenizer = load_classifier(adapter_dir, params.base_model)
+        model, tokenizer = load_classifier(adapter_dir, params.base_model, data.label_names)
         probs = predict_proba(
             model, tokenizer, test["text"].to_list(), params.max_length, eval_batch
         )
         t2, c2 = time.perf_counter(), _cpu_seconds()
-    metrics = compute_metrics(probs, test["label"].to_list())
+    metrics = compute_metrics(probs, test["label"].to_list(), data.label_names)
     return {
         "name": name,
         "overrides": overrides,

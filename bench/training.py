@@ -7,6 +7,7 @@ from pathlib import Path
 
 import polars as pl
 
+from stages.common import load_labels
 from stages.train import TrainParams, TrainResult, read_processed, split_train_val, train_model
 
 
@@ -16,18 +17,21 @@ class BenchData:
     train: pl.DataFrame
     val: pl.DataFrame
     test: pl.DataFrame
+    label_names: tuple[str, ...]
 
 
 def load_bench_data(data_dir: Path, params: TrainParams) -> BenchData:
     """`data_dir/{train,test}.parquet`, train split into train/validation as the train stage does."""
     train_file = data_dir / "train.parquet"
+    label_names = load_labels()
     train, val = split_train_val(
-        read_processed(train_file, "train"),
+        read_processed(train_file, "train", label_names),
         params.val_fraction,
         params.seed,
         params.max_train_samples,
     )
-    return BenchData(train_file, train, val, read_processed(data_dir / "test.parquet", "test"))
+    test = read_processed(data_dir / "test.parquet", "test", label_names)
+    return BenchData(train_file, train, val, test, label_names)
 
 
 def train_in(folder: Path, data: BenchData, params: TrainParams) -> tuple[TrainResult, Path]:
@@ -37,6 +41,7 @@ def train_in(folder: Path, data: BenchData, params: TrainParams) -> tuple[TrainR
         data.train,
         data.val,
         params,
+        data.label_names,
         data_path=data.train_file,
         checkpoint_dir=folder / "checkpoints",
         adapter_dir=adapter_dir,

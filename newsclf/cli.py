@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         "predict",
         help="classify texts with the exported ONNX model",
         description="Classify texts (arguments, --file, or stdin one per line) into "
-        "World / Sports / Business / Sci/Tech.",
+        "the classes the exported model was trained on (`labels` in params.yaml).",
     )
     p.add_argument("texts", nargs="*", help="texts to classify (default: read stdin)")
     p.add_argument(

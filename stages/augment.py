@@ -23,7 +23,9 @@ from tqdm import tqdm
 
 from stages.common import (
     StageError,
+    check_contract,
     get_logger,
+    load_labels,
     load_params,
     read_table,
     resolve_base_model,
@@ -402,7 +404,9 @@ def run(
 
 def main() -> None:
     params = load_params("augment")
+    log.info("params %s", params)
     clean = read_table(CLEAN_PATH)
+    check_contract(clean, CLEAN_PATH, load_labels())
     train, test, report = run(clean, read_table(TOKENS_PATH), read_table(ISSUES_PATH), params)
     write_table(train, TRAIN_OUT)
     write_table(test, TEST_OUT)

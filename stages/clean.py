@@ -26,7 +26,9 @@ import polars as pl
 from stages.common import (
     SPLITS,
     StageError,
+    check_contract,
     get_logger,
+    load_labels,
     load_params,
     read_table,
     run_main,
@@ -35,6 +37,8 @@ from stages.common import (
 )
 
 log = get_logger("clean")
+
+INGESTED = "data/interim/ingested.parquet"
 
 URL_MODES = ("remove", "keep", "token")
 URL_PATTERN = r"(?i)\b(?:https?://|www\.)\S+"
@@ -244,7 +248,9 @@ def clean(
 
 def main() -> None:
     params = load_params("clean")
-    df = read_table("data/interim/ingested.parquet")
+    log.info("params %s", params)
+    df = read_table(INGESTED)
+    check_contract(df, INGESTED, load_labels())
     kept, removed, report = clean(df, params["urls"], params["min_chars"], params["max_chars"])
     for rule, count in report["removed_by_rule"].items():
         log.info("%-21s removed %5d rows", rule, count)

@@ -1,4 +1,4 @@
-"""What every stage shares: labels, params, deterministic file I/O, logging and errors.
+"""What every stage shares: the label set, params, the data contract, deterministic file I/O, logging and errors.
 
 Stages run from the repository root as modules (`python -m stages.<name>`), which is what
 `dvc.yaml` does; paths here are relative to that root.
@@ -16,8 +16,6 @@ from typing import Any
 import polars as pl
 import yaml
 
-LABEL_NAMES: tuple[str, ...] = ("World", "Sports", "Business", "Sci/Tech")
-NUM_LABELS = len(LABEL_NAMES)
 PARAMS_FILE = Path("params.yaml")
 
 # The data contract: every table between stages carries at least these columns.
@@ -54,6 +52,56 @@ def load_params(section: str, path: Path = PARAMS_FILE) -> dict[str, Any]:
     if section not in params:
         raise StageError(f"{path}: no `{section}:` section")
     return params[section]
+
+
+def parse_labels(raw: Any, where: str = f"{PARAMS_FILE} labels") -> tuple[str, ...]:
+    """The class names in id order: two or more distinct, non-empty strings."""
+    if not isinstance(raw, list) or not all(isinstance(name, str) for name in raw):
+        raise StageError(f"{where}: expected a list of class names, got {raw!r}")
+    names = tuple(name.strip() for name in raw)
+    if len(names) < 2:
+        raise StageError(f"{where}: {len(names)} class(es); a classifier needs at least two")
+    if any(not name for name in names):
+        raise StageError(f"{where}: an empty class name in {list(raw)}")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise StageError(f"{where}: class name(s) listed twice: {repeated}")
+    return names
+
+
+def load_labels(path: Path = PARAMS_FILE) -> tuple[str, ...]:
+    """The top-level `labels:` of params.yaml (what every stage and the model call the classes)."""
+    if not path.exists():
+        raise StageError(f"{path}: params file not found (run from the repository root)")
+    params = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if "labels" not in params:
+        raise StageError(f"{path}: no top-level `labels:` (the class names in id order)")
+    return parse_labels(params["labels"], f"{path} labels")
+
+
+def check_contract(df: pl.DataFrame, path: str | Path, label_names: tuple[str, ...]) -> None:
+    """The one check of a table between stages: contract columns and types, a label id for one
+    of `label_names` and a text on every row. The error names the file, the row id and the field."""
+    for column, dtype in CONTRACT_SCHEMA.items():
+        if column not in df.columns:
+            raise StageError(f"{path}: missing column `{column}` (found {df.columns})")
+        if df.schema[column] != dtype:
+            raise StageError(f"{path}: column `{column}` is {df.schema[column]}, expected {dtype}")
+    faults = {
+        "label": pl.col("label").is_null() | ~pl.col("label").is_between(0, len(label_names) - 1),
+        "text": pl.col("text").is_null(),
+        "id": pl.col("id").is_null(),
+    }
+    for field, bad in faults.items():
+        rows = df.filter(bad)
+        if rows.height:
+            what = (
+                f"label {rows['label'][0]} is not an id of labels 0-{len(label_names) - 1} "
+                f"{list(label_names)}"
+                if field == "label"
+                else f"{field} is null"
+            )
+            raise StageError(f"{path}: row id={rows['id'][0]}: {what} ({rows.height} such rows)")
 
 
 def require_file(path: str | Path) -> Path:

@@ -9,13 +9,13 @@ module (`metrics/newsclf_metrics`, loaded by local path: nothing is fetched from
 accuracy of a TF-IDF + logistic-regression baseline trained on exactly the rows `train` trained on.
 
 Writes `reports/metrics.json`, `reports/plots/confusion.csv` (one row per test example, for DVC's
-`confusion` template), `reports/plots/roc/<class>.csv` (one-vs-rest ROC curve per class) and
+`confusion` template), `reports/plots/roc.csv` (one-vs-rest ROC curve per class, a `class` column naming it) and
 `reports/errors.csv` (misclassified test rows, most confident first).
 """
 
 from __future__ import annotations
 
-import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +25,13 @@ import torch
 from tqdm import tqdm
 
 from stages.common import (
-    LABEL_NAMES,
-    NUM_LABELS,
     StageError,
     get_logger,
+    load_labels,
     load_params,
     resolve_base_model,
     run_main,
+    write_csv,
     write_json,
 )
 from stages.modeling import (
@@ -54,17 +54,17 @@ TEST_FILE = Path("data/processed/test.parquet")
 METRIC_PATH = Path(__file__).resolve().parents[1] / "metrics" / "newsclf_metrics"
 METRICS_FILE = Path("reports/metrics.json")
 CONFUSION_FILE = Path("reports/plots/confusion.csv")
-ROC_DIR = Path("reports/plots/roc")
+ROC_FILE = Path("reports/plots/roc.csv")
 ERRORS_FILE = Path("reports/errors.csv")
 
 log = get_logger("evaluate")
 
 
-def load_classifier(adapter_dir: Path, base_model: str):
+def load_classifier(adapter_dir: Path, base_model: str, label_names: tuple[str, ...]):
     """The shipped model (adapter merged into a fresh fp32 base) and the adapter's tokenizer."""
     from transformers import AutoTokenizer
 
-    model = load_merged_model(adapter_dir, resolve_base_model(base_model))
+    model = load_merged_model(adapter_dir, resolve_base_model(base_model), label_names)
     if torch.cuda.is_available():
         model = model.to("cuda")
     return model, AutoTokenizer.from_pretrained(str(adapter_dir))
@@ -89,7 +89,7 @@ def predict_proba(
     ids = enc["input_ids"]
     order = np.argsort([len(x) for x in ids], kind="stable")
     device = next(model.parameters()).device
-    probs = np.zeros((len(texts), NUM_LABELS), dtype=np.float64)
+    probs = np.zeros((len(texts), model.config.num_labels), dtype=np.float64)
     mixed = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     with torch.inference_mode(), mixed:
         for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
@@ -107,7 +107,12 @@ def predict_proba(
 
 
 def as_trained_proba(
-    adapter_dir: Path, params: TrainParams, tokenizer, texts: list[str], batch_size: int
+    adapter_dir: Path,
+    params: TrainParams,
+    label_names: tuple[str, ...],
+    tokenizer,
+    texts: list[str],
+    batch_size: int,
 ) -> tuple[str, np.ndarray | None]:
     """The quantization the run trained with, and for a 4-/8-bit base the class probabilities of
     the adapter on that base, in the training precision (None for an unquantized base, whose
@@ -118,7 +123,7 @@ def as_trained_proba(
         return quantization, None
     precision = resolve_precision(params.precision, cuda)
     model = load_as_trained(
-        adapter_dir, resolve_base_model(params.base_model), quantization, precision
+        adapter_dir, resolve_base_model(params.base_model), label_names, quantization, precision
     )
     probs = predict_proba(
         model,
@@ -133,7 +138,11 @@ def as_trained_proba(
 
 
 def baseline_proba(
-    train_texts: list[str], train_labels: list[int], test_texts: list[str], seed: int
+    train_texts: list[str],
+    train_labels: list[int],
+    test_texts: list[str],
+    seed: int,
+    n_labels: int,
 ) -> np.ndarray:
     """TF-IDF (word 1-2 grams) + logistic regression: the yardstick the fine-tuning must beat."""
     from sklearn.feature_extraction.text import TfidfVectorizer
@@ -145,12 +154,17 @@ def baseline_proba(
         LogisticRegression(C=10.0, max_iter=2000, random_state=seed),
     )
     pipeline.fit(train_texts, train_labels)
-    if list(pipeline.classes_) != list(range(NUM_LABELS)):
-        raise StageError(f"baseline: train rows hold labels {pipeline.classes_.tolist()}, not 0-3")
+    if list(pipeline.classes_) != list(range(n_labels)):
+        raise StageError(
+            f"baseline: train rows hold labels {pipeline.classes_.tolist()}, "
+            f"not every id 0-{n_labels - 1}"
+        )
     return pipeline.predict_proba(test_texts)
 
 
-def compute_metrics(probs: np.ndarray, labels: list[int]) -> dict[str, Any]:
+def compute_metrics(
+    probs: np.ndarray, labels: list[int], label_names: tuple[str, ...]
+) -> dict[str, Any]:
     """The project metric module's report for these probabilities (prediction = argmax)."""
     import evaluate
 
@@ -159,7 +173,7 @@ def compute_metrics(probs: np.ndarray, labels: list[int]) -> dict[str, Any]:
         predictions=probs.argmax(axis=1).tolist(),
         references=labels,
         prediction_scores=probs.tolist(),
-        label_names=list(LABEL_NAMES),
+        label_names=list(label_names),
     )
 
 
@@ -198,32 +212,40 @@ def metrics_report(
     return _rounded(report)
 
 
-def confusion_rows(labels: list[int], preds: np.ndarray) -> pl.DataFrame:
+def confusion_rows(
+    labels: list[int], preds: np.ndarray, label_names: tuple[str, ...]
+) -> pl.DataFrame:
     """One row per test example, as DVC's `confusion` template counts them."""
-    names = pl.Series(LABEL_NAMES)
+    names = pl.Series(label_names)
     return pl.DataFrame({"actual": names.gather(labels), "predicted": names.gather(preds.tolist())})
 
 
-def roc_curves(labels: list[int], probs: np.ndarray) -> dict[str, pl.DataFrame]:
-    """One-vs-rest ROC curve per class, keyed by a file-safe class name."""
+def roc_curves(labels: list[int], probs: np.ndarray, label_names: tuple[str, ...]) -> pl.DataFrame:
+    """One-vs-rest ROC curve per class, rows tagged with the class name (a class absent from the
+    test rows, or the only one present, has no curve)."""
     from sklearn.metrics import roc_curve
 
     y = np.asarray(labels)
-    curves = {}
-    for c, name in enumerate(LABEL_NAMES):
+    curves = []
+    for c, name in enumerate(label_names):
         if not 0 < (y == c).sum() < len(y):
             continue
         fpr, tpr, _ = roc_curve(y == c, probs[:, c])
-        slug = re.sub(r"[^a-z0-9]+", "_", name.lower())
-        curves[slug] = pl.DataFrame({"fpr": fpr.round(6), "tpr": tpr.round(6)})
-    return curves
+        curves.append(pl.DataFrame({"class": name, "fpr": fpr.round(6), "tpr": tpr.round(6)}))
+    return (
+        pl.concat(curves)
+        if curves
+        else pl.DataFrame(schema={"class": pl.String, "fpr": pl.Float64, "tpr": pl.Float64})
+    )
 
 
-def error_rows(test_df: pl.DataFrame, probs: np.ndarray) -> pl.DataFrame:
+def error_rows(
+    test_df: pl.DataFrame, probs: np.ndarray, label_names: tuple[str, ...]
+) -> pl.DataFrame:
     """Misclassified rows with true and predicted labels and the model's confidence."""
     preds = probs.argmax(axis=1)
     labels = test_df["label"].to_numpy()
-    names = pl.Series(LABEL_NAMES)
+    names = pl.Series(label_names)
     return (
         test_df.select("id", "text")
         .with_columns(
@@ -238,9 +260,68 @@ def error_rows(test_df: pl.DataFrame, probs: np.ndarray) -> pl.DataFrame:
     )
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """What `evaluate` writes: the metrics report and the tables behind its plots."""
+
+    report: dict[str, Any]
+    confusion: pl.DataFrame
+    roc: pl.DataFrame
+    errors: pl.DataFrame
+    quantization: str
+
+
+def run(
+    test_df: pl.DataFrame,
+    train_rows: pl.DataFrame,
+    train_params: TrainParams,
+    label_names: tuple[str, ...],
+    batch_size: int,
+    adapter_dir: Path = ADAPTER_DIR,
+) -> Evaluation:
+    """Score the adapter in `adapter_dir` (merged, and as trained for a quantized base) and the
+    baseline trained on `train_rows` on the rows of `test_df`."""
+    labels = test_df["label"].to_list()
+    texts = test_df["text"].to_list()
+    max_length = train_params.max_length
+
+    model, tokenizer = load_classifier(adapter_dir, train_params.base_model, label_names)
+    probs = predict_proba(model, tokenizer, texts, max_length, batch_size, desc="merged fp32")
+    model_metrics = compute_metrics(probs, labels, label_names)
+    del model
+
+    quantization, as_trained = as_trained_proba(
+        adapter_dir, train_params, label_names, tokenizer, texts, batch_size
+    )
+    as_trained_metrics = (
+        compute_metrics(as_trained, labels, label_names) if as_trained is not None else None
+    )
+
+    log.info("baseline: TF-IDF + logistic regression on the same %d train rows", train_rows.height)
+    base_probs = baseline_proba(
+        train_rows["text"].to_list(),
+        train_rows["label"].to_list(),
+        texts,
+        train_params.seed,
+        len(label_names),
+    )
+    baseline_metrics = compute_metrics(base_probs, labels, label_names)
+    return Evaluation(
+        report=metrics_report(
+            model_metrics, baseline_metrics, train_rows.height, as_trained_metrics
+        ),
+        confusion=confusion_rows(labels, probs.argmax(axis=1), label_names),
+        roc=roc_curves(labels, probs, label_names),
+        errors=error_rows(test_df, probs, label_names),
+        quantization=quantization,
+    )
+
+
 def main() -> None:
     params = load_params("evaluate")
     train_params = parse_params(load_params("train"))
+    label_names = load_labels()
+    log.info("labels %s; params %s", list(label_names), params)
     batch_size = int(params["batch_size"])
     if batch_size < 1:
         raise StageError(f"params.yaml: evaluate.batch_size={batch_size!r} must be >= 1")
@@ -248,50 +329,27 @@ def main() -> None:
         # One knob for both stages: what is fastest for training is fastest for scoring.
         torch.set_num_threads(train_params.torch_threads)
 
-    test_df = read_processed(TEST_FILE, "test")
-    train_df = read_processed(TRAIN_FILE, "train")
+    test_df = read_processed(TEST_FILE, "test", label_names)
+    train_df = read_processed(TRAIN_FILE, "train", label_names)
     train_rows, _ = split_train_val(
         train_df, train_params.val_fraction, train_params.seed, train_params.max_train_samples
     )
-    labels = test_df["label"].to_list()
-    texts = test_df["text"].to_list()
-    max_length = train_params.max_length
-
-    model, tokenizer = load_classifier(ADAPTER_DIR, train_params.base_model)
-    probs = predict_proba(model, tokenizer, texts, max_length, batch_size, desc="merged fp32")
-    model_metrics = compute_metrics(probs, labels)
-    del model
-
-    quantization, as_trained = as_trained_proba(
-        ADAPTER_DIR, train_params, tokenizer, texts, batch_size
-    )
-    as_trained_metrics = compute_metrics(as_trained, labels) if as_trained is not None else None
-
-    log.info("baseline: TF-IDF + logistic regression on the same %d train rows", train_rows.height)
-    base_probs = baseline_proba(
-        train_rows["text"].to_list(), train_rows["label"].to_list(), texts, train_params.seed
-    )
-    baseline_metrics = compute_metrics(base_probs, labels)
-
-    report = metrics_report(model_metrics, baseline_metrics, train_rows.height, as_trained_metrics)
+    result = run(test_df, train_rows, train_params, label_names, batch_size)
+    report = result.report
     write_json(report, METRICS_FILE)
-    CONFUSION_FILE.parent.mkdir(parents=True, exist_ok=True)
-    confusion_rows(labels, probs.argmax(axis=1)).write_csv(CONFUSION_FILE)
-    ROC_DIR.mkdir(parents=True, exist_ok=True)
-    for slug, curve in roc_curves(labels, probs).items():
-        curve.write_csv(ROC_DIR / f"{slug}.csv")
-    errors = error_rows(test_df, probs)
-    errors.write_csv(ERRORS_FILE)
+    write_csv(result.confusion, CONFUSION_FILE)
+    write_csv(result.roc, ROC_FILE)
+    write_csv(result.errors, ERRORS_FILE)
     log.info(
         "accuracy %.4f (as trained, %s base: %.4f), macro-F1 %.4f on %d test rows; "
         "baseline accuracy %.4f; %d errors in %s",
         report["accuracy"],
-        quantization,
+        result.quantization,
         report["accuracy_as_trained"],
         report["macro_f1"],
         report["n_test"],
         report["baseline_accuracy"],
-        errors.height,
+        result.errors.height,
         ERRORS_FILE,
     )
 

@@ -42,11 +42,10 @@ from tqdm import tqdm
 
 from newsclf.predict import META_FILE, OnnxClassifier
 from stages.common import (
-    LABEL_NAMES,
     StageError,
     get_logger,
+    load_labels,
     load_params,
-    read_table,
     resolve_base_model,
     run_main,
     write_json,
@@ -377,12 +376,13 @@ def write_meta(
     tokenizer: Any,
     max_length: int,
     models: dict[str, str],
+    label_names: Sequence[str],
     int8_parity: dict[str, Any] | None = None,
 ) -> None:
     """`newsclf_onnx.json`: what `newsclf predict` needs to run the folder, and whether the int8
     graph met the parity bound (predict then defaults to fp32 when it did not)."""
     meta: dict[str, Any] = {
-        "labels": list(LABEL_NAMES),
+        "labels": list(label_names),
         "max_length": max_length,
         "pad_id": tokenizer.pad_token_id,
         "inputs": INPUT_NAMES,
@@ -396,6 +396,7 @@ def write_meta(
 def build_export(
     adapter_dir: Path,
     base_model: str,
+    label_names: tuple[str, ...],
     out_dir: Path,
     opset: int,
     max_length: int,
@@ -405,7 +406,7 @@ def build_export(
     the int8 node choice (None without `int8`)."""
     from transformers import AutoTokenizer
 
-    model = load_merged_model(adapter_dir, base_model)
+    model = load_merged_model(adapter_dir, base_model, label_names)
     tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
     if not tokenizer.is_fast:
         raise StageError(f"{adapter_dir}: needs a fast tokenizer (tokenizer.json) for predict")
@@ -426,7 +427,7 @@ def build_export(
         )
     tokenizer.save_pretrained(str(out_dir))
     models = {"fp32": FP32_FILE}
-    write_meta(out_dir, tokenizer, max_length, models)
+    write_meta(out_dir, tokenizer, max_length, models, label_names)
     choice = None
     if int8 is not None:
         # Calibration texts are tokenised as predict tokenises them (truncation included).
@@ -441,7 +442,7 @@ def build_export(
             int8.batch_size,
         )
         models["int8"] = INT8_FILE
-        write_meta(out_dir, tokenizer, max_length, models)
+        write_meta(out_dir, tokenizer, max_length, models, label_names)
     return model, tokenizer, choice
 
 
@@ -456,16 +457,19 @@ def calibration_texts(train: pl.DataFrame, n: int) -> list[str]:
     return parity_texts(train["text"].to_list(), n)
 
 
-def main() -> None:
-    from transformers.utils import logging as hf_logging
-
-    # transformers reports the base's classifier as "newly initialized"; it is replaced by the
-    # adapter's trained head, which load_merged_model verifies, so the report would only mislead.
-    hf_logging.set_verbosity_error()
-    params = load_params("export")
-    train_params = parse_params(load_params("train"))
-    base_model = resolve_base_model(train_params.base_model)
-    max_length = train_params.max_length
+def run(
+    test: pl.DataFrame,
+    train: pl.DataFrame | None,
+    params: dict[str, Any],
+    label_names: tuple[str, ...],
+    base_model: str,
+    max_length: int,
+    adapter_dir: Path = ADAPTER_DIR,
+    out_dir: Path = ONNX_DIR,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Export the adapter in `adapter_dir` merged into its fp32 base to `out_dir` (ONNX fp32, and
+    int8 calibrated on `train` when `params["quantize"]`), check parity and accuracy on `test`.
+    Returns the export report and the speed report (timings, kept apart: they vary per run)."""
     parity = params["parity"]
     batch_size = int(params["batch_size"])
     min_agreement = float(parity["min_int8_agreement"])
@@ -475,15 +479,12 @@ def main() -> None:
             "export.int8_calibration_texts >= 1"
         )
 
-    test = read_table(TEST_TABLE, columns=["id", "label", "text"])
     if test.is_empty():
         raise StageError(f"{TEST_TABLE}: no rows")
-    bad = test.filter(pl.col("text").is_null() | ~pl.col("label").is_between(0, 3))
-    if not bad.is_empty():
-        raise StageError(f"{TEST_TABLE}: row id={bad['id'][0]} has a null text or a label not 0-3")
     int8_plan = None
     if params["quantize"]:
-        train = read_processed(TRAIN_TABLE, "train")
+        if train is None:
+            raise StageError("export.quantize: the int8 model needs train rows to calibrate on")
         int8_plan = Int8Plan(
             calibration_texts(train, int(params["int8_calibration_texts"])),
             min_agreement,
@@ -492,13 +493,13 @@ def main() -> None:
         )
 
     model, tokenizer, int8_choice = build_export(
-        ADAPTER_DIR, base_model, ONNX_DIR, int(params["opset"]), max_length, int8_plan
+        adapter_dir, base_model, label_names, out_dir, int(params["opset"]), max_length, int8_plan
     )
     texts = test["text"].to_list()
     labels = test["label"].to_numpy()
 
-    fp32 = OnnxClassifier(ONNX_DIR, precision="fp32")
-    int8 = OnnxClassifier(ONNX_DIR, precision="int8") if int8_plan else None
+    fp32 = OnnxClassifier(out_dir, precision="fp32")
+    int8 = OnnxClassifier(out_dir, precision="int8") if int8_plan else None
     sample = parity_texts(texts, int(parity["n_texts"]))
     lengths = [len(text) for text in sample]
     log.info("parity on %d test texts of %d-%d chars", len(sample), min(lengths), max(lengths))
@@ -516,10 +517,11 @@ def main() -> None:
     if int8:
         meets = bool(checked["int8_meets_bound"])
         write_meta(
-            ONNX_DIR,
+            out_dir,
             tokenizer,
             max_length,
             {"fp32": FP32_FILE, "int8": INT8_FILE},
+            label_names,
             {
                 "top1_agreement": round(checked["int8_top1_agreement"], 6),
                 "min_agreement": min_agreement,
@@ -536,7 +538,7 @@ def main() -> None:
             )
 
     accuracy = {"n_texts": len(texts)}
-    sizes = {"fp32": file_mb(ONNX_DIR / FP32_FILE)}
+    sizes = {"fp32": file_mb(out_dir / FP32_FILE)}
     runs = [("fp32", fp32)] + ([("int8", int8)] if int8 else [])
     speed = {"batch_size": batch_size, "n_texts": len(texts)}
     for name, classifier in runs:
@@ -545,7 +547,7 @@ def main() -> None:
         speed[f"{name}_texts_per_s"] = round(len(texts) / (time.perf_counter() - start), 1)
         accuracy[f"onnx_{name}"] = round(float((predicted == labels).mean()), 6)
     if int8:
-        sizes["int8"] = file_mb(ONNX_DIR / INT8_FILE)
+        sizes["int8"] = file_mb(out_dir / INT8_FILE)
         accuracy["int8_drop_pt"] = round(100 * (accuracy["onnx_fp32"] - accuracy["onnx_int8"]), 4)
     report: dict[str, Any] = {
         "opset": int(params["opset"]),
@@ -560,10 +562,32 @@ def main() -> None:
     }
     if int8_choice is not None:
         report["int8"] = int8_choice
+    return report, speed
+
+
+def main() -> None:
+    from transformers.utils import logging as hf_logging
+
+    # transformers reports the base's classifier as "newly initialized"; it is replaced by the
+    # adapter's trained head, which load_merged_model verifies, so the report would only mislead.
+    hf_logging.set_verbosity_error()
+    params = load_params("export")
+    train_params = parse_params(load_params("train"))
+    label_names = load_labels()
+    log.info("labels %s; params %s", list(label_names), params)
+    test = read_processed(TEST_TABLE, "test", label_names)
+    train = read_processed(TRAIN_TABLE, "train", label_names) if params["quantize"] else None
+    report, speed = run(
+        test,
+        train,
+        params,
+        label_names,
+        resolve_base_model(train_params.base_model),
+        train_params.max_length,
+    )
     write_json(report, REPORT)
-    # Timings vary from run to run: kept apart, so export.json stays reproducible.
     write_json(speed, SPEED_REPORT)
-    log.info("accuracy %s, sizes (MB) %s, speed %s", accuracy, sizes, speed)
+    log.info("accuracy %s, sizes (MB) %s, speed %s", report["accuracy"], report["size_mb"], speed)
 
 
 if __name__ == "__main__":

@@ -25,10 +25,10 @@ from sklearn.model_selection import StratifiedKFold
 from tqdm import tqdm
 
 from stages.common import (
-    LABEL_NAMES,
-    NUM_LABELS,
     StageError,
+    check_contract,
     get_logger,
+    load_labels,
     load_params,
     read_table,
     resolve_base_model,
@@ -61,6 +61,9 @@ EMBEDDING_C = 1.0
 KNN_K = 25
 KNN_TEMPERATURE = 0.1  # cosine similarities of MiniLM embeddings are close together: sharpen them
 KNN_PRIOR = 0.01  # pseudo-count per class (the nearest neighbour weighs 1): no probability is 0
+# Memory for one chunk of k-NN similarities: bounds the stage's RSS at 120k rows and beyond, and is
+# above what a fold of the real data (1.2k x 4.7k) needs, so it is scored in one chunk as before.
+KNN_CHUNK_BYTES = 512 * 2**20
 EMBED_MAX_LENGTH = 128  # word pieces; AG News title + description fits in this for ~99% of rows
 EMBED_BATCH = 64
 TOP_SUSPECTS = 30
@@ -85,7 +88,7 @@ def check_params(params: dict) -> None:
         raise StageError(f"label_issues.relabel_min_confidence must be in [0, 1], got {threshold}")
 
 
-def validate_train(labels: np.ndarray, folds: int) -> None:
+def validate_train(labels: np.ndarray, folds: int, label_names: tuple[str, ...]) -> None:
     """Refuse inputs on which K-fold out-of-fold probabilities are undefined, saying why."""
     if folds < 2:
         raise StageError(f"label_issues.folds must be at least 2, got {folds}")
@@ -93,17 +96,17 @@ def validate_train(labels: np.ndarray, folds: int) -> None:
         raise StageError(
             f"{CLEAN_PATH}: {len(labels)} train rows is fewer than label_issues.folds={folds}"
         )
-    counts = np.bincount(labels, minlength=NUM_LABELS)
+    counts = np.bincount(labels, minlength=len(label_names))
     for cls, count in enumerate(counts):
         if count == 0:
             raise StageError(
-                f"{CLEAN_PATH}: class {cls} ({LABEL_NAMES[cls]}) has no train rows; every class "
+                f"{CLEAN_PATH}: class {cls} ({label_names[cls]}) has no train rows; every class "
                 "must be present to estimate label noise"
             )
         if count == 1:
             # A single row is in its own held-out fold, so no fold could learn its class.
             raise StageError(
-                f"{CLEAN_PATH}: class {cls} ({LABEL_NAMES[cls]}) has a single train row; "
+                f"{CLEAN_PATH}: class {cls} ({label_names[cls]}) has a single train row; "
                 "out-of-fold probabilities need at least 2 rows per class"
             )
 
@@ -142,25 +145,43 @@ def embed_texts(
     return out
 
 
-def _lr_proba(x_train, y_train: np.ndarray, x_test, c: float) -> np.ndarray:
+def _lr_proba(x_train, y_train: np.ndarray, x_test, c: float, n_labels: int) -> np.ndarray:
     """Logistic-regression probabilities over all classes, even one a training fold lacks."""
     model = LogisticRegression(C=c, max_iter=1000).fit(x_train, y_train)
-    proba = np.zeros((x_test.shape[0], NUM_LABELS))
+    proba = np.zeros((x_test.shape[0], n_labels))
     proba[:, model.classes_] = model.predict_proba(x_test)
     return proba
 
 
-def _knn_proba(e_train: np.ndarray, y_train: np.ndarray, e_test: np.ndarray) -> np.ndarray:
-    """Similarity-weighted vote of the K nearest training rows (cosine on normalised embeddings)."""
+def _knn_proba(
+    e_train: np.ndarray,
+    y_train: np.ndarray,
+    e_test: np.ndarray,
+    n_labels: int,
+    chunk_bytes: int = KNN_CHUNK_BYTES,
+) -> np.ndarray:
+    """Similarity-weighted vote of the K nearest training rows (cosine on normalised embeddings).
+
+    The test rows are scored in chunks whose similarity matrix (and its float and index
+    partitions) stays within about `chunk_bytes`: a full fold at 120k rows would need 24k x 96k
+    similarities plus their int64 ranks, ~28 GB. Each row's vote depends on its own row only, so
+    the chunking changes no value.
+    """
     k = min(KNN_K, len(y_train))
-    sims = e_test @ e_train.T
-    top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-    top_sims = np.take_along_axis(sims, top, axis=1)
-    # Weights relative to each row's nearest neighbour, so the prior means the same for every row.
-    weights = np.exp((top_sims - top_sims.max(axis=1, keepdims=True)) / KNN_TEMPERATURE)
-    votes = np.full((len(e_test), NUM_LABELS), KNN_PRIOR)
-    for cls in range(NUM_LABELS):
-        votes[:, cls] += (weights * (y_train[top] == cls)).sum(axis=1)
+    votes = np.full((len(e_test), n_labels), KNN_PRIOR)
+    # Per test row: float32 similarities + int64 argpartition + float32 copy of the top K.
+    rows_per_chunk = max(1, chunk_bytes // (len(e_train) * 16))
+    for start in range(0, len(e_test), rows_per_chunk):
+        stop = start + rows_per_chunk
+        sims = e_test[start:stop] @ e_train.T
+        top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        top_sims = np.take_along_axis(sims, top, axis=1)
+        del sims
+        # Weights relative to each row's nearest neighbour, so the prior means the same for every row.
+        weights = np.exp((top_sims - top_sims.max(axis=1, keepdims=True)) / KNN_TEMPERATURE)
+        top_labels = y_train[top]
+        for cls in range(n_labels):
+            votes[start:stop, cls] += (weights * (top_labels == cls)).sum(axis=1)
     return votes / votes.sum(axis=1, keepdims=True)
 
 
@@ -171,10 +192,12 @@ def out_of_fold_probs(
     models: list[str],
     folds: int,
     seed: int,
+    label_names: tuple[str, ...],
 ) -> np.ndarray:
     """Average of each model's out-of-fold class probabilities: no row is scored by a model that
     was trained on it."""
-    validate_train(labels, folds)
+    validate_train(labels, folds, label_names)
+    n_labels = len(label_names)
     check_params({"models": models})
     if any(m.startswith("embedding") for m in models) and embeddings is None:
         raise StageError("label_issues: an embedding model is selected but no embeddings given")
@@ -184,7 +207,7 @@ def out_of_fold_probs(
         if "tfidf_lr" in models
         else None
     )
-    probs = {m: np.zeros((len(labels), NUM_LABELS)) for m in models}
+    probs = {m: np.zeros((len(labels), n_labels)) for m in models}
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     # StratifiedKFold warns when a class has fewer rows than folds; it still works (validated).
     split = list(splitter.split(np.zeros(len(labels)), labels))
@@ -192,15 +215,15 @@ def out_of_fold_probs(
         y_train = labels[train_idx]
         if x_words is not None:
             probs["tfidf_lr"][test_idx] = _lr_proba(
-                x_words[train_idx], y_train, x_words[test_idx], TFIDF_C
+                x_words[train_idx], y_train, x_words[test_idx], TFIDF_C, n_labels
             )
         if "embedding_lr" in models:
             probs["embedding_lr"][test_idx] = _lr_proba(
-                embeddings[train_idx], y_train, embeddings[test_idx], EMBEDDING_C
+                embeddings[train_idx], y_train, embeddings[test_idx], EMBEDDING_C, n_labels
             )
         if "embedding_knn" in models:
             probs["embedding_knn"][test_idx] = _knn_proba(
-                embeddings[train_idx], y_train, embeddings[test_idx]
+                embeddings[train_idx], y_train, embeddings[test_idx], n_labels
             )
     return np.mean([probs[m] for m in models], axis=0)
 
@@ -260,31 +283,34 @@ def score_issues(
     )
 
 
-def noise_matrix(labels: np.ndarray, probs: np.ndarray) -> dict[str, dict[str, float]]:
+def noise_matrix(
+    labels: np.ndarray, probs: np.ndarray, label_names: tuple[str, ...]
+) -> dict[str, dict[str, float]]:
     """cleanlab's estimate of P(given label | true label), as {true: {given: p}}."""
     joint = compute_confident_joint(labels, probs)
     _, matrix, _ = estimate_latent(joint, labels)
     return {
-        LABEL_NAMES[true]: {
-            LABEL_NAMES[given]: round(float(matrix[given, true]), 4) for given in range(NUM_LABELS)
+        true_name: {
+            given_name: round(float(matrix[given, true]), 4)
+            for given, given_name in enumerate(label_names)
         }
-        for true in range(NUM_LABELS)
+        for true, true_name in enumerate(label_names)
     }
 
 
-def build_report(table: pl.DataFrame, settings: dict) -> dict:
+def build_report(table: pl.DataFrame, settings: dict, label_names: tuple[str, ...]) -> dict:
     """The numbers of `reports/label_issues.json`: counts overall and per given class."""
     counts = table["action"].value_counts().to_dict(as_series=False)
     by_action = dict(zip(counts["action"], counts["count"], strict=True))
     per_class = {}
-    for cls, name in enumerate(LABEL_NAMES):
+    for cls, name in enumerate(label_names):
         rows = table.filter(pl.col("label") == cls)
         per_class[name] = {
             "rows": rows.height,
             "flagged": int(rows["is_label_issue"].sum()),
             "suggested_to": {
-                LABEL_NAMES[s]: int(((rows["suggested_label"] == s) & rows["is_label_issue"]).sum())
-                for s in range(NUM_LABELS)
+                other: int(((rows["suggested_label"] == s) & rows["is_label_issue"]).sum())
+                for s, other in enumerate(label_names)
                 if s != cls
             },
         }
@@ -299,7 +325,9 @@ def build_report(table: pl.DataFrame, settings: dict) -> dict:
     }
 
 
-def render_markdown(table: pl.DataFrame, report: dict, top: int = TOP_SUSPECTS) -> str:
+def render_markdown(
+    table: pl.DataFrame, report: dict, label_names: tuple[str, ...], top: int = TOP_SUSPECTS
+) -> str:
     """The top suspects as a table a person can review, most suspect first."""
     lines = [
         "# Label issues: top suspects",
@@ -316,8 +344,8 @@ def render_markdown(table: pl.DataFrame, report: dict, top: int = TOP_SUSPECTS) 
         text = row["text"] if len(row["text"]) <= 160 else row["text"][:157] + "..."
         text = text.replace("|", "\\|")
         lines.append(
-            f"| {row['rank']} | {row['id']} | {LABEL_NAMES[row['label']]} | "
-            f"{LABEL_NAMES[row['suggested_label']]} ({row['suggested_confidence']:.2f}) | "
+            f"| {row['rank']} | {row['id']} | {label_names[row['label']]} | "
+            f"{label_names[row['suggested_label']]} ({row['suggested_confidence']:.2f}) | "
             f"{row['label_quality']:.3f} | {'yes' if row['is_label_issue'] else 'no'} | "
             f"{row['action']} | {text} |"
         )
@@ -327,6 +355,7 @@ def render_markdown(table: pl.DataFrame, report: dict, top: int = TOP_SUSPECTS) 
 def detect(
     clean: pl.DataFrame,
     params: dict,
+    label_names: tuple[str, ...],
     embeddings: np.ndarray | None = None,
 ) -> tuple[pl.DataFrame, dict]:
     """Score the train rows of `clean`; returns the ranked table and the report.
@@ -335,15 +364,10 @@ def detect(
     them, such as the bench; otherwise they are computed when an embedding model is selected.
     """
     check_params(params)
-    missing = {"id", "split", "label", "text"} - set(clean.columns)
-    if missing:
-        raise StageError(f"{CLEAN_PATH}: missing column(s) {sorted(missing)}")
+    check_contract(clean, CLEAN_PATH, label_names)
     train = clean.filter(pl.col("split") == "train")
     labels = train["label"].to_numpy()
-    bad = train.filter(~pl.col("label").is_between(0, NUM_LABELS - 1))
-    if bad.height:
-        raise StageError(f"{CLEAN_PATH}: id {bad['id'][0]}: label {bad['label'][0]} not in 0-3")
-    validate_train(labels, int(params["folds"]))
+    validate_train(labels, int(params["folds"]), label_names)
     models = list(params["models"])
     texts = train["text"].to_list()
     if embeddings is None and any(m.startswith("embedding") for m in models):
@@ -358,7 +382,7 @@ def detect(
             texts, resolve_base_model(params["embedding_model"]), precision=precision
         )
     probs = out_of_fold_probs(
-        texts, labels, embeddings, models, int(params["folds"]), int(params["seed"])
+        texts, labels, embeddings, models, int(params["folds"]), int(params["seed"]), label_names
     )
     table = score_issues(
         train,
@@ -375,18 +399,20 @@ def detect(
         "relabel_min_confidence": float(params["relabel_min_confidence"]),
         "oof_accuracy": round(float((probs.argmax(axis=1) == labels).mean()), 4),
     }
-    report = build_report(table, settings)
-    report["noise_matrix_given_by_true"] = noise_matrix(labels, probs)
+    report = build_report(table, settings, label_names)
+    report["noise_matrix_given_by_true"] = noise_matrix(labels, probs, label_names)
     return table, report
 
 
 def main() -> None:
     params = load_params("label_issues")
+    label_names = load_labels()
+    log.info("labels %s; params %s", list(label_names), params)
     clean = read_table(CLEAN_PATH)
-    table, report = detect(clean, params)
+    table, report = detect(clean, params, label_names)
     write_table(table, OUT_PATH)
     write_json(report, REPORT_JSON)
-    Path(REPORT_MD).write_text(render_markdown(table, report), encoding="utf-8")
+    Path(REPORT_MD).write_text(render_markdown(table, report, label_names), encoding="utf-8")
     log.info(
         "%d train rows scored, %d flagged, %d dropped, %d relabelled",
         report["rows_scored"],

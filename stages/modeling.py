@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from stages.common import LABEL_NAMES, NUM_LABELS, StageError, get_logger
+from stages.common import StageError, get_logger
 
 QUANTIZATION_MODES = ("auto", "none", "4bit", "8bit")
 PRECISION_MODES = ("auto", "fp32", "bf16")
@@ -123,16 +123,18 @@ def unquantized_linears(
     return sorted(kept)
 
 
-def label_kwargs() -> dict[str, Any]:
+def label_kwargs(label_names: Sequence[str]) -> dict[str, Any]:
+    """The model config's classes: a head of len(label_names) outputs, named in id order."""
     return {
-        "num_labels": NUM_LABELS,
-        "id2label": dict(enumerate(LABEL_NAMES)),
-        "label2id": {name: i for i, name in enumerate(LABEL_NAMES)},
+        "num_labels": len(label_names),
+        "id2label": dict(enumerate(label_names)),
+        "label2id": {name: i for i, name in enumerate(label_names)},
     }
 
 
 def quantization_kwargs(
     base_path: str,
+    label_names: Sequence[str],
     quantization: str,
     precision: str,
     modules_to_save: Sequence[str],
@@ -144,7 +146,7 @@ def quantization_kwargs(
     from transformers import AutoConfig, AutoModelForSequenceClassification, BitsAndBytesConfig
 
     # The architecture without weights (meta device) tells the modules' full names.
-    config = AutoConfig.from_pretrained(base_path, **label_kwargs())
+    config = AutoConfig.from_pretrained(base_path, **label_kwargs(label_names))
     with torch.device("meta"):
         skeleton = AutoModelForSequenceClassification.from_config(config)
     skip = unquantized_linears(skeleton, [HEAD, *modules_to_save], strict)
@@ -182,6 +184,7 @@ def keep_4bit_layout(model: torch.nn.Module) -> torch.nn.Module:
 
 def load_base_model(
     base_path: str,
+    label_names: Sequence[str],
     quantization: str = "none",
     precision: str = "fp32",
     modules_to_save: Sequence[str] = (),
@@ -190,17 +193,24 @@ def load_base_model(
     """The base sequence classifier, 4-/8-bit quantized through bitsandbytes when asked."""
     from transformers import AutoModelForSequenceClassification
 
-    kwargs = label_kwargs()
+    kwargs = label_kwargs(label_names)
     if quantization == "8bit":
         # bitsandbytes logs "inputs will be cast ... to float16" on every forward of every 8-bit
         # layer: the cast is how its int8 kernels work, and the line would flood the stage's log.
         logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     if quantization in KBIT:
-        kwargs |= quantization_kwargs(base_path, quantization, precision, modules_to_save, strict)
+        kwargs |= quantization_kwargs(
+            base_path, label_names, quantization, precision, modules_to_save, strict
+        )
     else:
         kwargs["dtype"] = torch.float32
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(base_path, **kwargs)
+        # A base that ships a classification head for another number of classes gets a fresh one
+        # for `label_names`: the head is always trained in full (HEAD in modules_to_save), and
+        # evaluate/export check that the adapter's trained head is what they load.
+        model = AutoModelForSequenceClassification.from_pretrained(
+            base_path, ignore_mismatched_sizes=True, **kwargs
+        )
     except OSError as err:
         raise StageError(f"train.base_model: cannot load {base_path!r}: {err}") from err
     return keep_4bit_layout(model) if quantization == "4bit" else model
@@ -216,7 +226,11 @@ def _require_adapter(adapter_dir: Path) -> Path:
 
 
 def load_as_trained(
-    adapter_dir: Path, base_path: str, quantization: str, precision: str
+    adapter_dir: Path,
+    base_path: str,
+    label_names: Sequence[str],
+    quantization: str,
+    precision: str,
 ) -> torch.nn.Module:
     """The adapter on the base it was trained on (quantized for QLoRA), unmerged, in eval mode."""
     from peft import PeftConfig, PeftModel
@@ -224,7 +238,9 @@ def load_as_trained(
     _require_adapter(adapter_dir)
     # The modules the adapter trained in full must load unquantized, as they were in training.
     trained_in_full = PeftConfig.from_pretrained(str(adapter_dir)).modules_to_save or []
-    base = load_base_model(base_path, quantization, precision, trained_in_full, strict=False)
+    base = load_base_model(
+        base_path, label_names, quantization, precision, trained_in_full, strict=False
+    )
     try:
         model = PeftModel.from_pretrained(base, str(adapter_dir))
     except (KeyError, ValueError, RuntimeError) as err:
@@ -232,7 +248,9 @@ def load_as_trained(
     return model.eval()
 
 
-def load_merged_model(adapter_dir: Path, base_path: str) -> torch.nn.Module:
+def load_merged_model(
+    adapter_dir: Path, base_path: str, label_names: Sequence[str]
+) -> torch.nn.Module:
     """A fresh fp32 base with the adapter merged in, in eval mode: the model export ships.
 
     Always fp32, whatever the training used: merging into a 4-bit base would round the merged
@@ -248,7 +266,7 @@ def load_merged_model(adapter_dir: Path, base_path: str) -> torch.nn.Module:
         head = {k: weights.get_tensor(k) for k in weights.keys() if "lora_" not in k}  # noqa: SIM118
     if not head:
         raise StageError(f"{weights_file}: holds no classification-head weights")
-    base = load_base_model(base_path)
+    base = load_base_model(base_path, label_names)
     try:
         merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     except (KeyError, ValueError, RuntimeError) as err:

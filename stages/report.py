@@ -30,10 +30,10 @@ import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
 from stages.common import (  # noqa: E402
-    LABEL_NAMES,
     SPLITS,
     StageError,
     get_logger,
+    load_labels,
     load_params,
     read_table,
     require_file,
@@ -127,26 +127,26 @@ def funnel(reports: dict[str, dict[str, Any]]) -> list[FunnelStep]:
     ]
 
 
-def class_balance(tables: dict[str, pl.DataFrame]) -> pl.DataFrame:
+def class_balance(tables: dict[str, pl.DataFrame], label_names: Sequence[str]) -> pl.DataFrame:
     """Rows per class and split of the processed tables (what train and evaluate read)."""
     counts = {
         split: tables[split].group_by("label").len().sort("label")
         for split in SPLITS
         if split in tables
     }
-    frame = pl.DataFrame({"label": list(range(len(LABEL_NAMES)))})
+    frame = pl.DataFrame({"label": list(range(len(label_names)))})
     for split, count in counts.items():
         frame = frame.join(count.rename({"len": split}), on="label", how="left")
     return (
         frame.fill_null(0)
-        .with_columns(pl.col("label").replace_strict(dict(enumerate(LABEL_NAMES))).alias("class"))
+        .with_columns(pl.col("label").replace_strict(dict(enumerate(label_names))).alias("class"))
         .select("class", *counts)
     )
 
 
-def top_suspects(issues: pl.DataFrame, n: int) -> pl.DataFrame:
+def top_suspects(issues: pl.DataFrame, n: int, label_names: Sequence[str]) -> pl.DataFrame:
     """The `n` train rows cleanlab ranks most likely mislabelled, with the suggested class."""
-    names = dict(enumerate(LABEL_NAMES))
+    names = dict(enumerate(label_names))
     return (
         issues.filter(pl.col("is_label_issue"))
         .sort("rank")
@@ -163,14 +163,14 @@ def top_suspects(issues: pl.DataFrame, n: int) -> pl.DataFrame:
     )
 
 
-def confusion_matrix(confusion: pl.DataFrame) -> np.ndarray:
+def confusion_matrix(confusion: pl.DataFrame, label_names: Sequence[str]) -> np.ndarray:
     """Counts [true, predicted] from the evaluate stage's `actual,predicted` rows."""
-    index = {name: i for i, name in enumerate(LABEL_NAMES)}
+    index = {name: i for i, name in enumerate(label_names)}
     unknown = set(confusion["actual"]) | set(confusion["predicted"])
     unknown -= set(index)
     if unknown:
         raise StageError(f"{CONFUSION}: unknown class names {sorted(unknown)}")
-    matrix = np.zeros((len(LABEL_NAMES), len(LABEL_NAMES)), dtype=np.int64)
+    matrix = np.zeros((len(label_names), len(label_names)), dtype=np.int64)
     for actual, predicted in confusion.select("actual", "predicted").iter_rows():
         matrix[index[actual], index[predicted]] += 1
     return matrix
@@ -264,13 +264,15 @@ def training_chart(curves: dict[str, pl.DataFrame]) -> str:
     return png_data_uri(fig)
 
 
-def confusion_chart(matrix: np.ndarray) -> str:
-    fig, ax = plt.subplots(figsize=(4.8, 4))
+def confusion_chart(matrix: np.ndarray, label_names: Sequence[str]) -> str:
+    # Four classes fit the default size; more classes widen the chart so their names stay legible.
+    extra = 0.5 * max(0, len(label_names) - 4)
+    fig, ax = plt.subplots(figsize=(4.8 + extra, 4 + extra))
     image = ax.imshow(matrix, cmap="Blues")
     fig.colorbar(image, ax=ax, fraction=0.046)
-    ticks = range(len(LABEL_NAMES))
-    ax.set_xticks(ticks, LABEL_NAMES, rotation=30)
-    ax.set_yticks(ticks, LABEL_NAMES)
+    ticks = range(len(label_names))
+    ax.set_xticks(ticks, label_names, rotation=30)
+    ax.set_yticks(ticks, label_names)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     threshold = matrix.max() / 2 if matrix.size else 0
@@ -332,6 +334,7 @@ def render_html(
     suspects: pl.DataFrame,
     curves: dict[str, pl.DataFrame],
     matrix: np.ndarray,
+    label_names: Sequence[str],
 ) -> str:
     """The whole page; every chart inline, every text from the data HTML-escaped."""
     metrics, export, speed = reports["metrics"], reports["export"], reports["export_speed"]
@@ -429,7 +432,7 @@ def render_html(
         section("Training curves", image(training_chart(curves), "loss and validation scores")),
         section(
             "Test results",
-            image(confusion_chart(matrix), "confusion matrix"),
+            image(confusion_chart(matrix, label_names), "confusion matrix"),
             html_table(
                 ("class", "precision", "recall", "F1", "ROC AUC", "support"),
                 [
@@ -495,17 +498,20 @@ def render_html(
 
 def main() -> None:
     params = load_params("report")
+    label_names = load_labels()
+    log.info("labels %s; params %s", list(label_names), params)
     reports = {name: read_json(path) for name, path in JSON_INPUTS.items()}
     tables = {split: read_table(path, columns=["label"]) for split, path in PROCESSED.items()}
     issues = read_table(LABEL_ISSUES)
     page = render_html(
         reports,
         funnel(reports),
-        class_balance(tables),
+        class_balance(tables, label_names),
         read_csv(TOKEN_LENGTHS),
-        top_suspects(issues, int(params["top_suspects"])),
+        top_suspects(issues, int(params["top_suspects"]), label_names),
         read_curves(TRAIN_CURVES),
-        confusion_matrix(read_csv(CONFUSION)),
+        confusion_matrix(read_csv(CONFUSION), label_names),
+        label_names,
     )
     OUT_FILE.write_text(page, encoding="utf-8")
     log.info("wrote %s (%.0f kB)", OUT_FILE, len(page.encode()) / 1024)

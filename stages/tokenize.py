@@ -238,6 +238,7 @@ def main() -> None:
     import pyarrow.parquet as pq
 
     params = load_params("tokenize")
+    log.info("params %s", params)
     source = pq.ParquetFile(require_file("data/interim/clean.parquet"))
     batches = source.iter_batches(batch_size=params["batch_size"], columns=["id", "split", "text"])
     stats = TokenStats()

@@ -15,7 +15,8 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from stages.common import LABEL_NAMES, PACKAGED_BASE_MODEL, resolve_base_model
+    from stages.common import PACKAGED_BASE_MODEL, resolve_base_model
+    from tests.pipeline_fixture import AG_NEWS_LABELS
 
     out = tmp_path_factory.mktemp("tiny_bert")
     tokenizer = AutoTokenizer.from_pretrained(resolve_base_model(PACKAGED_BASE_MODEL))
@@ -26,7 +27,7 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         num_attention_heads=2,
         intermediate_size=64,
         max_position_embeddings=128,
-        num_labels=len(LABEL_NAMES),
+        num_labels=len(AG_NEWS_LABELS),
     )
     torch.manual_seed(0)
     BertForSequenceClassification(config).save_pretrained(out, safe_serialization=True)

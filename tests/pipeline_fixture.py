@@ -35,6 +35,9 @@ TEST_CSV = (
     '"1","Talks resume","Negotiators met on Monday in Geneva to resume talks."\n'
     '"2","Cup final tonight","Fans gather for the final match of the season."\n'
 )
+# The class names of AG News, as params.yaml gives them (the tests' own copy: a test of the AG News
+# layout must not change when a user sets other labels).
+AG_NEWS_LABELS: tuple[str, ...] = ("World", "Sports", "Business", "Sci/Tech")
 # Class-specific words, so that even a tiny model can learn something from a few dozen rows.
 TOPIC_WORDS = (
     ("election", "minister", "parliament", "treaty", "embassy", "rebels"),
@@ -103,6 +106,8 @@ def make_project(root: Path) -> Path:
     )
     git(root, "init", "-q", "-b", "main")
     assert dvc(root, "init", "-q").returncode == 0
+    # The custom plot templates dvc.yaml names (`dvc init` makes an empty .dvc/).
+    shutil.copytree(REPO_ROOT / ".dvc" / "plots", root / ".dvc" / "plots")
     commit_all(root, "pipeline and raw fixture")
     return root
 

@@ -291,7 +291,10 @@ def test_main_writes_outputs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_bert_dir: Path
 ) -> None:
     clean, tokens = frames()
-    params = {"augment": {**PARAMS, "synonym_model": str(tiny_bert_dir)}}
+    params = {
+        "labels": ["World", "Sports", "Business", "Sci/Tech"],
+        "augment": {**PARAMS, "synonym_model": str(tiny_bert_dir)},
+    }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     interim = tmp_path / "data" / "interim"
     interim.mkdir(parents=True)

@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 import yaml
 
-from stages.common import LABEL_NAMES, StageError
+from stages.common import StageError
 from stages.evaluate import (
     METRIC_PATH,
     baseline_proba,
@@ -19,6 +19,7 @@ from stages.evaluate import (
     predict_proba,
     roc_curves,
 )
+from tests.pipeline_fixture import AG_NEWS_LABELS as LABEL_NAMES
 
 # Six examples, three classes; every number below is worked out by hand in the comments.
 REFS = [0, 0, 1, 1, 2, 2]
@@ -87,19 +88,19 @@ def test_predict_proba_sorted_batches_match_one_by_one_in_input_order(tiny_bert_
 
 def test_baseline_learns_the_topics_and_needs_every_label(news_rows):
     train, test = news_rows(10), news_rows(3, split="test")
-    probs = baseline_proba(train["text"].to_list(), train["label"].to_list(), test["text"], 0)
+    probs = baseline_proba(train["text"].to_list(), train["label"].to_list(), test["text"], 0, 4)
     assert (probs.argmax(axis=1) == test["label"].to_numpy()).mean() == 1.0
     three = train.filter(pl.col("label") < 3)
-    with pytest.raises(StageError, match="labels \\[0, 1, 2\\]"):
-        baseline_proba(three["text"].to_list(), three["label"].to_list(), ["x"], 0)
+    with pytest.raises(StageError, match="labels \\[0, 1, 2\\], not every id 0-3"):
+        baseline_proba(three["text"].to_list(), three["label"].to_list(), ["x"], 0, 4)
 
 
 def test_report_tables():
     test = pl.DataFrame({"id": ["t1", "t2", "t3"], "label": [0, 1, 3], "text": ["a", "b", "c"]})
     probs = np.array([[0.9, 0.1, 0, 0], [0.6, 0.3, 0.1, 0], [0.1, 0.1, 0.7, 0.1]])
-    conf = confusion_rows(test["label"].to_list(), probs.argmax(axis=1))
+    conf = confusion_rows(test["label"].to_list(), probs.argmax(axis=1), LABEL_NAMES)
     assert conf.rows() == [("World", "World"), ("Sports", "World"), ("Sci/Tech", "Business")]
-    errors = error_rows(test, probs)
+    errors = error_rows(test, probs, LABEL_NAMES)
     # Most confident mistake first.
     assert errors["id"].to_list() == ["t3", "t2"]
     assert errors.row(0, named=True) == {
@@ -110,10 +111,10 @@ def test_report_tables():
         "p_label": 0.1,
         "text": "c",
     }
-    curves = roc_curves(test["label"].to_list(), probs)
+    curves = roc_curves(test["label"].to_list(), probs, LABEL_NAMES)
     # Business never occurs in this tiny test: no curve for it.
-    assert set(curves) == {"world", "sports", "sci_tech"}
-    assert curves["world"]["tpr"].to_list()[-1] == 1.0
+    assert curves["class"].unique(maintain_order=True).to_list() == ["World", "Sports", "Sci/Tech"]
+    assert curves.filter(pl.col("class") == "World")["tpr"].to_list()[-1] == 1.0
 
 
 @pytest.mark.parametrize("quantization", ["none", "4bit"])
@@ -126,6 +127,7 @@ def test_train_then_evaluate_end_to_end(
     from stages import train as train_stage
 
     params = {
+        "labels": list(LABEL_NAMES),
         "train": {
             "launcher": "python",
             "base_model": str(tiny_bert_dir),
@@ -181,12 +183,9 @@ def test_train_then_evaluate_end_to_end(
     assert pl.read_csv("reports/plots/confusion.csv").height == 16
     errors = pl.read_csv("reports/errors.csv")
     assert errors.height == round((1 - report["accuracy"]) * 16)
-    assert sorted(p.name for p in Path("reports/plots/roc").iterdir()) == [
-        "business.csv",
-        "sci_tech.csv",
-        "sports.csv",
-        "world.csv",
-    ]
+    roc = pl.read_csv("reports/plots/roc.csv")
+    assert roc.columns == ["class", "fpr", "tpr"]
+    assert set(roc["class"]) == set(LABEL_NAMES)
     first = Path("reports/metrics.json").read_bytes()
     evaluate_stage.main()
     assert Path("reports/metrics.json").read_bytes() == first
@@ -196,4 +195,4 @@ def test_evaluate_names_a_missing_adapter(tmp_path):
     from stages.evaluate import load_classifier
 
     with pytest.raises(StageError, match="no adapter_config.json \\+ adapter_model.safetensors"):
-        load_classifier(tmp_path, "unused")
+        load_classifier(tmp_path, "unused", LABEL_NAMES)

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from newsclf.predict import META_FILE, OnnxClassifier
-from stages.common import LABEL_NAMES, StageError
+from stages.common import StageError
 from stages.export import (
     FP32_FILE,
     INT8_FILE,
@@ -26,6 +26,7 @@ from stages.export import (
 )
 from stages.modeling import load_merged_model
 from tests.lora_fixture import make_adapter
+from tests.pipeline_fixture import AG_NEWS_LABELS as LABEL_NAMES
 
 MAX_LENGTH = 32
 TEXTS = [
@@ -49,7 +50,7 @@ def exported(adapter_dir: Path, tiny_bert_dir: Path, tmp_path_factory: pytest.Te
     # Agreement 0 is met with every node quantised: this fixture checks the int8 mechanics.
     int8 = Int8Plan(TEXTS * 4, min_agreement=0.0, max_fp32_nodes=4, batch_size=4)
     model, tokenizer, choice = build_export(
-        adapter_dir, str(tiny_bert_dir), out, 17, MAX_LENGTH, int8
+        adapter_dir, str(tiny_bert_dir), LABEL_NAMES, out, 17, MAX_LENGTH, int8
     )
     assert choice is not None and choice["kept_fp32"] == []
     return out, model, tokenizer
@@ -59,7 +60,7 @@ def test_merge_changes_the_base_weights(adapter_dir: Path, tiny_bert_dir: Path) 
     from transformers import AutoModelForSequenceClassification
 
     base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir).state_dict()
-    merged = load_merged_model(adapter_dir, str(tiny_bert_dir)).state_dict()
+    merged = load_merged_model(adapter_dir, str(tiny_bert_dir), LABEL_NAMES).state_dict()
     name = "bert.encoder.layer.0.attention.self.query.weight"
     assert not torch.equal(base[name], merged[name])  # LoRA delta merged in
     key = "bert.encoder.layer.0.attention.self.key.weight"
@@ -113,10 +114,16 @@ def test_predict_tokenizer_matches_transformers_truncation(exported) -> None:
 def test_parity_failure_fails_the_stage(adapter_dir: Path, tiny_bert_dir: Path, tmp_path: Path):
     """Logits of another adapter's export do not pass as this model's."""
     other = make_adapter(tiny_bert_dir, tmp_path / "other", seed=1)
-    model, tokenizer, _ = build_export(other, str(tiny_bert_dir), tmp_path / "onnx", 17, 32, None)
+    model, tokenizer, _ = build_export(
+        other, str(tiny_bert_dir), LABEL_NAMES, tmp_path / "onnx", 17, 32, None
+    )
     wrong = onnx_logits(OnnxClassifier(tmp_path / "onnx", "fp32"), TEXTS, 4, "other")
     reference = torch_logits(
-        load_merged_model(adapter_dir, str(tiny_bert_dir)), tokenizer, TEXTS, MAX_LENGTH, 4
+        load_merged_model(adapter_dir, str(tiny_bert_dir), LABEL_NAMES),
+        tokenizer,
+        TEXTS,
+        MAX_LENGTH,
+        4,
     )
     with pytest.raises(StageError, match="max_abs_logit_diff"):
         check_parity(reference, wrong, None, max_abs_diff=1e-4, min_agreement=0.995)
@@ -133,7 +140,7 @@ def test_int8_agreement_below_bound_is_reported_not_fatal() -> None:
 
 def test_missing_adapter_is_a_stage_error(tmp_path: Path, tiny_bert_dir: Path) -> None:
     with pytest.raises(StageError, match="adapter_config.json"):
-        load_merged_model(tmp_path, str(tiny_bert_dir))
+        load_merged_model(tmp_path, str(tiny_bert_dir), LABEL_NAMES)
 
 
 def test_adapter_without_head_weights_is_refused(
@@ -148,7 +155,7 @@ def test_adapter_without_head_weights_is_refused(
     lora_only = {k: v for k, v in weights.items() if "lora_" in k}
     save_file(lora_only, str(headless / "adapter_model.safetensors"))
     with pytest.raises(StageError, match="no classification-head weights"):
-        load_merged_model(headless, str(tiny_bert_dir))
+        load_merged_model(headless, str(tiny_bert_dir), LABEL_NAMES)
 
 
 def test_parity_texts_span_the_length_range() -> None:
@@ -197,7 +204,9 @@ def near_tie_adapter(base_dir: Path, out: Path, texts: list[str]) -> Path:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(adapter))
-    logits = torch_logits(load_merged_model(adapter, str(base_dir)), tokenizer, texts, 32, 8)
+    logits = torch_logits(
+        load_merged_model(adapter, str(base_dir), LABEL_NAMES), tokenizer, texts, 32, 8
+    )
     head_b[1] = -float(np.median(logits[:, 1] - logits[:, 0]))
     save_file(weights, str(weights_file))
     return adapter
@@ -234,7 +243,7 @@ def test_int8_nodes_are_chosen_by_sensitivity_until_agreement(outlier_base: Path
     def export(max_nodes: int) -> dict:
         plan = Int8Plan(texts, min_agreement=0.995, max_fp32_nodes=max_nodes, batch_size=8)
         out = tmp_path / f"onnx{max_nodes}"
-        return build_export(adapter, str(outlier_base), out, 17, MAX_LENGTH, plan)[2]
+        return build_export(adapter, str(outlier_base), LABEL_NAMES, out, 17, MAX_LENGTH, plan)[2]
 
     capped = export(0)
     assert capped["kept_fp32"] == [] and capped["steps"][0]["agreement"] < 0.9
@@ -267,12 +276,9 @@ def test_stage_ships_fp32_when_int8_misses_the_bound(
 
     texts = varied_texts(200)
     adapter = near_tie_adapter(outlier_base, tmp_path / "models" / "adapter", texts)
-    assert adapter == tmp_path / "models" / "adapter"
-    params = yaml.safe_load(REPO_PARAMS.read_text())
-    params["train"] |= {"base_model": str(outlier_base), "max_length": MAX_LENGTH}
-    params["export"] |= {"int8_calibration_texts": 50, "int8_max_fp32_nodes": 0}
-    params["export"]["parity"] |= {"n_texts": 200}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    params = yaml.safe_load(REPO_PARAMS.read_text())["export"]
+    params |= {"int8_calibration_texts": 50, "int8_max_fp32_nodes": 0}
+    params["parity"] |= {"n_texts": 200}
     rows = pl.DataFrame(
         {
             "id": [f"r{i}" for i in range(len(texts))],
@@ -281,18 +287,16 @@ def test_stage_ships_fp32_when_int8_misses_the_bound(
             "text": texts,
         }
     )
-    (tmp_path / "data" / "processed").mkdir(parents=True)
-    rows.write_parquet(tmp_path / "data" / "processed" / "test.parquet")
-    rows.with_columns(split=pl.lit("train"), id="t" + pl.col("id")).write_parquet(
-        tmp_path / "data" / "processed" / "train.parquet"
-    )
+    train = rows.with_columns(split=pl.lit("train"), id="t" + pl.col("id"))
     monkeypatch.chdir(tmp_path)
 
-    export_stage.main()
-    report = json.loads(Path("reports/export.json").read_text())
+    report, speed = export_stage.run(
+        rows, train, params, LABEL_NAMES, str(outlier_base), MAX_LENGTH, adapter_dir=adapter
+    )
     assert report["parity"]["int8_meets_bound"] is False
     assert report["parity"]["int8_top1_agreement"] < 0.9
     assert report["int8"]["kept_fp32"] == [] and report["int8"]["n_calibration_texts"] == 50
+    assert speed["fp32_texts_per_s"] > 0 and speed["int8_texts_per_s"] > 0
     meta = json.loads(Path("models/onnx", META_FILE).read_text())
     assert meta["int8_parity"]["meets_bound"] is False
     assert (Path("models/onnx") / INT8_FILE).is_file()

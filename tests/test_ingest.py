@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import polars as pl
 import pytest
 
-from stages.common import StageError
+from stages.common import StageError, parse_labels
 from stages.ingest import Source, ingest, ingest_source, parse_sources
+from tests.pipeline_fixture import AG_NEWS_LABELS
 
 GOOD_CSV = (
     b'"3","Wall St. Bears Claw Back","Reuters - Short-sellers are seeing green again."\n'
     b'"1","Talks in Iraq","Negotiators met in Baghdad on Monday\\and agreed."\n'
 )
+
+
+def ingest_one(
+    source: Source, label_names: tuple[str, ...] = AG_NEWS_LABELS
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    kept, rejected, _ = ingest_source(source, label_names)
+    return kept, rejected
 
 
 def write(path: Path, data: bytes) -> Path:
@@ -25,7 +34,7 @@ def write(path: Path, data: bytes) -> Path:
 def test_original_csv_maps_labels_1_4_to_0_3_and_joins_title_and_description(
     tmp_path: Path,
 ) -> None:
-    kept, rejected = ingest_source(Source(write(tmp_path / "a.csv", GOOD_CSV), "train"))
+    kept, rejected = ingest_one(Source(write(tmp_path / "a.csv", GOOD_CSV), "train"))
     assert rejected.height == 0
     assert kept["label"].to_list() == [2, 0]
     assert kept["id"].to_list() == ["a.csv:1", "a.csv:2"]
@@ -42,7 +51,7 @@ def test_hf_parquet_keeps_labels_0_3(tmp_path: Path) -> None:
     pl.DataFrame({"text": ["Title one body", "Title two body"], "label": [0, 3]}).write_parquet(
         path
     )
-    kept, rejected = ingest_source(Source(path, "train"))
+    kept, rejected = ingest_one(Source(path, "train"))
     assert kept["label"].to_list() == [0, 3]
     assert kept["id"].to_list() == ["hf.parquet:1", "hf.parquet:2"]
     assert rejected.height == 0
@@ -53,7 +62,7 @@ def test_hf_jsonl(tmp_path: Path) -> None:
         json.dumps({"text": "A headline here", "label": 1}),
         json.dumps({"text": "B", "label": 2}),
     ]
-    kept, rejected = ingest_source(
+    kept, rejected = ingest_one(
         Source(write(tmp_path / "x.jsonl", "\n".join(lines).encode() + b"\n"), "test")
     )
     assert kept["label"].to_list() == [1, 2]
@@ -81,9 +90,7 @@ def test_hf_jsonl(tmp_path: Path) -> None:
 def test_csv_row_faults_are_quarantined_with_reason(
     tmp_path: Path, line: bytes, reason: str
 ) -> None:
-    kept, rejected = ingest_source(
-        Source(write(tmp_path / "f.csv", GOOD_CSV + line + b"\n"), "train")
-    )
+    kept, rejected = ingest_one(Source(write(tmp_path / "f.csv", GOOD_CSV + line + b"\n"), "train"))
     assert kept.height == 2
     assert rejected.rows(named=True) == [
         {"source": "f.csv", "split": "train", "row": 3, "reason": reason, "raw": rejected["raw"][0]}
@@ -109,7 +116,7 @@ def test_parquet_row_faults(
         {"text": ["good row", text], "label": [0, label]},
         schema={"text": pl.String, "label": pl.Int64},
     ).write_parquet(path)
-    kept, rejected = ingest_source(Source(path, "train"))
+    kept, rejected = ingest_one(Source(path, "train"))
     assert kept.height == 1
     assert rejected["reason"].to_list() == [reason]
     assert rejected["row"].to_list() == [2]
@@ -125,7 +132,7 @@ def test_jsonl_row_faults(tmp_path: Path) -> None:
             b'{"text": "caf\xe9", "label": 1}',
         ]
     )
-    kept, rejected = ingest_source(Source(write(tmp_path / "j.jsonl", data), "train"))
+    kept, rejected = ingest_one(Source(write(tmp_path / "j.jsonl", data), "train"))
     assert kept.height == 1
     reasons = dict(zip(rejected["row"].to_list(), rejected["reason"].to_list(), strict=True))
     assert reasons[2].startswith("invalid JSON")
@@ -152,14 +159,14 @@ def test_structural_faults_fail_naming_the_file(
     if data is not None:
         path.write_bytes(data)
     with pytest.raises(StageError, match=message.replace("(", r"\(").replace(".", r"\.")):
-        ingest_source(Source(path, "train"))
+        ingest_one(Source(path, "train"))
 
 
 def test_parquet_with_wrong_columns_names_them(tmp_path: Path) -> None:
     path = tmp_path / "cols.parquet"
     pl.DataFrame({"sentence": ["x"], "label": [0]}).write_parquet(path)
     with pytest.raises(StageError, match=r"cols\.parquet: wrong columns: missing \['text'\]"):
-        ingest_source(Source(path, "train"))
+        ingest_one(Source(path, "train"))
 
 
 def test_sources_param_is_validated() -> None:
@@ -167,17 +174,144 @@ def test_sources_param_is_validated() -> None:
         parse_sources([{"path": "a.csv", "split": "dev"}])
     with pytest.raises(StageError, match="listed twice"):
         parse_sources([{"path": "x/a.csv", "split": "train"}, {"path": "y/a.csv", "split": "test"}])
-    with pytest.raises(StageError, match="expected {path, split}"):
+    with pytest.raises(StageError, match=r"expected \{path, split\[, text, label\]\}"):
         parse_sources([{"file": "a.csv"}])
+    with pytest.raises(StageError, match=r"sources\[0\]: a \.csv source names both"):
+        parse_sources([{"path": "a.csv", "split": "train", "text": "body"}])
+    with pytest.raises(StageError, match=r"sources\[0\]\.text: a column name or a list"):
+        parse_sources([{"path": "a.jsonl", "split": "train", "text": [], "label": "y"}])
 
 
 def test_rows_in_equals_kept_plus_rejected_per_source(tmp_path: Path) -> None:
-    csv_path = write(tmp_path / "c.csv", GOOD_CSV + b'"9","bad","label"\n')
+    every_class = b'"2","Cup final","Fans gather."\n"4","New chip","Faster chips."\n'
+    csv_path = write(tmp_path / "c.csv", GOOD_CSV + every_class + b'"9","bad","label"\n')
     pq_path = tmp_path / "p.parquet"
     pl.DataFrame({"text": ["ok text", ""], "label": [1, 2]}).write_parquet(pq_path)
-    kept, rejected, report = ingest([Source(csv_path, "train"), Source(pq_path, "test")])
-    assert report["rows_in"] == 5 == kept.height + rejected.height
+    kept, rejected, report = ingest(
+        [Source(csv_path, "train"), Source(pq_path, "test")], AG_NEWS_LABELS
+    )
+    assert report["rows_in"] == 7 == kept.height + rejected.height
     for src in report["sources"]:
         assert src["rows_in"] == src["kept"] + src["rejected"]
     assert report["sources"][0]["rejected_by_reason"] == {"label out of range: 9 (expected 1-4)": 1}
     assert kept["id"].is_unique().all()
+
+
+# ---- your own corpus: columns and labels from params --------------------------------------------
+
+TICKETS = ("billing", "outage", "account")
+
+
+def test_header_csv_with_class_names_and_two_text_columns(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "t.csv",
+        b"queue,subject,body,extra\n"
+        b"billing,Invoice twice,I was charged twice,x\n"
+        b'outage,"Site down, again",Nothing loads,y\n'
+        b"refunds,Money back,Please refund,z\n"
+        b"account, Reset , ,w\n",
+    )
+    source = parse_sources(
+        [{"path": str(path), "split": "train", "text": ["subject", "body"], "label": "queue"}]
+    )[0]
+    kept, rejected, form = ingest_source(source, TICKETS)
+    assert form == "names"
+    assert kept["label"].to_list() == [0, 1, 2]
+    assert kept["text"].to_list() == [
+        "Invoice twice I was charged twice",
+        "Site down, again Nothing loads",
+        " Reset   ",
+    ]
+    # Row numbers count the header: the id points at the line a spreadsheet shows.
+    assert kept["id"].to_list() == ["t.csv:2", "t.csv:3", "t.csv:5"]
+    assert rejected.select("row", "reason").rows() == [
+        (4, "label not in labels: 'refunds' (expected one of ['billing', 'outage', 'account'])")
+    ]
+
+
+def test_jsonl_with_integer_ids_and_named_fields(tmp_path: Path) -> None:
+    lines = [
+        {"title": "Invoice", "message": "charged twice", "y": 0},
+        {"title": "Down", "message": None, "y": 1},
+        {"title": "Reset", "message": "password", "y": 3},
+        {"title": 5, "message": "not a string", "y": 2},
+    ]
+    path = write(tmp_path / "t.jsonl", "\n".join(json.dumps(x) for x in lines).encode())
+    source = Source(path, "test", ("title", "message"), "y")
+    kept, rejected, form = ingest_source(source, TICKETS)
+    assert form == "ids"
+    assert kept.select("label", "text").rows() == [(0, "Invoice charged twice"), (1, "Down")]
+    assert dict(rejected.select("row", "reason").rows()) == {
+        3: "label out of range: 3 (expected 0-2)",
+        4: "text field(s) ['title', 'message'] not all strings",
+    }
+
+
+def test_parquet_with_class_names(tmp_path: Path) -> None:
+    path = tmp_path / "t.parquet"
+    pl.DataFrame(
+        {"body": ["a b", "c d", "e f"], "queue": ["outage", "billing", None]}
+    ).write_parquet(path)
+    kept, rejected, form = ingest_source(Source(path, "train", ("body",), "queue"), TICKETS)
+    assert form == "names"
+    assert kept["label"].to_list() == [1, 0]
+    assert rejected["reason"].to_list() == ["label missing"]
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "message"),
+    [
+        ("h.csv", b"queue,subject\nbilling,x\n", "h.csv: wrong columns: missing ['body']"),
+        ("h.jsonl", b'{"queue": "billing", "subject": "x"}\n', "h.jsonl: wrong columns: no line"),
+    ],
+)
+def test_missing_named_column_fails_naming_file_and_column(
+    tmp_path: Path, name: str, data: bytes, message: str
+) -> None:
+    source = Source(write(tmp_path / name, data), "train", ("subject", "body"), "queue")
+    with pytest.raises(StageError, match=re.escape(message)):
+        ingest_source(source, TICKETS)
+
+
+def test_nul_byte_in_one_row_quarantines_that_row_only(tmp_path: Path) -> None:
+    # A stray control byte is a row fault: the other rows of the file are kept.
+    data = GOOD_CSV + b'"2","Cup\x00 final","Fans gather."\n' + GOOD_CSV
+    kept, rejected = ingest_one(Source(write(tmp_path / "nul.csv", data), "train"))
+    assert kept.height == 4
+    assert rejected.select("row", "reason").rows() == [(3, "control characters in text")]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\x1f\x8b\x08\x00" + GOOD_CSV,  # gzip magic
+        b"PK\x03\x04" + GOOD_CSV,  # a ZIP archive
+        b"PAR1" + bytes(range(256)) * 4,  # a Parquet file named .csv
+        bytes(range(32)) * 100,  # mostly control bytes
+    ],
+)
+def test_really_binary_file_fails_as_a_whole(tmp_path: Path, data: bytes) -> None:
+    with pytest.raises(StageError, match=r"bin\.csv: not a CSV text file \(binary content"):
+        ingest_one(Source(write(tmp_path / "bin.csv", data), "train"))
+
+
+def test_a_class_without_train_rows_fails_with_the_counts(tmp_path: Path) -> None:
+    path = write(tmp_path / "a.csv", GOOD_CSV)  # World and Business only
+    with pytest.raises(StageError) as err:
+        ingest([Source(path, "train")], AG_NEWS_LABELS)
+    assert "['Sports', 'Sci/Tech'] of `labels` have no train row" in str(err.value)
+    assert "{'World': 1, 'Sports': 0, 'Business': 1, 'Sci/Tech': 0}" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (["only"], "1 class(es); a classifier needs at least two"),
+        (["a", "b", "a"], "class name(s) listed twice: ['a']"),
+        (["a", " "], "an empty class name"),
+        ("a,b", "expected a list of class names"),
+    ],
+)
+def test_bad_labels_param(raw, message: str) -> None:
+    with pytest.raises(StageError, match=re.escape(message)):
+        parse_labels(raw)

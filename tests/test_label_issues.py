@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from stages import label_issues as li
-from stages.common import LABEL_NAMES, StageError
+from stages.common import StageError
+from tests.pipeline_fixture import AG_NEWS_LABELS as LABEL_NAMES
 
 # Words that only one class uses, so a small, clean corpus is easy to learn and a flipped label
 # stands out.
@@ -63,7 +64,7 @@ def corpus(per_class: int = 40, seed: int = 0) -> tuple[pl.DataFrame, np.ndarray
 def detected() -> tuple[pl.DataFrame, pl.DataFrame, dict]:
     """The noisy corpus and what `detect` makes of it with the default models."""
     clean, emb = corpus()
-    return clean, *li.detect(clean, PARAMS, embeddings=emb)
+    return clean, *li.detect(clean, PARAMS, LABEL_NAMES, embeddings=emb)
 
 
 def test_detect_flags_the_injected_flips_and_only_scores_train_rows(detected) -> None:
@@ -95,15 +96,30 @@ def test_each_model_alone_gives_probabilities() -> None:
     train = clean.filter(pl.col("split") == "train")
     labels = train["label"].to_numpy()
     for model in li.MODELS:
-        probs = li.out_of_fold_probs(train["text"].to_list(), labels, emb, [model], 4, 0)
+        probs = li.out_of_fold_probs(
+            train["text"].to_list(), labels, emb, [model], 4, 0, LABEL_NAMES
+        )
         assert probs.shape == (train.height, 4)
         np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-6)
         assert (probs.argmax(axis=1) == labels).mean() > 0.85
 
 
+def test_knn_in_chunks_equals_one_pass() -> None:
+    # A chunk budget of a few rows must give exactly the votes of one pass over all rows (the
+    # budget is what keeps 120k rows in bounded memory).
+    rng = np.random.default_rng(3)
+    e_train = rng.normal(size=(300, 8)).astype(np.float32)
+    e_test = rng.normal(size=(97, 8)).astype(np.float32)
+    y_train = rng.integers(0, 4, 300)
+    one_pass = li._knn_proba(e_train, y_train, e_test, 4, chunk_bytes=10**9)
+    chunked = li._knn_proba(e_train, y_train, e_test, 4, chunk_bytes=300 * 16 * 7)
+    np.testing.assert_allclose(chunked, one_pass, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(chunked.sum(axis=1), 1.0)
+
+
 def test_same_seed_same_table(detected) -> None:
     clean, first, _ = detected
-    second, _ = li.detect(clean, PARAMS, embeddings=corpus()[1])
+    second, _ = li.detect(clean, PARAMS, LABEL_NAMES, embeddings=corpus()[1])
     assert first.equals(second)
 
 
@@ -113,7 +129,9 @@ def scored() -> tuple[pl.DataFrame, np.ndarray]:
     clean, emb = corpus()
     train = clean.filter(pl.col("split") == "train")
     labels = train["label"].to_numpy()
-    return train, li.out_of_fold_probs(train["text"].to_list(), labels, emb, list(li.MODELS), 4, 0)
+    return train, li.out_of_fold_probs(
+        train["text"].to_list(), labels, emb, list(li.MODELS), 4, 0, LABEL_NAMES
+    )
 
 
 @pytest.mark.parametrize(
@@ -128,7 +146,9 @@ def scored() -> tuple[pl.DataFrame, np.ndarray]:
 def test_action_modes(scored, action: str, min_conf: float, expected: set[str]) -> None:
     train, probs = scored
     table = li.score_issues(train, probs, "low_self_confidence", action, min_conf)
-    report = li.build_report(table, {"filter_by": "low_self_confidence", "action": action})
+    report = li.build_report(
+        table, {"filter_by": "low_self_confidence", "action": action}, LABEL_NAMES
+    )
     issues = table.filter("is_label_issue")
     assert issues.height >= len(FLIPPED)
     assert set(issues["action"].to_list()) == expected
@@ -170,24 +190,24 @@ def test_every_filter_finds_the_flips(scored, filter_by: str) -> None:
         (lambda df: df.filter(pl.col("split") == "test"), "0 train rows is fewer than"),
         (
             lambda df: df.with_columns(
-                label=pl.when(pl.col("id") == "train-0-001").then(7)
+                label=pl.when(pl.col("id") == "train-0-001").then(pl.lit(7, pl.Int64))
             ).with_columns(pl.col("label").fill_null(0)),
-            "label 7 not in 0-3",
+            "row id=train-0-001: label 7 is not an id of labels 0-3",
         ),
-        (lambda df: df.drop("text"), "missing column(s) ['text']"),
+        (lambda df: df.drop("text"), "missing column `text`"),
     ],
 )
 def test_bad_input_is_a_clear_error(mutate, message: str) -> None:
     clean, emb = corpus()
     with pytest.raises(StageError, match=re.escape(message)):
-        li.detect(mutate(clean), PARAMS, embeddings=emb)
+        li.detect(mutate(clean), PARAMS, LABEL_NAMES, embeddings=emb)
 
 
 def test_fewer_rows_than_folds() -> None:
     clean, emb = corpus()
     few = clean.filter(pl.col("id").str.slice(-3).cast(pl.Int64) < 2)  # 2 rows per class and split
     with pytest.raises(StageError, match="8 train rows is fewer than label_issues.folds=10"):
-        li.detect(few, {**PARAMS, "folds": 10}, embeddings=emb[:8])
+        li.detect(few, {**PARAMS, "folds": 10}, LABEL_NAMES, embeddings=emb[:8])
 
 
 @pytest.mark.parametrize(
@@ -202,7 +222,7 @@ def test_fewer_rows_than_folds() -> None:
 def test_bad_params_are_clear_errors(key: str, value, message: str) -> None:
     clean, emb = corpus()
     with pytest.raises(StageError, match=message):
-        li.detect(clean, {**PARAMS, key: value}, embeddings=emb)
+        li.detect(clean, {**PARAMS, key: value}, LABEL_NAMES, embeddings=emb)
 
 
 def test_embed_texts_is_normalised_and_independent_of_batching(tiny_bert_dir: Path) -> None:
@@ -227,7 +247,7 @@ def test_bf16_embeddings_stay_close_to_fp32(tiny_bert_dir: Path) -> None:
 
 def test_markdown_lists_the_top_suspects(detected) -> None:
     _, table, report = detected
-    md = li.render_markdown(table, report, top=5)
+    md = li.render_markdown(table, report, LABEL_NAMES, top=5)
     rows = [line for line in md.splitlines() if line.startswith("| ") and "---" not in line]
     assert len(rows) == 1 + 5  # header + 5 suspects
     assert rows[1].startswith(f"| 1 | {table['id'][0]} |")
@@ -235,7 +255,10 @@ def test_markdown_lists_the_top_suspects(detected) -> None:
 
 def test_main_writes_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     clean, _ = corpus()
-    params = {"label_issues": {**PARAMS, "models": ["tfidf_lr"], "action": "drop"}}
+    params = {
+        "labels": list(LABEL_NAMES),
+        "label_issues": {**PARAMS, "models": ["tfidf_lr"], "action": "drop"},
+    }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     (tmp_path / "data" / "interim").mkdir(parents=True)
     clean.write_parquet(tmp_path / li.CLEAN_PATH)

@@ -13,9 +13,9 @@ import pytest
 
 from newsclf.cli import main
 from newsclf.predict import OnnxClassifier
-from stages.common import LABEL_NAMES
 from stages.export import Int8Plan, build_export
 from tests.lora_fixture import make_adapter
+from tests.pipeline_fixture import AG_NEWS_LABELS as LABEL_NAMES
 
 MAX_LENGTH = 32
 HEADLINES = [
@@ -30,7 +30,7 @@ def model_dir(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     adapter = make_adapter(tiny_bert_dir, tmp_path_factory.mktemp("adapter"))
     out = tmp_path_factory.mktemp("export") / "onnx"
     int8 = Int8Plan(HEADLINES * 4, min_agreement=0.0, max_fp32_nodes=0, batch_size=4)
-    build_export(adapter, str(tiny_bert_dir), out, 17, MAX_LENGTH, int8)
+    build_export(adapter, str(tiny_bert_dir), LABEL_NAMES, out, 17, MAX_LENGTH, int8)
     return out
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from stages import report
 from stages.common import StageError
+from tests.pipeline_fixture import AG_NEWS_LABELS as LABEL_NAMES
 
 
 def reports_fixture() -> dict[str, dict]:
@@ -128,7 +129,7 @@ def test_class_balance_counts_every_class() -> None:
         "train": pl.DataFrame({"label": [0, 0, 1, 3]}),
         "test": pl.DataFrame({"label": [2, 2, 2]}),
     }
-    balance = report.class_balance(tables)
+    balance = report.class_balance(tables, LABEL_NAMES)
     assert balance.rows() == [
         ("World", 2, 0),
         ("Sports", 1, 0),
@@ -152,7 +153,7 @@ def test_top_suspects_only_issues_by_rank() -> None:
             "action": ["flagged", "kept", "flagged", "flagged"],
         }
     )
-    top = report.top_suspects(issues, 2)
+    top = report.top_suspects(issues, 2, LABEL_NAMES)
     assert top["id"].to_list() == ["c", "d"]
     assert top.row(0, named=True)["given"] == "Business"
     assert top.row(0, named=True)["suggested"] == "Sci/Tech"
@@ -165,11 +166,13 @@ def test_confusion_matrix_counts_and_rejects_unknown_names() -> None:
             "predicted": ["World", "Business", "Sports", "World"],
         }
     )
-    matrix = report.confusion_matrix(rows)
+    matrix = report.confusion_matrix(rows, LABEL_NAMES)
     assert matrix.sum() == 4
     assert matrix[0, 0] == 1 and matrix[0, 2] == 1 and matrix[1, 1] == 1 and matrix[3, 0] == 1
     with pytest.raises(StageError, match="unknown class names"):
-        report.confusion_matrix(pl.DataFrame({"actual": ["Weather"], "predicted": ["World"]}))
+        report.confusion_matrix(
+            pl.DataFrame({"actual": ["Weather"], "predicted": ["World"]}), LABEL_NAMES
+        )
 
 
 def render(reports: dict[str, dict], suspect_text: str) -> str:
@@ -191,11 +194,12 @@ def render(reports: dict[str, dict], suspect_text: str) -> str:
     return report.render_html(
         reports,
         report.funnel(reports),
-        report.class_balance({"train": pl.DataFrame({"label": [0, 1, 2, 3]})}),
+        report.class_balance({"train": pl.DataFrame({"label": [0, 1, 2, 3]})}, LABEL_NAMES),
         pl.DataFrame({"n_tokens": ["008-015", "016-023"], "rows": [10, 42]}),
         suspects,
         curves,
         np.array([[5, 0, 0, 0], [0, 5, 0, 0], [0, 1, 3, 1], [0, 0, 1, 4]]),
+        LABEL_NAMES,
     )
 
 
@@ -229,6 +233,8 @@ def test_page_is_self_contained_escaped_and_reproducible() -> None:
 
 def test_main_names_the_missing_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    Path("params.yaml").write_text("report:\n  top_suspects: 5\n")
+    Path("params.yaml").write_text(
+        "labels: [World, Sports, Business, Sci/Tech]\nreport:\n  top_suspects: 5\n"
+    )
     with pytest.raises(StageError, match=r"reports/ingest.json: not found"):
         report.main()

@@ -22,6 +22,7 @@ from stages.train import (
     split_train_val,
     train_model,
 )
+from tests.pipeline_fixture import AG_NEWS_LABELS as LABEL_NAMES
 
 REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
@@ -177,7 +178,9 @@ def test_fully_trained_modules_stay_out_of_quantization(tiny_bert_dir):
 
     from stages.modeling import load_base_model, unquantized_linears
 
-    model = load_base_model(str(tiny_bert_dir), "4bit", "bf16", ["classifier", "pooler"])
+    model = load_base_model(
+        str(tiny_bert_dir), LABEL_NAMES, "4bit", "bf16", ["classifier", "pooler"]
+    )
     kinds = {name: type(m) for name, m in model.named_modules()}
     assert kinds["bert.pooler.dense"] is torch.nn.Linear
     assert kinds["classifier"] is torch.nn.Linear
@@ -217,6 +220,7 @@ def tiny_run(tiny_bert_dir, tmp_path, news_rows):
             train,
             val,
             params,
+            LABEL_NAMES,
             data_path=data,
             checkpoint_dir=tmp_path / "ck",
             adapter_dir=tmp_path / "adapter",
@@ -319,6 +323,7 @@ def test_training_is_deterministic_and_updates_the_adapter(tiny_bert_dir, tmp_pa
             train,
             val,
             tiny_params(tiny_bert_dir, epochs=1),
+            LABEL_NAMES,
             data_path=data,
             checkpoint_dir=tmp_path / f"ck{i}",
             adapter_dir=tmp_path / f"adapter{i}",
