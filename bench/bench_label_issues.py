@@ -43,7 +43,13 @@ from stages.common import (
     resolve_base_model,
     write_json,
 )
-from stages.label_issues import CLEAN_PATH, detect, embed_texts
+from stages.label_issues import (
+    CLEAN_PATH,
+    LabelIssuesParams,
+    detect,
+    embed_texts,
+    parse_params,
+)
 
 CACHE = Path("bench/.cache")
 # The AG News classes of params.yaml: the pair case flips between two of them by name.
@@ -117,7 +123,11 @@ def cached_embeddings(texts: list[str], model: str, precision: str) -> tuple[np.
 
 
 def run_cases(
-    train: pl.DataFrame, params: dict, embeddings: np.ndarray | None, seeds: list[int], tag: str
+    train: pl.DataFrame,
+    params: LabelIssuesParams,
+    embeddings: np.ndarray | None,
+    seeds: list[int],
+    tag: str,
 ) -> list[dict]:
     """Every injected-flip case and seed: the stage's detector against the anchor."""
     texts, labels = train["text"].to_list(), train["label"].to_numpy()
@@ -180,18 +190,18 @@ def main() -> None:
         "--precisions", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"]
     )
     args = parser.parse_args()
-    params = {**load_params("label_issues"), "action": "flag"}
+    params = parse_params({**load_params("label_issues"), "action": "flag"})
     clean = read_table(CLEAN_PATH)
     train = clean.filter(pl.col("split") == "train")
     texts = train["text"].to_list()
-    uses_embeddings = any(m.startswith("embedding") for m in params["models"])
+    uses_embeddings = any(m.startswith("embedding") for m in params.models)
 
     rows, by_precision, embed_seconds = [], {}, {}
     for precision in args.precisions if uses_embeddings else ["fp32"]:
         embeddings = None
         if uses_embeddings:
             embeddings, embed_seconds[precision] = cached_embeddings(
-                texts, params["embedding_model"], precision
+                texts, params.embedding_model, precision
             )
         runs = run_cases(train, params, embeddings, args.seeds, precision)
         rows += runs
@@ -211,7 +221,12 @@ def main() -> None:
     report = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "train_rows": len(texts),
-        "params": {k: params[k] for k in ("models", "folds", "filter_by", "embedding_model")},
+        "params": {
+            "models": list(params.models),
+            "folds": params.folds,
+            "filter_by": params.filter_by,
+            "embedding_model": params.embedding_model,
+        },
         "embedding_seconds": {k: round(v, 1) for k, v in embed_seconds.items()},
         "target_uniform_10pct": {"precision": 0.75, "recall": 0.80, "seconds": 90},
         "summary_by_precision": by_precision,

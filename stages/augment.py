@@ -13,6 +13,7 @@ id, split, label, text, augmented_from (source id, null for original rows) and o
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from os.path import commonprefix
 from pathlib import Path
 
@@ -26,13 +27,13 @@ from stages.common import (
     check_contract,
     get_logger,
     load_labels,
-    load_params,
     read_table,
     resolve_base_model,
     run_main,
     write_json,
     write_table,
 )
+from stages.params import load_section
 
 CLEAN_PATH = "data/interim/clean.parquet"
 TOKENS_PATH = "data/interim/tokens.parquet"
@@ -219,20 +220,42 @@ def op_insert(
 OP_FUNCS = {"synonym": op_synonym, "swap": op_swap, "delete": op_delete, "insert": op_insert}
 
 
-def enabled_ops(ops: dict) -> dict[str, float]:
-    """{op: rate} for the ops switched on in params, in OPS order; checks names and rates."""
-    unknown = sorted(set(ops) - set(OPS))
-    if unknown:
-        raise StageError(f"augment.ops: unknown op(s) {unknown}; choose from {list(OPS)}")
+@dataclass(frozen=True)
+class OpParams:
+    enabled: bool
+    rate: float  # share of a row's lowercase words the op changes
+
+
+@dataclass(frozen=True)
+class OpsParams:
+    synonym: OpParams
+    swap: OpParams
+    delete: OpParams
+    insert: OpParams
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    """The `augment:` section of params.yaml (stages/params.py parses it)."""
+
+    n_aug: int
+    seed: int
+    ops: OpsParams
+    synonym_model: str
+    synonym_top_k: int
+    synonym_min_similarity: float
+
+
+def enabled_ops(ops: OpsParams) -> dict[str, float]:
+    """{op: rate} for the ops switched on in params, in OPS order; checks their rates."""
     rates = {}
     for name in OPS:
-        cfg = ops.get(name) or {}
-        if not cfg.get("enabled", False):
+        op: OpParams = getattr(ops, name)
+        if not op.enabled:
             continue
-        rate = float(cfg.get("rate", 0.0))
-        if not 0.0 < rate <= 1.0:
-            raise StageError(f"augment.ops.{name}.rate must be in (0, 1], got {rate}")
-        rates[name] = rate
+        if not 0.0 < op.rate <= 1.0:
+            raise StageError(f"augment.ops.{name}.rate must be in (0, 1], got {op.rate}")
+        rates[name] = op.rate
     return rates
 
 
@@ -352,28 +375,28 @@ def as_original(rows: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def synonyms_for(rows: pl.DataFrame, params: dict) -> dict[str, list[str]]:
+def synonyms_for(rows: pl.DataFrame, params: AugmentParams) -> dict[str, list[str]]:
     """The synonym lexicon for the words of `rows`, from `augment.synonym_model`'s embeddings."""
-    vocab, table = load_embedding_table(resolve_base_model(params["synonym_model"]))
+    vocab, table = load_embedding_table(resolve_base_model(params.synonym_model))
     words = set(rows["tokens"].explode().drop_nulls().to_list())
     return build_synonyms(
         {w for w in words if is_word(w)},
         vocab,
         table,
-        int(params["synonym_top_k"]),
-        float(params["synonym_min_similarity"]),
+        params.synonym_top_k,
+        params.synonym_min_similarity,
     )
 
 
 def run(
-    clean: pl.DataFrame, tokens: pl.DataFrame, issues: pl.DataFrame, params: dict
+    clean: pl.DataFrame, tokens: pl.DataFrame, issues: pl.DataFrame, params: AugmentParams
 ) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
     """The stage without its files: (train table, test table, report)."""
     missing = {"id", "split", "label", "text"} - set(clean.columns)
     if missing:
         raise StageError(f"{CLEAN_PATH}: missing column(s) {sorted(missing)}")
-    rates = enabled_ops(params["ops"])
-    n_aug = int(params["n_aug"])
+    rates = enabled_ops(params.ops)
+    n_aug = params.n_aug
     train_in = clean.filter(pl.col("split") == "train")
     test = as_original(clean.filter(pl.col("split") == "test"))
     train = apply_label_actions(train_in, issues)
@@ -386,7 +409,7 @@ def run(
         with_tokens = attach_tokens(train, tokens)
         if {"synonym", "insert"} & set(rates):
             synonyms = synonyms_for(with_tokens, params)
-        added, counts = augment_rows(with_tokens, rates, n_aug, int(params["seed"]), synonyms)
+        added, counts = augment_rows(with_tokens, rates, n_aug, params.seed, synonyms)
     train_out = pl.concat([as_original(train), added])
     report = {
         "train_rows_in": train_in.height,
@@ -403,7 +426,7 @@ def run(
 
 
 def main() -> None:
-    params = load_params("augment")
+    params = load_section("augment", AugmentParams)
     log.info("params %s", params)
     clean = read_table(CLEAN_PATH)
     check_contract(clean, CLEAN_PATH, load_labels())

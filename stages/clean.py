@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import html
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
 
 import polars as pl
 
@@ -29,12 +31,12 @@ from stages.common import (
     check_contract,
     get_logger,
     load_labels,
-    load_params,
     read_table,
     run_main,
     write_json,
     write_table,
 )
+from stages.params import load_section
 
 log = get_logger("clean")
 
@@ -90,6 +92,15 @@ def strip_html_tags(text: pl.Expr) -> pl.Expr:
 
 def backslash_breaks(text: pl.Expr) -> pl.Expr:
     return text.str.replace_all(BACKSLASH_PATTERN, " ")
+
+
+@dataclass(frozen=True)
+class CleanParams:
+    """The `clean:` section of params.yaml (stages/params.py parses it)."""
+
+    urls: Literal[URL_MODES]
+    min_chars: int
+    max_chars: int
 
 
 def replace_urls(text: pl.Expr, mode: str) -> pl.Expr:
@@ -247,11 +258,11 @@ def clean(
 
 
 def main() -> None:
-    params = load_params("clean")
+    params = load_section("clean", CleanParams)
     log.info("params %s", params)
     df = read_table(INGESTED)
     check_contract(df, INGESTED, load_labels())
-    kept, removed, report = clean(df, params["urls"], params["min_chars"], params["max_chars"])
+    kept, removed, report = clean(df, params.urls, params.min_chars, params.max_chars)
     for rule, count in report["removed_by_rule"].items():
         log.info("%-21s removed %5d rows", rule, count)
     log.info(

@@ -41,6 +41,7 @@ from stages.modeling import (
     resolve_precision,
     resolve_quantization,
 )
+from stages.params import load_section
 from stages.train import (
     ADAPTER_DIR,
     TRAIN_FILE,
@@ -261,6 +262,13 @@ def error_rows(
 
 
 @dataclass(frozen=True)
+class EvaluateParams:
+    """The `evaluate:` section of params.yaml (stages/params.py parses it)."""
+
+    batch_size: int  # texts per inference batch
+
+
+@dataclass(frozen=True)
 class Evaluation:
     """What `evaluate` writes: the metrics report and the tables behind its plots."""
 
@@ -318,11 +326,11 @@ def run(
 
 
 def main() -> None:
-    params = load_params("evaluate")
+    params = load_section("evaluate", EvaluateParams)
     train_params = parse_params(load_params("train"))
     label_names = load_labels()
     log.info("labels %s; params %s", list(label_names), params)
-    batch_size = int(params["batch_size"])
+    batch_size = params.batch_size
     if batch_size < 1:
         raise StageError(f"params.yaml: evaluate.batch_size={batch_size!r} must be >= 1")
     if train_params.torch_threads is not None:

@@ -51,6 +51,7 @@ from stages.common import (
     write_json,
 )
 from stages.modeling import load_merged_model
+from stages.params import load_section
 from stages.train import parse_params, read_processed
 
 ADAPTER_DIR = Path("models/adapter")
@@ -362,6 +363,25 @@ def onnx_logits(
 
 
 @dataclass(frozen=True)
+class ParityParams:
+    n_texts: int  # test texts the parity check runs on
+    max_abs_logit_diff: float  # fp32 bound: a breach fails the stage
+    min_int8_agreement: float  # int8 bound: a miss makes predict default to fp32
+
+
+@dataclass(frozen=True)
+class ExportParams:
+    """The `export:` section of params.yaml (stages/params.py parses it)."""
+
+    opset: int
+    quantize: bool
+    int8_calibration_texts: int
+    int8_max_fp32_nodes: int
+    batch_size: int
+    parity: ParityParams
+
+
+@dataclass(frozen=True)
 class Int8Plan:
     """How the int8 model is made: calibration texts (train rows, never test) and its bounds."""
 
@@ -460,7 +480,7 @@ def calibration_texts(train: pl.DataFrame, n: int) -> list[str]:
 def run(
     test: pl.DataFrame,
     train: pl.DataFrame | None,
-    params: dict[str, Any],
+    params: ExportParams,
     label_names: tuple[str, ...],
     base_model: str,
     max_length: int,
@@ -468,12 +488,12 @@ def run(
     out_dir: Path = ONNX_DIR,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Export the adapter in `adapter_dir` merged into its fp32 base to `out_dir` (ONNX fp32, and
-    int8 calibrated on `train` when `params["quantize"]`), check parity and accuracy on `test`.
+    int8 calibrated on `train` when `params.quantize`), check parity and accuracy on `test`.
     Returns the export report and the speed report (timings, kept apart: they vary per run)."""
-    parity = params["parity"]
-    batch_size = int(params["batch_size"])
-    min_agreement = float(parity["min_int8_agreement"])
-    if int(params["int8_max_fp32_nodes"]) < 0 or int(params["int8_calibration_texts"]) < 1:
+    parity = params.parity
+    batch_size = params.batch_size
+    min_agreement = parity.min_int8_agreement
+    if params.int8_max_fp32_nodes < 0 or params.int8_calibration_texts < 1:
         raise StageError(
             "params.yaml: export.int8_max_fp32_nodes must be >= 0 and "
             "export.int8_calibration_texts >= 1"
@@ -482,25 +502,25 @@ def run(
     if test.is_empty():
         raise StageError(f"{TEST_TABLE}: no rows")
     int8_plan = None
-    if params["quantize"]:
+    if params.quantize:
         if train is None:
             raise StageError("export.quantize: the int8 model needs train rows to calibrate on")
         int8_plan = Int8Plan(
-            calibration_texts(train, int(params["int8_calibration_texts"])),
+            calibration_texts(train, params.int8_calibration_texts),
             min_agreement,
-            int(params["int8_max_fp32_nodes"]),
+            params.int8_max_fp32_nodes,
             batch_size,
         )
 
     model, tokenizer, int8_choice = build_export(
-        adapter_dir, base_model, label_names, out_dir, int(params["opset"]), max_length, int8_plan
+        adapter_dir, base_model, label_names, out_dir, params.opset, max_length, int8_plan
     )
     texts = test["text"].to_list()
     labels = test["label"].to_numpy()
 
     fp32 = OnnxClassifier(out_dir, precision="fp32")
     int8 = OnnxClassifier(out_dir, precision="int8") if int8_plan else None
-    sample = parity_texts(texts, int(parity["n_texts"]))
+    sample = parity_texts(texts, parity.n_texts)
     lengths = [len(text) for text in sample]
     log.info("parity on %d test texts of %d-%d chars", len(sample), min(lengths), max(lengths))
     checked = check_parity(
@@ -510,7 +530,7 @@ def run(
         # it — its activation scales are per batch, and padding widens them.
         onnx_logits(fp32, sample, batch_size, "parity fp32", by_length=False),
         onnx_logits(int8, sample, batch_size, "parity int8") if int8 else None,
-        float(parity["max_abs_logit_diff"]),
+        parity.max_abs_logit_diff,
         min_agreement,
     )
     log.info("fp32 parity passed: %s", checked)
@@ -550,7 +570,7 @@ def run(
         sizes["int8"] = file_mb(out_dir / INT8_FILE)
         accuracy["int8_drop_pt"] = round(100 * (accuracy["onnx_fp32"] - accuracy["onnx_int8"]), 4)
     report: dict[str, Any] = {
-        "opset": int(params["opset"]),
+        "opset": params.opset,
         "exporter": "torchscript",
         "max_length": max_length,
         "parity": {
@@ -571,12 +591,12 @@ def main() -> None:
     # transformers reports the base's classifier as "newly initialized"; it is replaced by the
     # adapter's trained head, which load_merged_model verifies, so the report would only mislead.
     hf_logging.set_verbosity_error()
-    params = load_params("export")
+    params = load_section("export", ExportParams)
     train_params = parse_params(load_params("train"))
     label_names = load_labels()
     log.info("labels %s; params %s", list(label_names), params)
     test = read_processed(TEST_TABLE, "test", label_names)
-    train = read_processed(TRAIN_TABLE, "train", label_names) if params["quantize"] else None
+    train = read_processed(TRAIN_TABLE, "train", label_names) if params.quantize else None
     report, speed = run(
         test,
         train,

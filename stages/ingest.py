@@ -32,11 +32,11 @@ from stages.common import (
     StageError,
     get_logger,
     load_labels,
-    load_params,
     run_main,
     write_json,
     write_table,
 )
+from stages.params import load_section
 
 log = get_logger("ingest")
 
@@ -98,6 +98,13 @@ class Source:
 
 
 SOURCE_KEYS = ("path", "split", "text", "label")
+
+
+@dataclass(frozen=True)
+class IngestParams:
+    """The `ingest:` section of params.yaml; each source entry is checked by `parse_sources`."""
+
+    sources: tuple[dict, ...]
 
 
 def parse_sources(entries: list[dict]) -> list[Source]:
@@ -486,8 +493,8 @@ def ingest(
 
 
 def main() -> None:
-    entries = load_params("ingest")["sources"]
-    sources = parse_sources(entries)
+    entries = load_section("ingest", IngestParams).sources
+    sources = parse_sources(list(entries))
     label_names = load_labels()
     log.info("labels %s; sources %s", list(label_names), entries)
     kept, rejected, report = ingest(sources, label_names)

@@ -12,7 +12,9 @@ similarity-weighted k-nearest-neighbour vote) ranks the flips markedly better (d
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import polars as pl
@@ -36,7 +38,8 @@ from stages.common import (
     write_json,
     write_table,
 )
-from stages.modeling import resolve_precision
+from stages.modeling import PRECISION_MODES, resolve_precision
+from stages.params import parse_section
 
 CLEAN_PATH = "data/interim/clean.parquet"
 OUT_PATH = "data/interim/label_issues.parquet"
@@ -69,6 +72,27 @@ EMBED_BATCH = 64
 TOP_SUSPECTS = 30
 
 log = get_logger("label_issues")
+
+
+@dataclass(frozen=True)
+class LabelIssuesParams:
+    """The `label_issues:` section of params.yaml (stages/params.py parses it)."""
+
+    models: tuple[Literal[MODELS], ...]
+    embedding_model: str
+    precision: Literal[PRECISION_MODES]
+    folds: int
+    seed: int
+    filter_by: Literal[FILTERS]
+    action: Literal[ACTIONS]
+    relabel_min_confidence: float
+
+
+def parse_params(raw: dict) -> LabelIssuesParams:
+    """The `label_issues:` params, typed and checked; a bad key or value names it."""
+    params = parse_section(raw, LabelIssuesParams, "label_issues")
+    check_params(asdict(params))
+    return params
 
 
 def check_params(params: dict) -> None:
@@ -354,7 +378,7 @@ def render_markdown(
 
 def detect(
     clean: pl.DataFrame,
-    params: dict,
+    params: LabelIssuesParams,
     label_names: tuple[str, ...],
     embeddings: np.ndarray | None = None,
 ) -> tuple[pl.DataFrame, dict]:
@@ -363,40 +387,39 @@ def detect(
     `embeddings` (one row per train row, in order) may be passed in by a caller that already has
     them, such as the bench; otherwise they are computed when an embedding model is selected.
     """
-    check_params(params)
     check_contract(clean, CLEAN_PATH, label_names)
     train = clean.filter(pl.col("split") == "train")
     labels = train["label"].to_numpy()
-    validate_train(labels, int(params["folds"]), label_names)
-    models = list(params["models"])
+    validate_train(labels, params.folds, label_names)
+    models = list(params.models)
     texts = train["text"].to_list()
     if embeddings is None and any(m.startswith("embedding") for m in models):
-        precision = resolve_precision(params["precision"], cuda=False, key="label_issues.precision")
+        precision = resolve_precision(params.precision, cuda=False, key="label_issues.precision")
         log.info(
             "embedding %d train texts with %s in %s",
             len(texts),
-            params["embedding_model"],
+            params.embedding_model,
             precision,
         )
         embeddings = embed_texts(
-            texts, resolve_base_model(params["embedding_model"]), precision=precision
+            texts, resolve_base_model(params.embedding_model), precision=precision
         )
     probs = out_of_fold_probs(
-        texts, labels, embeddings, models, int(params["folds"]), int(params["seed"]), label_names
+        texts, labels, embeddings, models, params.folds, params.seed, label_names
     )
     table = score_issues(
         train,
         probs,
-        params["filter_by"],
-        params["action"],
-        float(params["relabel_min_confidence"]),
+        params.filter_by,
+        params.action,
+        params.relabel_min_confidence,
     )
     settings = {
         "models": models,
-        "folds": int(params["folds"]),
-        "filter_by": params["filter_by"],
-        "action": params["action"],
-        "relabel_min_confidence": float(params["relabel_min_confidence"]),
+        "folds": params.folds,
+        "filter_by": params.filter_by,
+        "action": params.action,
+        "relabel_min_confidence": params.relabel_min_confidence,
         "oof_accuracy": round(float((probs.argmax(axis=1) == labels).mean()), 4),
     }
     report = build_report(table, settings, label_names)
@@ -405,7 +428,7 @@ def detect(
 
 
 def main() -> None:
-    params = load_params("label_issues")
+    params = parse_params(load_params("label_issues"))
     label_names = load_labels()
     log.info("labels %s; params %s", list(label_names), params)
     clean = read_table(CLEAN_PATH)

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -31,12 +32,12 @@ from tqdm import tqdm
 from stages.common import (
     StageError,
     get_logger,
-    load_params,
     require_file,
     run_main,
     write_csv,
     write_json,
 )
+from stages.params import load_section
 
 log = get_logger("tokenize")
 
@@ -234,13 +235,25 @@ def length_histogram(table: pl.DataFrame) -> pl.DataFrame:
     return table.group_by(label.alias("n_tokens")).len("rows").sort("n_tokens")
 
 
+@dataclass(frozen=True)
+class TokenizeParams:
+    """The `tokenize:` section of params.yaml (stages/params.py parses it)."""
+
+    n_process: int  # spaCy worker processes (the output does not depend on it)
+    batch_size: int  # rows per chunk sent to a worker
+
+
 def main() -> None:
     import pyarrow.parquet as pq
 
-    params = load_params("tokenize")
+    params = load_section("tokenize", TokenizeParams)
+    if params.n_process < 1 or params.batch_size < 1:
+        raise StageError(
+            f"params.yaml tokenize: n_process and batch_size must be >= 1, got {params}"
+        )
     log.info("params %s", params)
     source = pq.ParquetFile(require_file("data/interim/clean.parquet"))
-    batches = source.iter_batches(batch_size=params["batch_size"], columns=["id", "split", "text"])
+    batches = source.iter_batches(batch_size=params.batch_size, columns=["id", "split", "text"])
     stats = TokenStats()
     with tqdm(total=source.metadata.num_rows, desc="tokenize", unit="row", mininterval=1) as bar:
 
@@ -250,7 +263,7 @@ def main() -> None:
                 yield stats.add(table)
 
         chunks = (pl.from_arrow(batch) for batch in batches)
-        tables = tokenize_stream(chunks, params["n_process"], params["batch_size"])
+        tables = tokenize_stream(chunks, params.n_process, params.batch_size)
         write_table_stream(counted(tables), "data/interim/tokens.parquet")
     report, lengths = stats.report()
     log.info(

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import polars as pl
@@ -52,6 +52,10 @@ from stages.modeling import (
     resolve_precision,
     resolve_quantization,
 )
+from stages.params import parse_section
+
+if TYPE_CHECKING:
+    from transformers import TrainingArguments
 
 TRAIN_FILE = Path("data/processed/train.parquet")
 ADAPTER_DIR = Path("models/adapter")
@@ -93,47 +97,27 @@ class TrainParams:
     group_by_length: bool
     torch_threads: int | None
     checkpoint_steps: int
-    quantization: str
-    precision: str
+    quantization: Literal[QUANTIZATION_MODES]
+    precision: Literal[PRECISION_MODES]
     seed: int
     lora: LoraParams
 
 
 def parse_params(raw: dict[str, Any]) -> TrainParams:
-    """Check the `train:` params; a missing key or a bad value is a StageError naming it."""
-    lora_raw = dict(raw.get("lora") or {})
-    expected = {f for f in TrainParams.__dataclass_fields__ if f != "lora"}
-    missing = sorted(expected - set(raw)) + sorted(
-        f"lora.{k}" for k in set(LoraParams.__dataclass_fields__) - set(lora_raw)
-    )
-    if missing:
-        raise StageError(f"params.yaml: train: missing key(s) {', '.join(missing)}")
-    unknown = sorted(set(raw) - expected - {"lora"}) + sorted(
-        f"lora.{k}" for k in set(lora_raw) - set(LoraParams.__dataclass_fields__)
-    )
-    if unknown:
-        raise StageError(f"params.yaml: train: unknown key(s) {', '.join(unknown)}")
-    lora = LoraParams(
-        r=int(lora_raw["r"]),
-        alpha=int(lora_raw["alpha"]),
-        dropout=float(lora_raw["dropout"]),
-        target_modules=tuple(lora_raw["target_modules"]),
-        modules_to_save=tuple(lora_raw["modules_to_save"] or ()),
-    )
-    values = {k: raw[k] for k in expected}
-    params = TrainParams(**values, lora=lora)
+    """Check the `train:` params; a missing, unknown or badly typed key, or a value out of its
+    range, is a StageError naming it."""
+    params = parse_section(raw, TrainParams, "train")
+    lora = params.lora
     checks = {
-        "launcher": isinstance(params.launcher, str) and params.launcher.strip() != "",
-        "epochs": float(params.epochs) > 0,
-        "batch_size": int(params.batch_size) > 0,
-        "learning_rate": float(params.learning_rate) > 0,
-        "max_length": int(params.max_length) >= 8,
-        "val_fraction": 0 < float(params.val_fraction) < 0.5,
-        "max_train_samples": params.max_train_samples is None or int(params.max_train_samples) > 0,
-        "torch_threads": params.torch_threads is None or int(params.torch_threads) > 0,
-        "checkpoint_steps": int(params.checkpoint_steps) > 0,
-        "quantization": params.quantization in QUANTIZATION_MODES,
-        "precision": params.precision in PRECISION_MODES,
+        "launcher": params.launcher.strip() != "",
+        "epochs": params.epochs > 0,
+        "batch_size": params.batch_size > 0,
+        "learning_rate": params.learning_rate > 0,
+        "max_length": params.max_length >= 8,
+        "val_fraction": 0 < params.val_fraction < 0.5,
+        "max_train_samples": params.max_train_samples is None or params.max_train_samples > 0,
+        "torch_threads": params.torch_threads is None or params.torch_threads > 0,
+        "checkpoint_steps": params.checkpoint_steps > 0,
         "lora.r": lora.r > 0,
         "lora.alpha": lora.alpha > 0,
         "lora.dropout": 0 <= lora.dropout < 1,
@@ -476,26 +460,14 @@ class TrainResult:
     log_history: list[dict[str, Any]]
 
 
-def train_model(
-    train_df: pl.DataFrame,
-    val_df: pl.DataFrame,
-    params: TrainParams,
-    label_names: tuple[str, ...],
-    *,
-    data_path: Path,
-    checkpoint_dir: Path = CHECKPOINT_DIR,
-    adapter_dir: Path = ADAPTER_DIR,
-    live_dir: Path | None = LIVE_DIR,
-    extra_callbacks: Sequence[Any] = (),
-) -> TrainResult:
-    """Train (or resume) the adapter and save the best one with its tokenizer to `adapter_dir`."""
-    from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments
+def training_arguments(
+    params: TrainParams, checkpoint_dir: Path, precision: str, cuda: bool
+) -> TrainingArguments:
+    """The Trainer's arguments for these params: per-epoch evaluation and checkpoints, the best
+    epoch kept by SELECT_BY, logging every 10 steps, seeded data order."""
+    from transformers import TrainingArguments
 
-    cuda = torch.cuda.is_available()
-    quantization = resolve_quantization(params.quantization, cuda)
-    precision = resolve_precision(params.precision, cuda)
-    base_path = resolve_base_model(params.base_model)
-    args = TrainingArguments(
+    return TrainingArguments(
         output_dir=str(checkpoint_dir),
         num_train_epochs=float(params.epochs),
         per_device_train_batch_size=params.batch_size,
@@ -527,6 +499,53 @@ def train_model(
         ddp_find_unused_parameters=False,
         disable_tqdm=False,
     )
+
+
+def resume_point(args: TrainingArguments, checkpoint_dir: Path, fp: str) -> Path | None:
+    """The checkpoint to resume from, if any: rank 0 decides (and clears stale checkpoints) before
+    the other ranks look."""
+    with args.main_process_first(desc="checkpoint fingerprint"):
+        if args.should_save:
+            return prepare_checkpoints(checkpoint_dir, fp, args.world_size)
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(str(checkpoint_dir))
+        return Path(last) if last else None
+
+
+def open_live(live_dir: Path, resume: Path | None):
+    """dvclive, not appended to: rebuilt from the checkpoint's log history, so a resumed run's
+    plots hold each step once, exactly as an uninterrupted run's would."""
+    from dvclive import Live
+
+    live = Live(dir=str(live_dir), resume=False, save_dvc_exp=False, dvcyaml=None)
+    if resume is not None:
+        state = json.loads((resume / "trainer_state.json").read_text())
+        for entry in state["log_history"]:
+            log_to_live(live, entry, entry["step"])
+    return live
+
+
+def train_model(
+    train_df: pl.DataFrame,
+    val_df: pl.DataFrame,
+    params: TrainParams,
+    label_names: tuple[str, ...],
+    *,
+    data_path: Path,
+    checkpoint_dir: Path = CHECKPOINT_DIR,
+    adapter_dir: Path = ADAPTER_DIR,
+    live_dir: Path | None = LIVE_DIR,
+    extra_callbacks: Sequence[Any] = (),
+) -> TrainResult:
+    """Train (or resume) the adapter and save the best one with its tokenizer to `adapter_dir`."""
+    from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer
+
+    cuda = torch.cuda.is_available()
+    quantization = resolve_quantization(params.quantization, cuda)
+    precision = resolve_precision(params.precision, cuda)
+    base_path = resolve_base_model(params.base_model)
+    args = training_arguments(params, checkpoint_dir, precision, cuda)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     train_ds = tokenize_rows(tokenizer, train_df, params.max_length)
     val_ds = tokenize_rows(tokenizer, val_df, params.max_length, sort_by_length=True)
@@ -536,28 +555,8 @@ def train_model(
         log.info("%s", describe_world(args.world_size))
     resolved = {"quantization": quantization, "precision": precision}
     fp = fingerprint(params, data_path, base_path, args.world_size, resolved, label_names)
-    resume: Path | None = None
-    # Rank 0 decides (and clears stale checkpoints) before the other ranks look.
-    with args.main_process_first(desc="checkpoint fingerprint"):
-        if args.should_save:
-            resume = prepare_checkpoints(checkpoint_dir, fp, args.world_size)
-        else:
-            from transformers.trainer_utils import get_last_checkpoint
-
-            last = get_last_checkpoint(str(checkpoint_dir))
-            resume = Path(last) if last else None
-
-    live = None
-    if live_dir is not None and args.should_save:
-        from dvclive import Live
-
-        # Not appended to: rebuilt from the checkpoint's log history, so a resumed run's plots hold
-        # each step once, exactly as an uninterrupted run's would.
-        live = Live(dir=str(live_dir), resume=False, save_dvc_exp=False, dvcyaml=None)
-        if resume is not None:
-            state = json.loads((resume / "trainer_state.json").read_text())
-            for entry in state["log_history"]:
-                log_to_live(live, entry, entry["step"])
+    resume = resume_point(args, checkpoint_dir, fp)
+    live = open_live(live_dir, resume) if live_dir is not None and args.should_save else None
 
     torch.manual_seed(params.seed)
     model = build_peft_model(base_path, params, quantization, precision, label_names)

@@ -90,9 +90,10 @@ def make_project(root: Path) -> Path:
     raw.mkdir(parents=True)
     (raw / "train.csv").write_text(TRAIN_CSV)
     (raw / "test.csv").write_text(TEST_CSV)
-    pl.DataFrame({"text": ["Stocks rise on earnings news today"], "label": [2]}).write_parquet(
-        raw / "extra.parquet"
-    )
+    # A World row: with it, every class has a train row (ingest requires that).
+    pl.DataFrame(
+        {"text": ["Leaders meet for peace talks in Geneva today"], "label": [0]}
+    ).write_parquet(raw / "extra.parquet")
     set_params(
         root,
         {

@@ -15,6 +15,7 @@ import yaml
 
 from stages import augment as au
 from stages.common import StageError
+from stages.params import parse_section
 
 TEXTS = (
     "Intel unveils a faster chip for laptops, shares rise 5% in New York trading.",
@@ -208,9 +209,13 @@ PARAMS = {
 }
 
 
+def augment_params(raw: dict) -> au.AugmentParams:
+    return parse_section(raw, au.AugmentParams, "augment")
+
+
 def test_run_augments_train_only_and_keeps_sources(tiny_bert_dir: Path) -> None:
     clean, tokens = frames()
-    params = {**PARAMS, "synonym_model": str(tiny_bert_dir)}
+    params = augment_params({**PARAMS, "synonym_model": str(tiny_bert_dir)})
     train, test, report = au.run(clean, tokens, issues_for(clean, tr1="dropped"), params)
     # Test rows pass through untouched.
     expected_test = clean.filter(pl.col("split") == "test").select("id", "split", "label", "text")
@@ -240,7 +245,7 @@ def test_run_augments_train_only_and_keeps_sources(tiny_bert_dir: Path) -> None:
 
 def test_run_without_augmentation_and_with_relabel() -> None:
     clean, tokens = frames()
-    params = {**PARAMS, "n_aug": 0}
+    params = augment_params({**PARAMS, "n_aug": 0})
     train, _, report = au.run(clean, tokens, issues_for(clean, tr3="relabelled"), params)
     assert train["op"].unique().to_list() == ["original"]
     assert train.filter(pl.col("id") == "tr3")["label"].to_list() == [0]
@@ -250,8 +255,12 @@ def test_run_without_augmentation_and_with_relabel() -> None:
 
 def test_swap_and_delete_need_no_synonym_model() -> None:
     clean, tokens = frames()
-    ops = {**ALL_OPS, "synonym": {"enabled": False}, "insert": {"enabled": False, "rate": 0.1}}
-    params = {**PARAMS, "ops": ops, "synonym_model": "/nonexistent"}
+    ops = {
+        **ALL_OPS,
+        "synonym": {"enabled": False, "rate": 0.1},
+        "insert": {"enabled": False, "rate": 0.1},
+    }
+    params = augment_params({**PARAMS, "ops": ops, "synonym_model": "/nonexistent"})
     train, _, report = au.run(clean, tokens, issues_for(clean), params)
     assert set(report["ops"]) == {"swap", "delete"}
     assert set(train["op"].to_list()) <= {"original", "swap", "delete"}
@@ -260,14 +269,15 @@ def test_swap_and_delete_need_no_synonym_model() -> None:
 @pytest.mark.parametrize(
     ("ops", "message"),
     [
-        ({"shuffle": {"enabled": True, "rate": 0.1}}, "unknown op(s) ['shuffle']"),
+        ({"shuffle": {"enabled": True, "rate": 0.1}}, "unknown key(s) augment.ops.shuffle"),
         ({"swap": {"enabled": True, "rate": 0.0}}, "augment.ops.swap.rate must be in (0, 1]"),
         ({"delete": {"enabled": True, "rate": 1.5}}, "augment.ops.delete.rate must be in (0, 1]"),
+        ({"swap": {"enabled": "yes", "rate": 0.1}}, "augment.ops.swap.enabled: expected bool"),
     ],
 )
 def test_bad_ops_are_clear_errors(ops: dict, message: str) -> None:
     with pytest.raises(StageError) as err:
-        au.enabled_ops(ops)
+        au.enabled_ops(augment_params({**PARAMS, "ops": {**ALL_OPS, **ops}}).ops)
     assert message in str(err.value)
 
 
@@ -282,9 +292,9 @@ def test_stale_tokens_are_a_clear_error() -> None:
         .otherwise(pl.col("whitespace")),
     )
     with pytest.raises(StageError, match="id tr2: tokens do not rebuild the clean text"):
-        au.run(clean, stale, issues_for(clean), {**PARAMS, "synonym_model": "/nonexistent"})
+        au.run(clean, stale, issues_for(clean), augment_params({**PARAMS, "synonym_model": "/x"}))
     with pytest.raises(StageError, match="missing column\\(s\\) \\['whitespace'\\]"):
-        au.run(clean, tokens.drop("whitespace"), issues_for(clean), PARAMS)
+        au.run(clean, tokens.drop("whitespace"), issues_for(clean), augment_params(PARAMS))
 
 
 def test_main_writes_outputs(

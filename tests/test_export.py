@@ -272,13 +272,15 @@ def test_stage_ships_fp32_when_int8_misses_the_bound(
 
     from newsclf.cli import main as cli
     from stages import export as export_stage
+    from stages.params import parse_section
     from tests.test_train import REPO_PARAMS
 
     texts = varied_texts(200)
     adapter = near_tie_adapter(outlier_base, tmp_path / "models" / "adapter", texts)
-    params = yaml.safe_load(REPO_PARAMS.read_text())["export"]
-    params |= {"int8_calibration_texts": 50, "int8_max_fp32_nodes": 0}
-    params["parity"] |= {"n_texts": 200}
+    raw = yaml.safe_load(REPO_PARAMS.read_text())["export"]
+    raw |= {"int8_calibration_texts": 50, "int8_max_fp32_nodes": 0}
+    raw["parity"] |= {"n_texts": 200}
+    params = parse_section(raw, export_stage.ExportParams, "export")
     rows = pl.DataFrame(
         {
             "id": [f"r{i}" for i in range(len(texts))],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ CLASS_WORDS = (
     ("software", "chip", "internet", "browser", "laptop", "satellite", "processor", "genome"),
 )
 FILLER = ("the", "a", "on", "after", "with", "today", "new", "report", "says", "week")
-PARAMS = {
+RAW_PARAMS = {
     "models": ["tfidf_lr", "embedding_lr", "embedding_knn"],
     "embedding_model": "unused-when-embeddings-are-given",
     "precision": "auto",
@@ -34,6 +35,7 @@ PARAMS = {
     "action": "flag",
     "relabel_min_confidence": 0.5,
 }
+PARAMS = li.parse_params(RAW_PARAMS)
 FLIPPED = (3, 50, 97, 140)  # row positions whose label the noisy corpus changes
 
 
@@ -207,7 +209,7 @@ def test_fewer_rows_than_folds() -> None:
     clean, emb = corpus()
     few = clean.filter(pl.col("id").str.slice(-3).cast(pl.Int64) < 2)  # 2 rows per class and split
     with pytest.raises(StageError, match="8 train rows is fewer than label_issues.folds=10"):
-        li.detect(few, {**PARAMS, "folds": 10}, LABEL_NAMES, embeddings=emb[:8])
+        li.detect(few, replace(PARAMS, folds=10), LABEL_NAMES, embeddings=emb[:8])
 
 
 @pytest.mark.parametrize(
@@ -220,9 +222,8 @@ def test_fewer_rows_than_folds() -> None:
     ],
 )
 def test_bad_params_are_clear_errors(key: str, value, message: str) -> None:
-    clean, emb = corpus()
     with pytest.raises(StageError, match=message):
-        li.detect(clean, {**PARAMS, key: value}, LABEL_NAMES, embeddings=emb)
+        li.parse_params({**RAW_PARAMS, key: value})
 
 
 def test_embed_texts_is_normalised_and_independent_of_batching(tiny_bert_dir: Path) -> None:
@@ -257,7 +258,7 @@ def test_main_writes_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     clean, _ = corpus()
     params = {
         "labels": list(LABEL_NAMES),
-        "label_issues": {**PARAMS, "models": ["tfidf_lr"], "action": "drop"},
+        "label_issues": {**RAW_PARAMS, "models": ["tfidf_lr"], "action": "drop"},
     }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     (tmp_path / "data" / "interim").mkdir(parents=True)

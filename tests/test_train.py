@@ -105,10 +105,12 @@ def test_parse_params_accepts_the_defaults_and_names_bad_keys():
         parse_params(missing)
     with pytest.raises(StageError, match="unknown key.*epoch"):
         parse_params(raw_params() | {"epoch": 3})
-    with pytest.raises(StageError, match="quantization='3bit'"):
+    with pytest.raises(StageError, match=r"train\.quantization: '3bit'; choose from"):
         parse_params(raw_params() | {"quantization": "3bit"})
-    with pytest.raises(StageError, match="precision='fp8'"):
+    with pytest.raises(StageError, match=r"train\.precision: 'fp8'; choose from"):
         parse_params(raw_params() | {"precision": "fp8"})
+    with pytest.raises(StageError, match=r"train\.batch_size: expected int, got str"):
+        parse_params(raw_params() | {"batch_size": "32"})
     with pytest.raises(StageError, match="launcher=''"):
         parse_params(raw_params() | {"launcher": ""})
 

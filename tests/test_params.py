@@ -1,0 +1,97 @@
+"""Typed params: one parser for every section; bad keys and types fail naming `section.key`."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+import pytest
+import yaml
+
+from stages import augment, clean, evaluate, export, ingest, label_issues, report, tokenize, train
+from stages.common import StageError
+from stages.params import parse_section
+from tests.pipeline_fixture import REPO_ROOT
+
+
+@dataclass(frozen=True)
+class Inner:
+    rate: float
+    on: bool
+
+
+@dataclass(frozen=True)
+class Section:
+    n: int
+    name: str
+    mode: Literal["a", "b"]
+    cap: int | None
+    items: tuple[str, ...]
+    inner: Inner
+
+
+GOOD = {
+    "n": 3,
+    "name": "x",
+    "mode": "a",
+    "cap": None,
+    "items": ["p", "q"],
+    "inner": {"rate": 1, "on": True},
+}
+
+
+def test_a_good_section_parses_to_typed_values() -> None:
+    parsed = parse_section(GOOD, Section, "s")
+    assert parsed == Section(3, "x", "a", None, ("p", "q"), Inner(1.0, True))
+    assert isinstance(parsed.inner.rate, float)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"n": "3"}, "params.yaml s.n: expected int, got str '3'"),
+        ({"n": True}, "params.yaml s.n: expected int, got bool True"),
+        ({"n": 2.5}, "params.yaml s.n: expected int, got float 2.5"),
+        ({"mode": "c"}, "params.yaml s.mode: 'c'; choose from ['a', 'b']"),
+        ({"cap": "none"}, "params.yaml s.cap: expected int, got str 'none'"),
+        ({"items": "p"}, "params.yaml s.items: expected a list, got 'p'"),
+        ({"items": ["p", 1]}, "params.yaml s.items[1]: expected str, got int 1"),
+        ({"inner": {"rate": 1}}, "params.yaml: missing key(s) s.inner.on"),
+        ({"inner": {"rate": "high", "on": True}}, "params.yaml s.inner.rate: expected float"),
+        ({"inner": 5}, "params.yaml s.inner: expected a mapping, got 5"),
+        ({"extra": 1}, "params.yaml: unknown key(s) s.extra"),
+    ],
+)
+def test_bad_keys_and_types_name_the_key(change: dict, message: str) -> None:
+    with pytest.raises(StageError, match=re.escape(message)):
+        parse_section({**GOOD, **change}, Section, "s")
+
+
+def test_a_missing_key_is_named() -> None:
+    raw = dict(GOOD)
+    del raw["name"]
+    with pytest.raises(StageError, match=re.escape("missing key(s) s.name")):
+        parse_section(raw, Section, "s")
+
+
+@pytest.mark.parametrize(
+    ("section", "parse"),
+    [
+        ("ingest", lambda raw: parse_section(raw, ingest.IngestParams, "ingest")),
+        ("clean", lambda raw: parse_section(raw, clean.CleanParams, "clean")),
+        ("tokenize", lambda raw: parse_section(raw, tokenize.TokenizeParams, "tokenize")),
+        ("label_issues", label_issues.parse_params),
+        ("augment", lambda raw: parse_section(raw, augment.AugmentParams, "augment")),
+        ("train", train.parse_params),
+        ("evaluate", lambda raw: parse_section(raw, evaluate.EvaluateParams, "evaluate")),
+        ("export", lambda raw: parse_section(raw, export.ExportParams, "export")),
+        ("report", lambda raw: parse_section(raw, report.ReportParams, "report")),
+    ],
+)
+def test_every_section_of_params_yaml_parses_with_its_stages_dataclass(section, parse) -> None:
+    raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    parse(raw[section])
+    # ...and a key the dataclass does not know is refused, not ignored.
+    with pytest.raises(StageError, match=re.escape(f"unknown key(s) {section}.typo")):
+        parse({**raw[section], "typo": 1})
