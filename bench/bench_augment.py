@@ -20,17 +20,20 @@ import polars as pl
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 
+from stages import paths
 from stages.augment import (
-    CLEAN_PATH,
     OPS,
-    TOKENS_PATH,
+    AugmentParams,
+    OpParams,
+    OpsParams,
     attach_tokens,
     augment_rows,
     enabled_ops,
     synonyms_for,
 )
-from stages.common import load_params, read_table, write_json
+from stages.common import read_table, write_json
 from stages.label_issues import TFIDF_C
+from stages.params import load_section
 
 SIZES = (500, 2000, None)  # None: every train row
 
@@ -66,12 +69,12 @@ def main() -> None:
     parser.add_argument("--n-aug", type=int, nargs="+", default=[1, 4], help="for all ops together")
     parser.add_argument("--single-op-n-aug", type=int, default=2)
     args = parser.parse_args()
-    params = load_params("augment")
+    params = load_section("augment", AugmentParams)
     # Every op at its params rate, whether or not params switch it on: the bench decides that.
-    rates = {op: float(params["ops"][op]["rate"]) for op in OPS}
-    clean = read_table(CLEAN_PATH)
+    rates = {op: getattr(params.ops, op).rate for op in OPS}
+    clean = read_table(paths.CLEAN)
     test = clean.filter(pl.col("split") == "test")
-    train = attach_tokens(clean.filter(pl.col("split") == "train"), read_table(TOKENS_PATH))
+    train = attach_tokens(clean.filter(pl.col("split") == "train"), read_table(paths.TOKENS))
     start = time.perf_counter()
     synonyms = synonyms_for(train, params)
     lexicon_s = time.perf_counter() - start
@@ -83,7 +86,9 @@ def main() -> None:
     ]
     configs += [(op, {op: rates[op]}, args.single_op_n_aug) for op in OPS]
     configs += [(f"all_ops_x{n}", rates, n) for n in args.n_aug]
-    enabled_ops({op: {"enabled": True, "rate": r} for op, r in rates.items()})  # validates rates
+    enabled_ops(  # validates the rates
+        OpsParams(**{op: OpParams(enabled=True, rate=r) for op, r in rates.items()})
+    )
 
     rows = []
     for size in SIZES:

@@ -32,6 +32,7 @@ import polars as pl
 import torch
 
 from newsclf.predict import CUDA_PROVIDER, OnnxClassifier, default_providers, pad_batch
+from stages import paths
 from stages.common import (
     StageError,
     load_labels,
@@ -41,9 +42,6 @@ from stages.common import (
     write_json,
 )
 from stages.export import (
-    ADAPTER_DIR,
-    TEST_TABLE,
-    TRAIN_TABLE,
     Int8Plan,
     build_export,
     calibration_texts,
@@ -51,7 +49,6 @@ from stages.export import (
 from stages.modeling import label_kwargs
 from stages.train import read_processed
 
-CLEAN_TABLE = Path("data/interim/clean.parquet")
 BATCH_SIZES = (1, 8, 64)
 HEADLINE = "Stocks rally as the central bank holds interest rates steady"
 
@@ -86,7 +83,7 @@ def fresh_adapter(base_model: str, label_names: tuple[str, ...], out: Path) -> P
 def load_test(path: Path | None) -> tuple[pl.DataFrame, str]:
     """Test rows (id, label, text) and where they came from."""
     if path is None:
-        path = TEST_TABLE if TEST_TABLE.exists() else CLEAN_TABLE
+        path = paths.TEST if paths.TEST.exists() else paths.CLEAN
     table = read_table(path, columns=["split", "label", "text"]).filter(pl.col("split") == "test")
     if table.is_empty():
         raise StageError(f"{path}: no test rows")
@@ -157,19 +154,19 @@ def main() -> None:
     max_length = int(train["max_length"])
     base_model = resolve_base_model(train["base_model"])
     test, source = load_test(args.texts)
-    trained = (ADAPTER_DIR / "adapter_config.json").is_file()
+    trained = (paths.ADAPTER / "adapter_config.json").is_file()
     load_before = os.getloadavg()[0]
 
     with tempfile.TemporaryDirectory() as tmp:
         adapter = (
-            ADAPTER_DIR
+            paths.ADAPTER
             if trained
             else fresh_adapter(base_model, label_names, Path(tmp) / "adapter")
         )
         onnx_dir = Path(tmp) / "onnx"
         int8 = Int8Plan(
             calibration_texts(
-                read_processed(TRAIN_TABLE, "train", label_names),
+                read_processed(paths.TRAIN, "train", label_names),
                 int(export["int8_calibration_texts"]),
             ),
             float(export["parity"]["min_int8_agreement"]),

@@ -36,6 +36,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
+from stages import paths
 from stages.common import (
     load_labels,
     load_params,
@@ -44,7 +45,6 @@ from stages.common import (
     write_json,
 )
 from stages.label_issues import (
-    CLEAN_PATH,
     LabelIssuesParams,
     detect,
     embed_texts,
@@ -191,7 +191,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     params = parse_params({**load_params("label_issues"), "action": "flag"})
-    clean = read_table(CLEAN_PATH)
+    clean = read_table(paths.CLEAN)
     train = clean.filter(pl.col("split") == "train")
     texts = train["text"].to_list()
     uses_embeddings = any(m.startswith("embedding") for m in params.models)

@@ -22,6 +22,7 @@ import polars as pl
 from spacy.lang.en.stop_words import STOP_WORDS
 from tqdm import tqdm
 
+from stages import paths
 from stages.common import (
     StageError,
     check_contract,
@@ -34,13 +35,6 @@ from stages.common import (
     write_table,
 )
 from stages.params import load_section
-
-CLEAN_PATH = "data/interim/clean.parquet"
-TOKENS_PATH = "data/interim/tokens.parquet"
-ISSUES_PATH = "data/interim/label_issues.parquet"
-TRAIN_OUT = "data/processed/train.parquet"
-TEST_OUT = "data/processed/test.parquet"
-REPORT_JSON = "reports/augment.json"
 
 OPS: tuple[str, ...] = ("synonym", "swap", "delete", "insert")
 OUT_COLUMNS: tuple[str, ...] = ("id", "split", "label", "text", "augmented_from", "op")
@@ -263,14 +257,14 @@ def apply_label_actions(train: pl.DataFrame, issues: pl.DataFrame) -> pl.DataFra
     """Train rows after `label_issues`: dropped rows removed, relabelled rows given the new label."""
     missing = {"id", "action", "suggested_label"} - set(issues.columns)
     if missing:
-        raise StageError(f"{ISSUES_PATH}: missing column(s) {sorted(missing)}")
+        raise StageError(f"{paths.LABEL_ISSUES}: missing column(s) {sorted(missing)}")
     joined = train.join(
         issues.select("id", "action", "suggested_label"), on="id", how="left", maintain_order="left"
     )
     unscored = joined.filter(pl.col("action").is_null())
     if unscored.height:
         raise StageError(
-            f"{ISSUES_PATH}: {unscored.height} train row(s) not scored (first id "
+            f"{paths.LABEL_ISSUES}: {unscored.height} train row(s) not scored (first id "
             f"{unscored['id'][0]}); it is stale: rerun `dvc repro label_issues`"
         )
     return (
@@ -288,24 +282,24 @@ def attach_tokens(rows: pl.DataFrame, tokens: pl.DataFrame) -> pl.DataFrame:
     """`rows` with their spaCy tokens and spaces, checked to rebuild each text exactly."""
     missing = {"id", "tokens", "whitespace"} - set(tokens.columns)
     if missing:
-        raise StageError(f"{TOKENS_PATH}: missing column(s) {sorted(missing)}")
+        raise StageError(f"{paths.TOKENS}: missing column(s) {sorted(missing)}")
     joined = rows.join(
         tokens.select("id", "tokens", "whitespace"), on="id", how="left", maintain_order="left"
     )
     absent = joined.filter(pl.col("tokens").is_null())
     if absent.height:
         raise StageError(
-            f"{TOKENS_PATH}: no tokens for id {absent['id'][0]} ({absent.height} row(s)); "
+            f"{paths.TOKENS}: no tokens for id {absent['id'][0]} ({absent.height} row(s)); "
             "rerun `dvc repro tokenize`"
         )
     for row in joined.select("id", "text", "tokens", "whitespace").iter_rows(named=True):
         if len(row["tokens"]) != len(row["whitespace"]):
             raise StageError(
-                f"{TOKENS_PATH}: id {row['id']}: tokens and whitespace differ in length"
+                f"{paths.TOKENS}: id {row['id']}: tokens and whitespace differ in length"
             )
         if detokenise(row["tokens"], row["whitespace"]) != row["text"]:
             raise StageError(
-                f"{TOKENS_PATH}: id {row['id']}: tokens do not rebuild the clean text; "
+                f"{paths.TOKENS}: id {row['id']}: tokens do not rebuild the clean text; "
                 "rerun `dvc repro tokenize`"
             )
     return joined
@@ -394,7 +388,7 @@ def run(
     """The stage without its files: (train table, test table, report)."""
     missing = {"id", "split", "label", "text"} - set(clean.columns)
     if missing:
-        raise StageError(f"{CLEAN_PATH}: missing column(s) {sorted(missing)}")
+        raise StageError(f"{paths.CLEAN}: missing column(s) {sorted(missing)}")
     rates = enabled_ops(params.ops)
     n_aug = params.n_aug
     train_in = clean.filter(pl.col("split") == "train")
@@ -428,12 +422,14 @@ def run(
 def main() -> None:
     params = load_section("augment", AugmentParams)
     log.info("params %s", params)
-    clean = read_table(CLEAN_PATH)
-    check_contract(clean, CLEAN_PATH, load_labels())
-    train, test, report = run(clean, read_table(TOKENS_PATH), read_table(ISSUES_PATH), params)
-    write_table(train, TRAIN_OUT)
-    write_table(test, TEST_OUT)
-    write_json(report, REPORT_JSON)
+    clean = read_table(paths.CLEAN)
+    check_contract(clean, paths.CLEAN, load_labels())
+    train, test, report = run(
+        clean, read_table(paths.TOKENS), read_table(paths.LABEL_ISSUES), params
+    )
+    write_table(train, paths.TRAIN)
+    write_table(test, paths.TEST)
+    write_json(report, paths.AUGMENT_REPORT)
     log.info(
         "train %d -> %d rows (%d added), test %d rows",
         report["train_rows_in"],

@@ -25,6 +25,7 @@ from typing import Literal
 
 import polars as pl
 
+from stages import paths
 from stages.common import (
     SPLITS,
     StageError,
@@ -40,7 +41,6 @@ from stages.params import load_section
 
 log = get_logger("clean")
 
-INGESTED = "data/interim/ingested.parquet"
 
 URL_MODES = ("remove", "keep", "token")
 URL_PATTERN = r"(?i)\b(?:https?://|www\.)\S+"
@@ -260,8 +260,8 @@ def clean(
 def main() -> None:
     params = load_section("clean", CleanParams)
     log.info("params %s", params)
-    df = read_table(INGESTED)
-    check_contract(df, INGESTED, load_labels())
+    df = read_table(paths.INGESTED)
+    check_contract(df, paths.INGESTED, load_labels())
     kept, removed, report = clean(df, params.urls, params.min_chars, params.max_chars)
     for rule, count in report["removed_by_rule"].items():
         log.info("%-21s removed %5d rows", rule, count)
@@ -271,9 +271,9 @@ def main() -> None:
         kept.height,
         report["label_conflict_rows_flagged"],
     )
-    write_table(kept, "data/interim/clean.parquet")
-    write_table(removed, "data/interim/removed.parquet")
-    write_json(report, "reports/clean.json")
+    write_table(kept, paths.CLEAN)
+    write_table(removed, paths.REMOVED)
+    write_json(report, paths.CLEAN_REPORT)
 
 
 if __name__ == "__main__":

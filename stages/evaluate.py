@@ -24,6 +24,7 @@ import polars as pl
 import torch
 from tqdm import tqdm
 
+from stages import paths
 from stages.common import (
     StageError,
     get_logger,
@@ -43,20 +44,11 @@ from stages.modeling import (
 )
 from stages.params import load_section
 from stages.train import (
-    ADAPTER_DIR,
-    TRAIN_FILE,
     TrainParams,
     parse_params,
     read_processed,
     split_train_val,
 )
-
-TEST_FILE = Path("data/processed/test.parquet")
-METRIC_PATH = Path(__file__).resolve().parents[1] / "metrics" / "newsclf_metrics"
-METRICS_FILE = Path("reports/metrics.json")
-CONFUSION_FILE = Path("reports/plots/confusion.csv")
-ROC_FILE = Path("reports/plots/roc.csv")
-ERRORS_FILE = Path("reports/errors.csv")
 
 log = get_logger("evaluate")
 
@@ -169,7 +161,7 @@ def compute_metrics(
     """The project metric module's report for these probabilities (prediction = argmax)."""
     import evaluate
 
-    metric = evaluate.load(str(METRIC_PATH))
+    metric = evaluate.load(str(paths.METRIC_MODULE))
     return metric.compute(
         predictions=probs.argmax(axis=1).tolist(),
         references=labels,
@@ -285,7 +277,7 @@ def run(
     train_params: TrainParams,
     label_names: tuple[str, ...],
     batch_size: int,
-    adapter_dir: Path = ADAPTER_DIR,
+    adapter_dir: Path = paths.ADAPTER,
 ) -> Evaluation:
     """Score the adapter in `adapter_dir` (merged, and as trained for a quantized base) and the
     baseline trained on `train_rows` on the rows of `test_df`."""
@@ -337,17 +329,17 @@ def main() -> None:
         # One knob for both stages: what is fastest for training is fastest for scoring.
         torch.set_num_threads(train_params.torch_threads)
 
-    test_df = read_processed(TEST_FILE, "test", label_names)
-    train_df = read_processed(TRAIN_FILE, "train", label_names)
+    test_df = read_processed(paths.TEST, "test", label_names)
+    train_df = read_processed(paths.TRAIN, "train", label_names)
     train_rows, _ = split_train_val(
         train_df, train_params.val_fraction, train_params.seed, train_params.max_train_samples
     )
     result = run(test_df, train_rows, train_params, label_names, batch_size)
     report = result.report
-    write_json(report, METRICS_FILE)
-    write_csv(result.confusion, CONFUSION_FILE)
-    write_csv(result.roc, ROC_FILE)
-    write_csv(result.errors, ERRORS_FILE)
+    write_json(report, paths.METRICS)
+    write_csv(result.confusion, paths.CONFUSION)
+    write_csv(result.roc, paths.ROC)
+    write_csv(result.errors, paths.ERRORS)
     log.info(
         "accuracy %.4f (as trained, %s base: %.4f), macro-F1 %.4f on %d test rows; "
         "baseline accuracy %.4f; %d errors in %s",
@@ -358,7 +350,7 @@ def main() -> None:
         report["n_test"],
         report["baseline_accuracy"],
         result.errors.height,
-        ERRORS_FILE,
+        paths.ERRORS,
     )
 
 

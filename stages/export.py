@@ -41,6 +41,7 @@ import torch
 from tqdm import tqdm
 
 from newsclf.predict import META_FILE, OnnxClassifier
+from stages import paths
 from stages.common import (
     StageError,
     get_logger,
@@ -54,12 +55,6 @@ from stages.modeling import load_merged_model
 from stages.params import load_section
 from stages.train import parse_params, read_processed
 
-ADAPTER_DIR = Path("models/adapter")
-TEST_TABLE = Path("data/processed/test.parquet")
-TRAIN_TABLE = Path("data/processed/train.parquet")
-ONNX_DIR = Path("models/onnx")
-REPORT = Path("reports/export.json")
-SPEED_REPORT = Path("reports/export_speed.json")
 FP32_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
 INPUT_NAMES = ["input_ids", "attention_mask"]
@@ -484,8 +479,8 @@ def run(
     label_names: tuple[str, ...],
     base_model: str,
     max_length: int,
-    adapter_dir: Path = ADAPTER_DIR,
-    out_dir: Path = ONNX_DIR,
+    adapter_dir: Path = paths.ADAPTER,
+    out_dir: Path = paths.ONNX,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Export the adapter in `adapter_dir` merged into its fp32 base to `out_dir` (ONNX fp32, and
     int8 calibrated on `train` when `params.quantize`), check parity and accuracy on `test`.
@@ -500,7 +495,7 @@ def run(
         )
 
     if test.is_empty():
-        raise StageError(f"{TEST_TABLE}: no rows")
+        raise StageError(f"{paths.TEST}: no rows")
     int8_plan = None
     if params.quantize:
         if train is None:
@@ -595,8 +590,8 @@ def main() -> None:
     train_params = parse_params(load_params("train"))
     label_names = load_labels()
     log.info("labels %s; params %s", list(label_names), params)
-    test = read_processed(TEST_TABLE, "test", label_names)
-    train = read_processed(TRAIN_TABLE, "train", label_names) if params.quantize else None
+    test = read_processed(paths.TEST, "test", label_names)
+    train = read_processed(paths.TRAIN, "train", label_names) if params.quantize else None
     report, speed = run(
         test,
         train,
@@ -605,8 +600,8 @@ def main() -> None:
         resolve_base_model(train_params.base_model),
         train_params.max_length,
     )
-    write_json(report, REPORT)
-    write_json(speed, SPEED_REPORT)
+    write_json(report, paths.EXPORT_REPORT)
+    write_json(speed, paths.EXPORT_SPEED)
     log.info("accuracy %s, sizes (MB) %s, speed %s", report["accuracy"], report["size_mb"], speed)
 
 

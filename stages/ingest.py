@@ -27,6 +27,7 @@ from pathlib import Path
 import polars as pl
 from tqdm import tqdm
 
+from stages import paths
 from stages.common import (
     SPLITS,
     StageError,
@@ -498,9 +499,9 @@ def main() -> None:
     label_names = load_labels()
     log.info("labels %s; sources %s", list(label_names), entries)
     kept, rejected, report = ingest(sources, label_names)
-    write_table(kept, "data/interim/ingested.parquet")
-    write_table(rejected, "data/interim/rejected.parquet")
-    write_json(report, "reports/ingest.json")
+    write_table(kept, paths.INGESTED)
+    write_table(rejected, paths.REJECTED)
+    write_json(report, paths.INGEST_REPORT)
 
 
 if __name__ == "__main__":

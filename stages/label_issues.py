@@ -13,7 +13,6 @@ similarity-weighted k-nearest-neighbour vote) ranks the flips markedly better (d
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -26,6 +25,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 from tqdm import tqdm
 
+from stages import paths
 from stages.common import (
     StageError,
     check_contract,
@@ -40,11 +40,6 @@ from stages.common import (
 )
 from stages.modeling import PRECISION_MODES, resolve_precision
 from stages.params import parse_section
-
-CLEAN_PATH = "data/interim/clean.parquet"
-OUT_PATH = "data/interim/label_issues.parquet"
-REPORT_JSON = "reports/label_issues.json"
-REPORT_MD = "reports/label_issues.md"
 
 MODELS: tuple[str, ...] = ("tfidf_lr", "embedding_lr", "embedding_knn")
 ACTIONS: tuple[str, ...] = ("flag", "drop", "relabel")
@@ -118,19 +113,19 @@ def validate_train(labels: np.ndarray, folds: int, label_names: tuple[str, ...])
         raise StageError(f"label_issues.folds must be at least 2, got {folds}")
     if len(labels) < folds:
         raise StageError(
-            f"{CLEAN_PATH}: {len(labels)} train rows is fewer than label_issues.folds={folds}"
+            f"{paths.CLEAN}: {len(labels)} train rows is fewer than label_issues.folds={folds}"
         )
     counts = np.bincount(labels, minlength=len(label_names))
     for cls, count in enumerate(counts):
         if count == 0:
             raise StageError(
-                f"{CLEAN_PATH}: class {cls} ({label_names[cls]}) has no train rows; every class "
+                f"{paths.CLEAN}: class {cls} ({label_names[cls]}) has no train rows; every class "
                 "must be present to estimate label noise"
             )
         if count == 1:
             # A single row is in its own held-out fold, so no fold could learn its class.
             raise StageError(
-                f"{CLEAN_PATH}: class {cls} ({label_names[cls]}) has a single train row; "
+                f"{paths.CLEAN}: class {cls} ({label_names[cls]}) has a single train row; "
                 "out-of-fold probabilities need at least 2 rows per class"
             )
 
@@ -387,7 +382,7 @@ def detect(
     `embeddings` (one row per train row, in order) may be passed in by a caller that already has
     them, such as the bench; otherwise they are computed when an embedding model is selected.
     """
-    check_contract(clean, CLEAN_PATH, label_names)
+    check_contract(clean, paths.CLEAN, label_names)
     train = clean.filter(pl.col("split") == "train")
     labels = train["label"].to_numpy()
     validate_train(labels, params.folds, label_names)
@@ -431,11 +426,11 @@ def main() -> None:
     params = parse_params(load_params("label_issues"))
     label_names = load_labels()
     log.info("labels %s; params %s", list(label_names), params)
-    clean = read_table(CLEAN_PATH)
+    clean = read_table(paths.CLEAN)
     table, report = detect(clean, params, label_names)
-    write_table(table, OUT_PATH)
-    write_json(report, REPORT_JSON)
-    Path(REPORT_MD).write_text(render_markdown(table, report, label_names), encoding="utf-8")
+    write_table(table, paths.LABEL_ISSUES)
+    write_json(report, paths.LABEL_ISSUES_REPORT)
+    paths.LABEL_ISSUES_MD.write_text(render_markdown(table, report, label_names), encoding="utf-8")
     log.info(
         "%d train rows scored, %d flagged, %d dropped, %d relabelled",
         report["rows_scored"],

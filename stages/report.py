@@ -29,6 +29,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
+from stages import paths
 from stages.common import (  # noqa: E402
     SPLITS,
     StageError,
@@ -40,26 +41,17 @@ from stages.common import (  # noqa: E402
 )
 from stages.params import load_section
 
-REPORTS = Path("reports")
-OUT_FILE = REPORTS / "index.html"
 JSON_INPUTS = {
-    "ingest": REPORTS / "ingest.json",
-    "clean": REPORTS / "clean.json",
-    "tokens": REPORTS / "tokens.json",
-    "label_issues": REPORTS / "label_issues.json",
-    "augment": REPORTS / "augment.json",
-    "metrics": REPORTS / "metrics.json",
-    "export": REPORTS / "export.json",
-    "export_speed": REPORTS / "export_speed.json",
+    "ingest": paths.INGEST_REPORT,
+    "clean": paths.CLEAN_REPORT,
+    "tokens": paths.TOKENS_REPORT,
+    "label_issues": paths.LABEL_ISSUES_REPORT,
+    "augment": paths.AUGMENT_REPORT,
+    "metrics": paths.METRICS,
+    "export": paths.EXPORT_REPORT,
+    "export_speed": paths.EXPORT_SPEED,
 }
-TOKEN_LENGTHS = REPORTS / "plots" / "token_lengths.csv"
-CONFUSION = REPORTS / "plots" / "confusion.csv"
-TRAIN_CURVES = REPORTS / "train" / "plots" / "metrics"
-LABEL_ISSUES = Path("data/interim/label_issues.parquet")
-PROCESSED = {
-    "train": Path("data/processed/train.parquet"),
-    "test": Path("data/processed/test.parquet"),
-}
+PROCESSED = {"train": paths.TRAIN, "test": paths.TEST}
 
 log = get_logger("report")
 
@@ -169,7 +161,7 @@ def confusion_matrix(confusion: pl.DataFrame, label_names: Sequence[str]) -> np.
     unknown = set(confusion["actual"]) | set(confusion["predicted"])
     unknown -= set(index)
     if unknown:
-        raise StageError(f"{CONFUSION}: unknown class names {sorted(unknown)}")
+        raise StageError(f"{paths.CONFUSION}: unknown class names {sorted(unknown)}")
     matrix = np.zeros((len(label_names), len(label_names)), dtype=np.int64)
     for actual, predicted in confusion.select("actual", "predicted").iter_rows():
         matrix[index[actual], index[predicted]] += 1
@@ -549,19 +541,19 @@ def main() -> None:
     log.info("labels %s; params %s", list(label_names), params)
     reports = {name: read_json(path) for name, path in JSON_INPUTS.items()}
     tables = {split: read_table(path, columns=["label"]) for split, path in PROCESSED.items()}
-    issues = read_table(LABEL_ISSUES)
+    issues = read_table(paths.LABEL_ISSUES)
     page = render_html(
         reports,
         funnel(reports),
         class_balance(tables, label_names),
-        read_csv(TOKEN_LENGTHS),
+        read_csv(paths.TOKEN_LENGTHS),
         top_suspects(issues, params.top_suspects, label_names),
-        read_curves(TRAIN_CURVES),
-        confusion_matrix(read_csv(CONFUSION), label_names),
+        read_curves(paths.TRAIN_CURVES),
+        confusion_matrix(read_csv(paths.CONFUSION), label_names),
         label_names,
     )
-    OUT_FILE.write_text(page, encoding="utf-8")
-    log.info("wrote %s (%.0f kB)", OUT_FILE, len(page.encode()) / 1024)
+    paths.REPORT_PAGE.write_text(page, encoding="utf-8")
+    log.info("wrote %s (%.0f kB)", paths.REPORT_PAGE, len(page.encode()) / 1024)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import spacy
 from spacy.attrs import IDX, LENGTH, SPACY
 from tqdm import tqdm
 
+from stages import paths
 from stages.common import (
     StageError,
     get_logger,
@@ -252,7 +253,7 @@ def main() -> None:
             f"params.yaml tokenize: n_process and batch_size must be >= 1, got {params}"
         )
     log.info("params %s", params)
-    source = pq.ParquetFile(require_file("data/interim/clean.parquet"))
+    source = pq.ParquetFile(require_file(paths.CLEAN))
     batches = source.iter_batches(batch_size=params.batch_size, columns=["id", "split", "text"])
     stats = TokenStats()
     with tqdm(total=source.metadata.num_rows, desc="tokenize", unit="row", mininterval=1) as bar:
@@ -264,7 +265,7 @@ def main() -> None:
 
         chunks = (pl.from_arrow(batch) for batch in batches)
         tables = tokenize_stream(chunks, params.n_process, params.batch_size)
-        write_table_stream(counted(tables), "data/interim/tokens.parquet")
+        write_table_stream(counted(tables), paths.TOKENS)
     report, lengths = stats.report()
     log.info(
         "%d rows, %d tokens, vocabulary %d, p95 %d tokens",
@@ -273,8 +274,8 @@ def main() -> None:
         report["vocabulary_size"],
         report["n_tokens_p95"],
     )
-    write_json(report, "reports/tokens.json")
-    write_csv(length_histogram(lengths), "reports/plots/token_lengths.csv")
+    write_json(report, paths.TOKENS_REPORT)
+    write_csv(length_histogram(lengths), paths.TOKEN_LENGTHS)
 
 
 if __name__ == "__main__":

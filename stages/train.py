@@ -34,6 +34,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from stages import paths
 from stages.common import (
     StageError,
     check_contract,
@@ -57,10 +58,6 @@ from stages.params import parse_section
 if TYPE_CHECKING:
     from transformers import TrainingArguments
 
-TRAIN_FILE = Path("data/processed/train.parquet")
-ADAPTER_DIR = Path("models/adapter")
-CHECKPOINT_DIR = Path("models/checkpoints")
-LIVE_DIR = Path("reports/train")
 FINGERPRINT_NAME = "fingerprint.json"
 # Validation metric that picks the epoch kept. Loss, not accuracy: on a few hundred validation rows
 # accuracy moves in steps of ~0.3 pt and ties between epochs (the Trainer then keeps the earlier one;
@@ -533,9 +530,9 @@ def train_model(
     label_names: tuple[str, ...],
     *,
     data_path: Path,
-    checkpoint_dir: Path = CHECKPOINT_DIR,
-    adapter_dir: Path = ADAPTER_DIR,
-    live_dir: Path | None = LIVE_DIR,
+    checkpoint_dir: Path = paths.CHECKPOINTS,
+    adapter_dir: Path = paths.ADAPTER,
+    live_dir: Path | None = paths.TRAIN_LIVE,
     extra_callbacks: Sequence[Any] = (),
 ) -> TrainResult:
     """Train (or resume) the adapter and save the best one with its tokenizer to `adapter_dir`."""
@@ -615,11 +612,11 @@ def main() -> None:
     label_names = load_labels()
     if params.torch_threads is not None:
         torch.set_num_threads(params.torch_threads)
-    df = read_processed(TRAIN_FILE, "train", label_names)
+    df = read_processed(paths.TRAIN, "train", label_names)
     train_df, val_df = split_train_val(
         df, params.val_fraction, params.seed, params.max_train_samples
     )
-    result = train_model(train_df, val_df, params, label_names, data_path=TRAIN_FILE)
+    result = train_model(train_df, val_df, params, label_names, data_path=paths.TRAIN)
     if not result.is_main_process:
         return
     log.info(
@@ -629,7 +626,7 @@ def main() -> None:
         result.best_val_loss if result.best_val_loss is not None else math.nan,
         result.best_val_accuracy if result.best_val_accuracy is not None else math.nan,
         result.best_checkpoint,
-        ADAPTER_DIR,
+        paths.ADAPTER,
     )
 
 

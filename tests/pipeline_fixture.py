@@ -90,10 +90,11 @@ def make_project(root: Path) -> Path:
     raw.mkdir(parents=True)
     (raw / "train.csv").write_text(TRAIN_CSV)
     (raw / "test.csv").write_text(TEST_CSV)
-    # A World row: with it, every class has a train row (ingest requires that).
-    pl.DataFrame(
-        {"text": ["Leaders meet for peace talks in Geneva today"], "label": [0]}
-    ).write_parquet(raw / "extra.parquet")
+    # A World row: with it, every class has a train row (ingest requires that). Under 40 chars, so
+    # that raising clean.min_chars by 20 removes it (the run-cache test relies on that).
+    pl.DataFrame({"text": ["Leaders meet for peace talks"], "label": [0]}).write_parquet(
+        raw / "extra.parquet"
+    )
     set_params(
         root,
         {

@@ -14,6 +14,7 @@ import spacy
 import yaml
 
 from stages import augment as au
+from stages import paths
 from stages.common import StageError
 from stages.params import parse_section
 
@@ -313,10 +314,10 @@ def test_main_writes_outputs(
     issues_for(clean).write_parquet(interim / "label_issues.parquet")
     monkeypatch.chdir(tmp_path)
     au.main()
-    train = pl.read_parquet(au.TRAIN_OUT)
-    test = pl.read_parquet(au.TEST_OUT)
-    report = json.loads(Path(au.REPORT_JSON).read_text())
+    train = pl.read_parquet(paths.TRAIN)
+    test = pl.read_parquet(paths.TEST)
+    report = json.loads(paths.AUGMENT_REPORT.read_text())
     assert train.height == report["train_rows_out"] and test.height == report["test_rows"] == 2
-    first = Path(au.TRAIN_OUT).read_bytes()
+    first = paths.TRAIN.read_bytes()
     au.main()
-    assert Path(au.TRAIN_OUT).read_bytes() == first  # byte-identical on a rerun
+    assert paths.TRAIN.read_bytes() == first  # byte-identical on a rerun

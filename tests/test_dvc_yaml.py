@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import ast
+from pathlib import Path
 
 import pytest
 import yaml
 
+from stages import paths
 from tests.pipeline_fixture import REPO_ROOT
 
 STAGES = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
@@ -55,3 +57,54 @@ def test_every_key_of_the_stages_own_section_is_declared(stage: str) -> None:
         node = PARAMS[section]
         for part in rest:
             node = node[part]
+
+
+def named_paths(stage: str) -> set[Path]:
+    """The `paths.NAME` the stage's module uses, as paths relative to the repository."""
+    tree = ast.parse((REPO_ROOT / "stages" / f"{stage}.py").read_text())
+    used = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and getattr(node.value, "id", None) == "paths":
+            path = getattr(paths, node.attr)
+            used.add(path.relative_to(REPO_ROOT) if path.is_absolute() else path)
+    return used
+
+
+def declared_paths(stage: str) -> set[Path]:
+    """The stage's data deps, outs, metrics and plots in dvc.yaml (code deps left out)."""
+    spec = STAGES[stage]
+    entries = [d for d in spec["deps"] if not d.startswith(("stages/", "newsclf/"))]
+    for kind in ("outs", "metrics", "plots"):
+        entries += [next(iter(e)) if isinstance(e, dict) else e for e in spec.get(kind, [])]
+    return {Path(e) for e in entries}
+
+
+def covers(a: Path, b: Path) -> bool:
+    """`a` is `b` or a folder holding it."""
+    return a == b or a in b.parents
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_data_deps_and_outs_are_the_paths_the_stage_names(stage: str) -> None:
+    used, declared = named_paths(stage), declared_paths(stage)
+    undeclared = {u for u in used if not any(covers(u, d) or covers(d, u) for d in declared)}
+    unused = {d for d in declared if not any(covers(u, d) or covers(d, u) for u in used)}
+    if stage == "ingest":
+        # Its raw files come from `ingest.sources`, which must point into the declared folder.
+        unused.discard(paths.RAW)
+        sources = PARAMS["ingest"]["sources"]
+        assert all(covers(paths.RAW, Path(s["path"])) for s in sources)
+    assert not undeclared, f"{stage} uses paths dvc.yaml does not declare: {undeclared}"
+    assert not unused, f"{stage} declares paths its code does not name: {unused}"
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_code_deps_outside_stages_are_imported(stage: str) -> None:
+    for dep in STAGES[stage]["deps"]:
+        if dep.startswith("newsclf/"):
+            module = "newsclf." + Path(dep).stem
+            sources = [
+                (REPO_ROOT / "stages" / f"{m}.py").read_text()
+                for m in imported_stage_modules(stage)
+            ]
+            assert any(f"from {module} import" in s for s in sources), (stage, dep)

@@ -10,9 +10,9 @@ import polars as pl
 import pytest
 import yaml
 
+from stages import paths
 from stages.common import StageError
 from stages.evaluate import (
-    METRIC_PATH,
     baseline_proba,
     confusion_rows,
     error_rows,
@@ -38,7 +38,7 @@ SCORES = [
 def metric():
     import evaluate
 
-    return evaluate.load(str(METRIC_PATH))
+    return evaluate.load(str(paths.METRIC_MODULE))
 
 
 def test_metric_module_matches_hand_computed_numbers(metric):

@@ -315,3 +315,10 @@ def test_a_class_without_train_rows_fails_with_the_counts(tmp_path: Path) -> Non
 def test_bad_labels_param(raw, message: str) -> None:
     with pytest.raises(StageError, match=re.escape(message)):
         parse_labels(raw)
+
+
+def test_empty_text_after_joining_the_columns_is_a_row_fault(tmp_path: Path) -> None:
+    path = write(tmp_path / "e.csv", b"queue,subject,body\nbilling,Invoice,twice\noutage, ,\n")
+    kept, rejected, _ = ingest_source(Source(path, "train", ("subject", "body"), "queue"), TICKETS)
+    assert kept["id"].to_list() == ["e.csv:2"]
+    assert rejected.select("row", "reason").rows() == [(3, "empty text")]

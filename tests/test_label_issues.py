@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from stages import label_issues as li
+from stages import paths
 from stages.common import StageError
 from tests.pipeline_fixture import AG_NEWS_LABELS as LABEL_NAMES
 
@@ -262,14 +263,14 @@ def test_main_writes_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     (tmp_path / "data" / "interim").mkdir(parents=True)
-    clean.write_parquet(tmp_path / li.CLEAN_PATH)
+    clean.write_parquet(tmp_path / paths.CLEAN)
     monkeypatch.chdir(tmp_path)
     li.main()
-    table = pl.read_parquet(li.OUT_PATH)
-    report = json.loads(Path(li.REPORT_JSON).read_text())
+    table = pl.read_parquet(paths.LABEL_ISSUES)
+    report = json.loads(paths.LABEL_ISSUES_REPORT.read_text())
     assert table.height == report["rows_scored"] == 160
     assert report["dropped"] == table.filter(pl.col("action") == "dropped").height > 0
-    assert "# Label issues: top suspects" in Path(li.REPORT_MD).read_text()
-    first = Path(li.OUT_PATH).read_bytes()
+    assert "# Label issues: top suspects" in paths.LABEL_ISSUES_MD.read_text()
+    first = paths.LABEL_ISSUES.read_bytes()
     li.main()
-    assert Path(li.OUT_PATH).read_bytes() == first  # byte-identical on a rerun
+    assert paths.LABEL_ISSUES.read_bytes() == first  # byte-identical on a rerun
