@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import polars as pl
 import pytest
-import yaml
 
 from stages import paths
 from stages.common import StageError
@@ -118,17 +114,14 @@ def test_report_tables():
 
 
 @pytest.mark.parametrize("quantization", ["none", "4bit"])
-def test_train_then_evaluate_end_to_end(
-    quantization, tiny_bert_dir, tmp_path, monkeypatch, news_rows
-):
-    """Both stages' `main()` in a scratch repository: tiny model, a few dozen rows; with a 4-bit
-    base, evaluate scores the adapter merged into fp32 (what export ships) and as trained."""
+def test_train_then_evaluate_end_to_end(quantization, tiny_bert_dir, tmp_path, news_rows):
+    """Both stages' cores on a tiny model and a few dozen rows, no params file; with a 4-bit base,
+    evaluate scores the adapter merged into fp32 (what export ships) and as trained."""
     from stages import evaluate as evaluate_stage
-    from stages import train as train_stage
+    from stages.train import parse_params, split_train_val, train_model
 
-    params = {
-        "labels": list(LABEL_NAMES),
-        "train": {
+    params = parse_params(
+        {
             "launcher": "python",
             "base_model": str(tiny_bert_dir),
             "max_train_samples": None,
@@ -150,23 +143,28 @@ def test_train_then_evaluate_end_to_end(
                 "target_modules": ["query", "value"],
                 "modules_to_save": ["classifier", "pooler"],
             },
-        },
-        "evaluate": {"batch_size": 4},
-    }
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    processed = tmp_path / "data" / "processed"
-    processed.mkdir(parents=True)
-    news_rows(10).write_parquet(processed / "train.parquet")
+        }
+    )
+    rows = news_rows(10)
+    data = tmp_path / "train.parquet"
+    rows.write_parquet(data)
+    train_rows, val_rows = split_train_val(rows, params.val_fraction, params.seed)
+    adapter = tmp_path / "adapter"
+    result = train_model(
+        train_rows,
+        val_rows,
+        params,
+        LABEL_NAMES,
+        data_path=data,
+        checkpoint_dir=tmp_path / "checkpoints",
+        adapter_dir=adapter,
+        live_dir=None,
+    )
+    assert (adapter / "adapter_model.safetensors").is_file() and result.global_step == 4
+
     test = news_rows(4, split="test")
-    test.write_parquet(processed / "test.parquet")
-    monkeypatch.chdir(tmp_path)
-
-    train_stage.main()
-    assert (Path("models/adapter/adapter_model.safetensors")).is_file()
-    assert json.loads(Path("reports/train/metrics.json").read_text())["step"] == 4
-
-    evaluate_stage.main()
-    report = json.loads(Path("reports/metrics.json").read_text())
+    evaluation = evaluate_stage.run(test, train_rows, params, LABEL_NAMES, 4, adapter_dir=adapter)
+    report = evaluation.report
     assert report["n_test"] == test.height == 16
     assert report["n_train"] == 32
     assert 0 <= report["accuracy"] <= 1 and 0 <= report["baseline_accuracy"] <= 1
@@ -177,18 +175,16 @@ def test_train_then_evaluate_end_to_end(
     assert report["merge_gain"] == pytest.approx(
         report["accuracy"] - report["accuracy_as_trained"], abs=1e-6
     )
+    assert evaluation.quantization == quantization
     if quantization == "none":  # the merged model is the trained one
         assert report["accuracy_as_trained"] == report["accuracy"]
     assert set(report["per_class"]) == set(LABEL_NAMES)
-    assert pl.read_csv("reports/plots/confusion.csv").height == 16
-    errors = pl.read_csv("reports/errors.csv")
-    assert errors.height == round((1 - report["accuracy"]) * 16)
-    roc = pl.read_csv("reports/plots/roc.csv")
-    assert roc.columns == ["class", "fpr", "tpr"]
-    assert set(roc["class"]) == set(LABEL_NAMES)
-    first = Path("reports/metrics.json").read_bytes()
-    evaluate_stage.main()
-    assert Path("reports/metrics.json").read_bytes() == first
+    assert evaluation.confusion.height == 16
+    assert evaluation.errors.height == round((1 - report["accuracy"]) * 16)
+    assert evaluation.roc.columns == ["class", "fpr", "tpr"]
+    assert set(evaluation.roc["class"]) == set(LABEL_NAMES)
+    again = evaluate_stage.run(test, train_rows, params, LABEL_NAMES, 4, adapter_dir=adapter)
+    assert again.report == report
 
 
 def test_evaluate_names_a_missing_adapter(tmp_path):
