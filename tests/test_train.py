@@ -312,6 +312,47 @@ def test_a_checkpoint_of_another_world_size_is_not_resumed(tmp_path, train_log):
     assert json.loads((ck / FINGERPRINT_NAME).read_text())["world_size"] == 1
 
 
+def test_a_resumed_run_logs_what_an_uninterrupted_run_logs(
+    tiny_bert_dir, tmp_path, news_rows, monkeypatch
+):
+    """The loss is logged as a mean over a window of steps; a 3-step window straddles the
+    checkpoint (step 2) the interrupted run resumes from. Every logged value must match."""
+    from stages import train as train_stage
+
+    monkeypatch.setattr(train_stage, "LOGGING_STEPS", 3)
+    df = news_rows(10)
+    data = tmp_path / "train.parquet"
+    df.write_parquet(data)
+    train, val = split_train_val(df, 0.2, seed=0)
+    params = tiny_params(tiny_bert_dir)
+
+    def run(name: str, callbacks=()):
+        return train_model(
+            train,
+            val,
+            params,
+            LABEL_NAMES,
+            data_path=data,
+            checkpoint_dir=tmp_path / name / "ck",
+            adapter_dir=tmp_path / name / "adapter",
+            live_dir=tmp_path / name / "live",
+            extra_callbacks=callbacks,
+        )
+
+    run("whole")
+    with pytest.raises(Interrupt):
+        run("resumed", callbacks=[_stop_at(3)])
+    assert run("resumed").resumed_from == "checkpoint-2"
+    for metric in ("train/loss.tsv", "train/grad_norm.tsv", "eval/loss.tsv"):
+        whole, resumed = (
+            pl.read_csv(tmp_path / name / "live" / "plots" / "metrics" / metric, separator="\t")
+            for name in ("whole", "resumed")
+        )
+        if metric == "train/loss.tsv":
+            assert whole["step"].to_list()[:4] == [1, 2, 3, 4]  # every save closes a window
+        assert resumed.equals(whole), metric
+
+
 def test_training_is_deterministic_and_updates_the_adapter(tiny_bert_dir, tmp_path, news_rows):
     from safetensors.torch import load_file
 
