@@ -383,12 +383,14 @@ def synonyms_for(rows: pl.DataFrame, params: AugmentParams) -> dict[str, list[st
 
 
 def run(
-    clean: pl.DataFrame, tokens: pl.DataFrame, issues: pl.DataFrame, params: AugmentParams
+    clean: pl.DataFrame,
+    tokens: pl.DataFrame,
+    issues: pl.DataFrame,
+    params: AugmentParams,
+    label_names: tuple[str, ...],
 ) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
     """The stage without its files: (train table, test table, report)."""
-    missing = {"id", "split", "label", "text"} - set(clean.columns)
-    if missing:
-        raise StageError(f"{paths.CLEAN}: missing column(s) {sorted(missing)}")
+    check_contract(clean, paths.CLEAN, label_names)
     rates = enabled_ops(params.ops)
     n_aug = params.n_aug
     train_in = clean.filter(pl.col("split") == "train")
@@ -422,10 +424,12 @@ def run(
 def main() -> None:
     params = load_section("augment", AugmentParams)
     log.info("params %s", params)
-    clean = read_table(paths.CLEAN)
-    check_contract(clean, paths.CLEAN, load_labels())
     train, test, report = run(
-        clean, read_table(paths.TOKENS), read_table(paths.LABEL_ISSUES), params
+        read_table(paths.CLEAN),
+        read_table(paths.TOKENS),
+        read_table(paths.LABEL_ISSUES),
+        params,
+        load_labels(),
     )
     write_table(train, paths.TRAIN)
     write_table(test, paths.TEST)

@@ -71,12 +71,7 @@ def parse_labels(raw: Any, where: str = f"{PARAMS_FILE} labels") -> tuple[str, .
 
 def load_labels(path: Path = PARAMS_FILE) -> tuple[str, ...]:
     """The top-level `labels:` of params.yaml (what every stage and the model call the classes)."""
-    if not path.exists():
-        raise StageError(f"{path}: params file not found (run from the repository root)")
-    params = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    if "labels" not in params:
-        raise StageError(f"{path}: no top-level `labels:` (the class names in id order)")
-    return parse_labels(params["labels"], f"{path} labels")
+    return parse_labels(load_params("labels", path), f"{path} labels")
 
 
 def check_contract(df: pl.DataFrame, path: str | Path, label_names: tuple[str, ...]) -> None:

@@ -18,6 +18,7 @@ that for every source rows in = kept + rejected.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -170,9 +171,9 @@ TEXT_BYTES = bytes(range(0x20, 0x100)) + b"\t\n\r"
 MAX_CONTROL_SHARE = 0.1  # of the first 64 KiB; text has none beyond a stray byte in a row
 
 
-def read_text(path: Path, kind: str) -> str:
-    """A text source's content, decoded with surrogateescape so that undecodable bytes stay in
-    their row (a row fault) instead of failing the file; a binary file is a StageError."""
+def read_text_bytes(path: Path, kind: str) -> bytes:
+    """A text source's bytes, a UTF-8 byte-order mark removed; an empty or binary file is a
+    StageError (a stray control byte is left to its row)."""
     data = path.read_bytes()
     if not data:
         raise StageError(f"{path}: empty file, no rows")
@@ -183,7 +184,13 @@ def read_text(path: Path, kind: str) -> str:
             f"{path}: not a {kind} text file (binary content: {controls} control bytes in the "
             f"first {len(head)})"
         )
-    return data.decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
+    return data.removeprefix(codecs.BOM_UTF8)
+
+
+def read_text(path: Path, kind: str) -> str:
+    """A text source's content, decoded with surrogateescape so that undecodable bytes stay in
+    their row (a row fault) instead of failing the file."""
+    return read_text_bytes(path, kind).decode("utf-8", errors="surrogateescape")
 
 
 def _undecodable(fields: list[str]) -> bool:
@@ -297,7 +304,8 @@ def read_parquet_source(path: Path, source: Source) -> pl.DataFrame:
 
 def read_jsonl(path: Path, source: Source) -> pl.DataFrame:
     """Row candidates of a JSON-lines file; a line that is not a JSON object is a row fault."""
-    lines = read_text(path, "JSON-lines").encode("utf-8", "surrogateescape").split(b"\n")
+    # Split as bytes: each line is decoded on its own, so an undecodable one is a row fault.
+    lines = read_text_bytes(path, "JSON-lines").split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
     if not lines:

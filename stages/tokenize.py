@@ -248,6 +248,8 @@ def main() -> None:
     import pyarrow.parquet as pq
 
     params = load_section("tokenize", TokenizeParams)
+    # Checked here, not only in tokenize_stream: pyarrow's iter_batches raises on batch_size 0
+    # before the stream starts.
     if params.n_process < 1 or params.batch_size < 1:
         raise StageError(
             f"params.yaml tokenize: n_process and batch_size must be >= 1, got {params}"

@@ -17,6 +17,7 @@ from stages import augment as au
 from stages import paths
 from stages.common import StageError
 from stages.params import parse_section
+from tests.pipeline_fixture import AG_NEWS_LABELS as LABEL_NAMES
 
 TEXTS = (
     "Intel unveils a faster chip for laptops, shares rise 5% in New York trading.",
@@ -217,7 +218,9 @@ def augment_params(raw: dict) -> au.AugmentParams:
 def test_run_augments_train_only_and_keeps_sources(tiny_bert_dir: Path) -> None:
     clean, tokens = frames()
     params = augment_params({**PARAMS, "synonym_model": str(tiny_bert_dir)})
-    train, test, report = au.run(clean, tokens, issues_for(clean, tr1="dropped"), params)
+    train, test, report = au.run(
+        clean, tokens, issues_for(clean, tr1="dropped"), params, LABEL_NAMES
+    )
     # Test rows pass through untouched.
     expected_test = clean.filter(pl.col("split") == "test").select("id", "split", "label", "text")
     assert test.select("id", "split", "label", "text").equals(expected_test)
@@ -240,14 +243,16 @@ def test_run_augments_train_only_and_keeps_sources(tiny_bert_dir: Path) -> None:
     assert report["train_rows_out"] == train.height
     assert sum(v["added"] for v in report["ops"].values()) == added.height
     assert sum(v["added"] + v["skipped"] for v in report["ops"].values()) == 3 * 3
-    again, _, _ = au.run(clean, tokens, issues_for(clean, tr1="dropped"), params)
+    again, _, _ = au.run(clean, tokens, issues_for(clean, tr1="dropped"), params, LABEL_NAMES)
     assert again.equals(train)  # seeded
 
 
 def test_run_without_augmentation_and_with_relabel() -> None:
     clean, tokens = frames()
     params = augment_params({**PARAMS, "n_aug": 0})
-    train, _, report = au.run(clean, tokens, issues_for(clean, tr3="relabelled"), params)
+    train, _, report = au.run(
+        clean, tokens, issues_for(clean, tr3="relabelled"), params, LABEL_NAMES
+    )
     assert train["op"].unique().to_list() == ["original"]
     assert train.filter(pl.col("id") == "tr3")["label"].to_list() == [0]
     assert report["relabelled_by_label_issues"] == 1
@@ -262,7 +267,7 @@ def test_swap_and_delete_need_no_synonym_model() -> None:
         "insert": {"enabled": False, "rate": 0.1},
     }
     params = augment_params({**PARAMS, "ops": ops, "synonym_model": "/nonexistent"})
-    train, _, report = au.run(clean, tokens, issues_for(clean), params)
+    train, _, report = au.run(clean, tokens, issues_for(clean), params, LABEL_NAMES)
     assert set(report["ops"]) == {"swap", "delete"}
     assert set(train["op"].to_list()) <= {"original", "swap", "delete"}
 
@@ -293,9 +298,17 @@ def test_stale_tokens_are_a_clear_error() -> None:
         .otherwise(pl.col("whitespace")),
     )
     with pytest.raises(StageError, match="id tr2: tokens do not rebuild the clean text"):
-        au.run(clean, stale, issues_for(clean), augment_params({**PARAMS, "synonym_model": "/x"}))
+        au.run(
+            clean,
+            stale,
+            issues_for(clean),
+            augment_params({**PARAMS, "synonym_model": "/x"}),
+            LABEL_NAMES,
+        )
     with pytest.raises(StageError, match="missing column\\(s\\) \\['whitespace'\\]"):
-        au.run(clean, tokens.drop("whitespace"), issues_for(clean), augment_params(PARAMS))
+        au.run(
+            clean, tokens.drop("whitespace"), issues_for(clean), augment_params(PARAMS), LABEL_NAMES
+        )
 
 
 def test_main_writes_outputs(
