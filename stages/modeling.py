@@ -213,7 +213,26 @@ def load_base_model(
         )
     except OSError as err:
         raise StageError(f"train.base_model: cannot load {base_path!r}: {err}") from err
+    if quantization in KBIT:
+        release_checkpoint_map(model)
     return keep_4bit_layout(model) if quantization == "4bit" else model
+
+
+def release_checkpoint_map(model: torch.nn.Module) -> None:
+    """Give the weights bitsandbytes left unquantized memory of their own.
+
+    From a memory-mapped safetensors file those tensors are views of the file, and while one lives
+    the whole mapping stays resident, with every page the loader read to quantize the rest: a 4-bit
+    model then holds its fp32 checkpoint in memory beside the quantized weights it uses (measured on
+    an 8-layer 1024-wide BERT: 0.5 GB of file pages during training, 0.0 after this copy).
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        for tensor in tensors:
+            if not isinstance(tensor, bnb.nn.Params4bit | bnb.nn.Int8Params):
+                tensor.data = tensor.data.clone()
 
 
 def _require_adapter(adapter_dir: Path) -> Path:

@@ -98,6 +98,7 @@ class TrainParams:
     checkpoint_steps: int
     quantization: Literal[QUANTIZATION_MODES]
     precision: Literal[PRECISION_MODES]
+    activation_checkpointing: bool
     seed: int
     lora: LoraParams
 
@@ -219,9 +220,12 @@ def build_peft_model(
     # tiny test model, 2 x 8 vs 1 x 16 rows: train loss 2.78 vs 1.391).
     model.accepts_loss_kwargs = False
     if quantization in KBIT:
-        # No gradient checkpointing: MiniLM activations at 128 tokens are small, and it costs ~30%
-        # time; bench_quant.py measures the memory with it off for LoRA and QLoRA alike.
+        # Checkpointing is its own param (below), for a full-precision base as for a quantized one.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if params.activation_checkpointing:
+        # Keep each layer's input only and recompute the rest in the backward pass: on a large base
+        # the activations, not the weights, fill the memory (bench_quant.py, BERT-large-sized).
+        model.activation_checkpointing_enable()
     config = LoraConfig(
         task_type=TaskType.SEQ_CLS,
         r=params.lora.r,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from stages.modeling import resolve_precision, resolve_quantization
 from stages.train import (
     FINGERPRINT_NAME,
     TrainParams,
+    build_peft_model,
     parse_params,
     prepare_checkpoints,
     save_adapter,
@@ -64,6 +66,7 @@ def raw_params() -> dict:
         "checkpoint_steps": 50,
         "quantization": "auto",
         "precision": "auto",
+        "activation_checkpointing": False,
         "seed": 42,
         "lora": {
             "r": 8,
@@ -191,6 +194,54 @@ def test_fully_trained_modules_stay_out_of_quantization(tiny_bert_dir):
     assert unquantized_linears(model, ["pooler"]) == ["bert.pooler.dense"]
     with pytest.raises(StageError, match="modules_to_save: no module 'poolr'"):
         unquantized_linears(model, ["poolr"])
+
+
+@pytest.mark.parametrize("mode", ["4bit", "8bit"])
+def test_a_kbit_base_does_not_keep_its_checkpoint_file_mapped(mode, tiny_bert_dir, tmp_path):
+    """Tensors left unquantized are views of the memory-mapped checkpoint unless copied, and keep
+    the whole file resident, fp32 pages of the quantized weights included."""
+    import gc
+
+    from stages.modeling import load_base_model
+
+    base = tmp_path / "base"  # a file of this test's own, so no other test's model maps it
+    shutil.copytree(tiny_bert_dir, base)
+    model = load_base_model(str(base), LABEL_NAMES, mode, "bf16", ["classifier", "pooler"])
+    gc.collect()
+    maps = Path("/proc/self/maps").read_text()
+    assert str(base / "model.safetensors") not in maps
+    assert model.bert.embeddings.word_embeddings.weight.abs().sum() > 0
+
+
+def test_activation_checkpointing_recomputes_without_changing_the_training(
+    tiny_bert_dir, tmp_path, news_rows
+):
+    from safetensors.torch import load_file
+
+    df = news_rows(10)
+    data = tmp_path / "train.parquet"
+    df.write_parquet(data)
+    train, val = split_train_val(df, 0.2, seed=0)
+    weights = []
+    for checkpointing in (False, True):
+        params = tiny_params(tiny_bert_dir, epochs=1, activation_checkpointing=checkpointing)
+        model = build_peft_model(str(tiny_bert_dir), params, "none", "fp32", LABEL_NAMES)
+        assert model.base_model.model.is_activation_checkpointing is checkpointing
+        out = tmp_path / str(checkpointing)
+        train_model(
+            train,
+            val,
+            params,
+            LABEL_NAMES,
+            data_path=data,
+            checkpoint_dir=out / "ck",
+            adapter_dir=out / "adapter",
+            live_dir=None,
+        )
+        weights.append(load_file(out / "adapter" / "adapter_model.safetensors"))
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        torch.testing.assert_close(weights[0][key], weights[1][key], rtol=1e-5, atol=1e-6)
 
 
 class Interrupt(Exception):
