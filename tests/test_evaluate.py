@@ -135,6 +135,7 @@ def test_train_then_evaluate_end_to_end(quantization, tiny_bert_dir, tmp_path, n
             "checkpoint_steps": 2,
             "quantization": quantization,
             "precision": "bf16" if quantization == "4bit" else "fp32",
+            "activation_checkpointing": False,
             "seed": 0,
             "lora": {
                 "r": 4,
