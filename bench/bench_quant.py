@@ -180,6 +180,7 @@ def run_minilm(mode: str, seed: int, data_dir: Path) -> dict[str, Any]:
         )
     return {
         "part": "minilm",
+        "lora_dropout": params.lora.dropout,
         "mode": mode,
         "label": label,
         "quantization": quantization,
@@ -267,6 +268,7 @@ def run_large(mode: str, model_dir: Path, steps: int, batch: int, seq_len: int) 
         seconds.append(time.perf_counter() - start)
     return {
         "part": "large",
+        "lora_dropout": params.lora.dropout,
         "mode": mode,
         "label": label,
         "quantization": quantization,
@@ -333,6 +335,7 @@ def run_speed(data_dir: Path, rounds: int, batch: int) -> dict[str, Any]:
     median = {mode: statistics.median(s[1:]) for mode, s in seconds.items()}
     return {
         "part": "speed",
+        "lora_dropout": params.lora.dropout,
         "threads": torch.get_num_threads(),
         "rounds": rounds,
         "batch_size": batch,
@@ -368,12 +371,21 @@ def spawn(argv: list[str], out: Path, threads: int) -> dict[str, Any]:
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One summary per `train.lora.dropout` the runs were made with (its masks cost the same in
+    every precision, so it changes the ratios)."""
+    dropouts = sorted({r["lora_dropout"] for r in runs if "lora_dropout" in r})
+    summary = {
+        f"lora_dropout={d}": summarise_one([r for r in runs if r.get("lora_dropout") == d])
+        for d in dropouts
+    }
+    failed = [" ".join(r["argv"]) for r in runs if "error" in r]
+    return summary | ({"failed": failed} if failed else {})
+
+
+def summarise_one(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Means over seeds per mode, and the issue's targets against fp32 LoRA."""
     ok = [r for r in runs if "error" not in r]
     summary: dict[str, Any] = {}
-    for r in runs:
-        if "error" in r:
-            summary.setdefault("failed", []).append(" ".join(r["argv"]))
     minilm: dict[str, dict[str, float]] = {}
     for mode in MODES:
         rows = [r for r in ok if r["part"] == "minilm" and r["mode"] == mode]
@@ -422,6 +434,7 @@ def print_table(runs: list[dict[str, Any]]) -> None:
     ok = [r for r in runs if "error" not in r]
     cols = {
         "minilm": [
+            "lora_dropout",
             "mode",
             "seed",
             "accuracy",
@@ -433,6 +446,7 @@ def print_table(runs: list[dict[str, Any]]) -> None:
             "footprint_gib",
         ],
         "large": [
+            "lora_dropout",
             "mode",
             "seconds_per_step",
             "footprint_gib",
@@ -516,9 +530,10 @@ def main() -> None:
         "summary": summarise(runs),
     }
     if OUT_FILE.exists() and args.parts:
-        # A run of some parts keeps the other parts' records of the previous run.
         previous = json.loads(OUT_FILE.read_text())["runs"]
-        runs = [r for r in previous if r.get("part") not in args.parts] + runs
+        # A run of some parts keeps every other record, and those of other lora.dropout values.
+        made = {(r.get("part"), r.get("lora_dropout")) for r in runs}
+        runs = [r for r in previous if (r.get("part"), r.get("lora_dropout")) not in made] + runs
         report["runs"], report["summary"] = runs, summarise(runs)
     OUT_FILE.parent.mkdir(parents=True, exist_ok=True)
     OUT_FILE.write_text(json.dumps(report, indent=2) + "\n")
