@@ -51,6 +51,15 @@ def tiny_params(base: Path, **overrides) -> TrainParams:
     return replace(repo, **(fitted | overrides))
 
 
+def tiny_data(tmp_path: Path, news_rows) -> tuple[pl.DataFrame, pl.DataFrame, Path]:
+    """Ten news rows written as a train table, split 80/20 into train and validation rows."""
+    df = news_rows(10)
+    data = tmp_path / "train.parquet"
+    df.write_parquet(data)
+    train, val = split_train_val(df, 0.2, seed=0)
+    return train, val, data
+
+
 def raw_params() -> dict:
     return {
         "launcher": "python",
@@ -218,10 +227,7 @@ def test_activation_checkpointing_recomputes_without_changing_the_training(
 ):
     from safetensors.torch import load_file
 
-    df = news_rows(10)
-    data = tmp_path / "train.parquet"
-    df.write_parquet(data)
-    train, val = split_train_val(df, 0.2, seed=0)
+    train, val, data = tiny_data(tmp_path, news_rows)
     weights = []
     for checkpointing in (False, True):
         params = tiny_params(tiny_bert_dir, epochs=1, activation_checkpointing=checkpointing)
@@ -263,10 +269,7 @@ def _stop_at(step: int):
 
 @pytest.fixture
 def tiny_run(tiny_bert_dir, tmp_path, news_rows):
-    df = news_rows(10)
-    data = tmp_path / "train.parquet"
-    df.write_parquet(data)
-    train, val = split_train_val(df, 0.2, seed=0)
+    train, val, data = tiny_data(tmp_path, news_rows)
 
     def run(params: TrainParams, callbacks=()):
         return train_model(
@@ -371,10 +374,7 @@ def test_a_resumed_run_logs_what_an_uninterrupted_run_logs(
     from stages import train as train_stage
 
     monkeypatch.setattr(train_stage, "LOGGING_STEPS", 3)
-    df = news_rows(10)
-    data = tmp_path / "train.parquet"
-    df.write_parquet(data)
-    train, val = split_train_val(df, 0.2, seed=0)
+    train, val, data = tiny_data(tmp_path, news_rows)
     params = tiny_params(tiny_bert_dir)
 
     def run(name: str, callbacks=()):
@@ -407,10 +407,7 @@ def test_a_resumed_run_logs_what_an_uninterrupted_run_logs(
 def test_training_is_deterministic_and_updates_the_adapter(tiny_bert_dir, tmp_path, news_rows):
     from safetensors.torch import load_file
 
-    df = news_rows(10)
-    data = tmp_path / "train.parquet"
-    df.write_parquet(data)
-    train, val = split_train_val(df, 0.2, seed=0)
+    train, val, data = tiny_data(tmp_path, news_rows)
     weights = []
     for i in range(2):
         train_model(
