@@ -33,21 +33,15 @@ import torch
 
 from newsclf.predict import CUDA_PROVIDER, OnnxClassifier, default_providers, pad_batch
 from stages import paths
-from stages.common import (
-    StageError,
-    load_labels,
-    load_params,
-    read_table,
-    resolve_base_model,
-    write_json,
-)
-from stages.export import (
-    Int8Plan,
-    build_export,
-    calibration_texts,
-)
-from stages.modeling import label_kwargs
-from stages.train import read_processed
+from stages.common import StageError, load_labels, read_table, write_json
+from stages.export import ExportParams, export_folder, int8_plan, parity_texts
+from stages.modeling import label_kwargs, resolve_base_model
+from stages.params import load_section
+from stages.processed import read_processed
+from stages.train_params import TrainParams
+
+# Test texts the export's fp32 parity check runs on here (the stage checks export.parity.n_texts).
+PARITY_TEXTS = 64
 
 BATCH_SIZES = (1, 8, 64)
 HEADLINE = "Stocks rally as the central bank holds interest rates steady"
@@ -58,16 +52,16 @@ def fresh_adapter(base_model: str, label_names: tuple[str, ...], out: Path) -> P
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    lora = load_params("train")["lora"]
+    lora = load_section("train", TrainParams).lora
     model = AutoModelForSequenceClassification.from_pretrained(
         base_model, **label_kwargs(label_names)
     )
     config = LoraConfig(
         task_type="SEQ_CLS",
-        r=lora["r"],
-        lora_alpha=lora["alpha"],
-        target_modules=list(lora["target_modules"]),
-        modules_to_save=list(lora["modules_to_save"]),
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        target_modules=list(lora.target_modules),
+        modules_to_save=list(lora.modules_to_save),
     )
     peft_model = get_peft_model(model, config)
     generator = torch.Generator().manual_seed(0)
@@ -148,11 +142,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("reports/bench_inference.json"))
     args = parser.parse_args()
 
-    train = load_params("train")
-    export = load_params("export")
+    train = load_section("train", TrainParams)
+    export = load_section("export", ExportParams)
     label_names = load_labels()
-    max_length = int(train["max_length"])
-    base_model = resolve_base_model(train["base_model"])
+    max_length = train.max_length
+    base_model = resolve_base_model(train.base_model)
     test, source = load_test(args.texts)
     trained = (paths.ADAPTER / "adapter_config.json").is_file()
     load_before = os.getloadavg()[0]
@@ -164,18 +158,19 @@ def main() -> None:
             else fresh_adapter(base_model, label_names, Path(tmp) / "adapter")
         )
         onnx_dir = Path(tmp) / "onnx"
-        int8 = Int8Plan(
-            calibration_texts(
-                read_processed(paths.TRAIN, "train", label_names),
-                int(export["int8_calibration_texts"]),
-            ),
-            float(export["parity"]["min_int8_agreement"]),
-            int(export["int8_max_fp32_nodes"]),
-            int(export["batch_size"]),
-        )
-        model, _, _ = build_export(
-            adapter, base_model, label_names, onnx_dir, int(export["opset"]), max_length, int8
-        )
+        int8 = int8_plan(read_processed(paths.TRAIN, "train", label_names), export)
+        model = export_folder(
+            adapter,
+            base_model,
+            label_names,
+            onnx_dir,
+            export.opset,
+            max_length,
+            int8,
+            parity_texts(test["text"].to_list(), PARITY_TEXTS),
+            export.parity,
+            export.batch_size,
+        ).built.model
         backends: dict[str, Callable[[dict], Any]] = {"pytorch_fp32": torch_runner(model, "cpu")}
         classifiers = {}
         for precision in ("fp32", "int8"):

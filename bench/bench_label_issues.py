@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -37,19 +38,10 @@ from sklearn.metrics import average_precision_score
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
 from stages import paths
-from stages.common import (
-    load_labels,
-    load_params,
-    read_table,
-    resolve_base_model,
-    write_json,
-)
-from stages.label_issues import (
-    LabelIssuesParams,
-    detect,
-    embed_texts,
-    parse_params,
-)
+from stages.common import load_labels, read_table, write_json
+from stages.label_issues import LabelIssuesParams, detect, embed_texts
+from stages.modeling import resolve_base_model
+from stages.params import load_section
 
 CACHE = Path("bench/.cache")
 # The AG News classes of params.yaml: the pair case flips between two of them by name.
@@ -190,7 +182,7 @@ def main() -> None:
         "--precisions", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"]
     )
     args = parser.parse_args()
-    params = parse_params({**load_params("label_issues"), "action": "flag"})
+    params = replace(load_section("label_issues", LabelIssuesParams), action="flag")
     clean = read_table(paths.CLEAN)
     train = clean.filter(pl.col("split") == "train")
     texts = train["text"].to_list()

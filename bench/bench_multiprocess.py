@@ -29,9 +29,11 @@ import polars as pl
 import torch
 import yaml
 
-from stages.common import PARAMS_FILE, load_labels, load_params
-from stages.evaluate import compute_metrics, load_classifier, predict_proba
-from stages.train import parse_params, read_processed
+from stages.common import PARAMS_FILE, load_labels
+from stages.evaluate import EvaluateParams, compute_metrics, load_classifier, predict_proba
+from stages.params import load_section, parse_section
+from stages.processed import read_processed
+from stages.train_params import TrainParams
 
 OUT_FILE = Path("reports/bench_multiprocess.json")
 LABEL_NAMES = load_labels()
@@ -88,7 +90,7 @@ def run(name: str, seed: int, test: pl.DataFrame) -> dict[str, Any]:
             r"done: (\d+) steps in (\d+) s, best validation loss ([\d.]+)", done.stderr
         )
         assert world and summary, done.stderr[-2000:]
-        params = parse_params(train)
+        params = parse_section(train, TrainParams, "train")
         torch.set_num_threads(CORES)
         model, tokenizer = load_classifier(
             root / "models" / "adapter", params.base_model, LABEL_NAMES
@@ -98,7 +100,7 @@ def run(name: str, seed: int, test: pl.DataFrame) -> dict[str, Any]:
             tokenizer,
             test["text"].to_list(),
             params.max_length,
-            int(load_params("evaluate")["batch_size"]),
+            load_section("evaluate", EvaluateParams).batch_size,
         )
     metrics = compute_metrics(probs, test["label"].to_list(), LABEL_NAMES)
     return {

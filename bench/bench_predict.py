@@ -30,9 +30,10 @@ from typing import Any
 import polars as pl
 import psutil
 
+from stages import paths
 from stages.common import write_json
 
-TEST_FILE = Path("data/processed/test.parquet")
+TEST_FILE = paths.TEST
 OUT_FILE = Path("reports/bench_predict.json")
 SAMPLE_S = 0.1
 
@@ -91,7 +92,7 @@ def run_predict(code_dir: Path, lines: Path, model: Path, batch: int, max_s: flo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[20_000, 1_000_000])
-    parser.add_argument("--model", type=Path, default=Path("models/onnx"))
+    parser.add_argument("--model", type=Path, default=paths.ONNX)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--baseline-ref", help="git commit of the version to compare against")
     parser.add_argument("--baseline-max-lines", type=int, default=20_000)

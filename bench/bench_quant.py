@@ -129,18 +129,26 @@ def step_timer():
 def run_minilm(mode: str, seed: int, data_dir: Path) -> dict[str, Any]:
     """Train with one mode and seed as the train stage does, then score as evaluate does."""
     from bench.training import load_bench_data
-    from stages.common import load_params, resolve_base_model
-    from stages.evaluate import as_trained_proba, compute_metrics, load_classifier, predict_proba
-    from stages.train import build_peft_model, parse_params, train_model
+    from stages.evaluate import (
+        EvaluateParams,
+        as_trained_proba,
+        compute_metrics,
+        load_classifier,
+        predict_proba,
+    )
+    from stages.modeling import resolve_base_model
+    from stages.params import load_section
+    from stages.train import build_peft_model, train_model
+    from stages.train_params import TrainParams
 
     label, quantization, precision = MODES[mode]
     params = replace(
-        parse_params(load_params("train")),
+        load_section("train", TrainParams),
         quantization=quantization,
         precision=precision,
         seed=seed,
     )
-    eval_batch = int(load_params("evaluate")["batch_size"])
+    eval_batch = load_section("evaluate", EvaluateParams).batch_size
     data = load_bench_data(data_dir, params)
     texts, labels = data.test["text"].to_list(), data.test["label"].to_list()
     timer = step_timer()
@@ -216,7 +224,8 @@ def make_large_model(folder: Path) -> None:
     """A random BERT-large-sized classifier saved as the train stage loads a base (safetensors)."""
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from stages.common import PACKAGED_BASE_MODEL, load_labels, resolve_base_model
+    from stages.common import load_labels
+    from stages.modeling import PACKAGED_BASE_MODEL, resolve_base_model
 
     torch.manual_seed(0)
     config = BertConfig(**LARGE_CONFIG, num_labels=len(load_labels()))
@@ -226,13 +235,15 @@ def make_large_model(folder: Path) -> None:
 
 def run_large(mode: str, model_dir: Path, steps: int, batch: int, seq_len: int) -> dict[str, Any]:
     """`steps` LoRA optimizer steps on random tokens; memory and time per step."""
-    from stages.common import load_labels, load_params
+    from stages.common import load_labels
     from stages.modeling import compute_dtype
-    from stages.train import build_peft_model, parse_params
+    from stages.params import load_section
+    from stages.train import build_peft_model
+    from stages.train_params import TrainParams
 
     base_mode, checkpointing = mode.removesuffix("+gc"), mode.endswith("+gc")
     label, quantization, precision = MODES[base_mode]
-    params = replace(parse_params(load_params("train")), activation_checkpointing=checkpointing)
+    params = replace(load_section("train", TrainParams), activation_checkpointing=checkpointing)
     label_names = load_labels()
     model = build_peft_model(str(model_dir), params, quantization, precision, label_names)
     if checkpointing:
@@ -290,11 +301,14 @@ def run_speed(data_dir: Path, rounds: int, batch: int) -> dict[str, Any]:
     """Interleaved optimizer steps of every mode on the same real batches: median s/step."""
     from transformers import AutoTokenizer
 
-    from stages.common import load_labels, load_params, resolve_base_model
-    from stages.modeling import compute_dtype
-    from stages.train import build_peft_model, parse_params, read_processed
+    from stages.common import load_labels
+    from stages.modeling import compute_dtype, resolve_base_model
+    from stages.params import load_section
+    from stages.processed import read_processed
+    from stages.train import build_peft_model
+    from stages.train_params import TrainParams
 
-    params = parse_params(load_params("train"))
+    params = load_section("train", TrainParams)
     label_names = load_labels()
     base_path = resolve_base_model(params.base_model)
     tokenizer = AutoTokenizer.from_pretrained(base_path)

@@ -29,8 +29,9 @@ import yaml
 
 from bench.training import load_bench_data, train_in
 from stages.common import load_params
-from stages.evaluate import compute_metrics, load_classifier, predict_proba
-from stages.train import parse_params
+from stages.evaluate import EvaluateParams, compute_metrics, load_classifier, predict_proba
+from stages.params import load_section, parse_section
+from stages.train_params import TrainParams
 
 OUT_FILE = Path("reports/bench_train_cpu.json")
 
@@ -55,7 +56,7 @@ def run(name: str, overrides: list[str], data_dir: Path, eval_batch: int) -> dic
     for item in overrides:
         key, _, value = item.partition("=")
         _set(raw, key, yaml.safe_load(value))
-    params = parse_params(raw)
+    params = parse_section(raw, TrainParams, "train")
     if params.torch_threads is not None:
         torch.set_num_threads(params.torch_threads)
     data = load_bench_data(data_dir, params)
@@ -117,7 +118,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("data/processed"))
     parser.add_argument("--eval-batch", type=int, default=None, help="default: evaluate.batch_size")
     args = parser.parse_args()
-    eval_batch = args.eval_batch or int(load_params("evaluate")["batch_size"])
+    eval_batch = args.eval_batch or load_section("evaluate", EvaluateParams).batch_size
     record = run(args.name, args.set, args.data, eval_batch)
     records = json.loads(OUT_FILE.read_text()) if OUT_FILE.exists() else []
     records.append(record)

@@ -8,7 +8,9 @@ from pathlib import Path
 import polars as pl
 
 from stages.common import load_labels
-from stages.train import TrainParams, TrainResult, read_processed, split_train_val, train_model
+from stages.processed import read_processed, split_train_val
+from stages.train import TrainResult, train_model
+from stages.train_params import TrainParams
 
 
 @dataclass(frozen=True)

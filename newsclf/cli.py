@@ -17,8 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from newsclf.inputs import InputError, open_source
+from stages.paths import ONNX as DEFAULT_MODEL_DIR  # where the export stage writes the model
 
-DEFAULT_MODEL_DIR = Path("models/onnx")
 PROGRESS_DELAY_S = 2.0  # a shorter run shows no progress bar
 MAX_LISTED = 5  # notices name at most this many inputs, then count the rest
 # Texts per chunk, in batches: sorting by length inside 32 batches pads about as little as sorting

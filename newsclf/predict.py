@@ -82,6 +82,17 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     return opts
 
 
+def read_meta(model_dir: Path) -> dict:
+    """The exported folder's META_FILE; a PredictError naming the folder when it is missing."""
+    meta_path = model_dir / META_FILE
+    if not meta_path.is_file():
+        raise PredictError(
+            f"{model_dir}: no exported model here ({META_FILE} missing); "
+            "run `dvc repro export` or pass --model DIR"
+        )
+    return json.loads(meta_path.read_text(encoding="utf-8"))
+
+
 class OnnxClassifier:
     """An exported model folder: tokenizer, labels, max length and an ONNX Runtime session."""
 
@@ -91,15 +102,12 @@ class OnnxClassifier:
         precision: str = "auto",
         providers: Sequence[str] | None = None,
         threads: int | None = None,
+        meta: dict | None = None,
     ) -> None:
+        """`meta`: the folder's metadata when it is not written yet (the export stage checks its
+        graphs before it writes META_FILE); otherwise read from the folder."""
         model_dir = Path(model_dir)
-        meta_path = model_dir / META_FILE
-        if not meta_path.is_file():
-            raise PredictError(
-                f"{model_dir}: no exported model here ({META_FILE} missing); "
-                "run `dvc repro export` or pass --model DIR"
-            )
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        meta = meta if meta is not None else read_meta(model_dir)
         self.labels: list[str] = list(meta["labels"])
         self.max_length: int = int(meta["max_length"])
         self.pad_id: int = int(meta["pad_id"])

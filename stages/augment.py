@@ -29,12 +29,12 @@ from stages.common import (
     get_logger,
     load_labels,
     read_table,
-    resolve_base_model,
     run_main,
     write_json,
     write_table,
 )
-from stages.params import load_section
+from stages.modeling import resolve_base_model
+from stages.params import check_values, load_section
 
 OPS: tuple[str, ...] = ("synonym", "swap", "delete", "insert")
 OUT_COLUMNS: tuple[str, ...] = ("id", "split", "label", "text", "augmented_from", "op")
@@ -219,6 +219,9 @@ class OpParams:
     enabled: bool
     rate: float  # share of a row's lowercase words the op changes
 
+    def __post_init__(self) -> None:
+        check_values(self, {"rate": (not self.enabled or 0.0 < self.rate <= 1.0, "in (0, 1]")})
+
 
 @dataclass(frozen=True)
 class OpsParams:
@@ -239,18 +242,20 @@ class AugmentParams:
     synonym_top_k: int
     synonym_min_similarity: float
 
+    def __post_init__(self) -> None:
+        check_values(
+            self,
+            {
+                "n_aug": (self.n_aug >= 0, ">= 0"),
+                "synonym_top_k": (self.synonym_top_k >= 1, ">= 1"),
+                "synonym_min_similarity": (-1 <= self.synonym_min_similarity <= 1, "in [-1, 1]"),
+            },
+        )
+
 
 def enabled_ops(ops: OpsParams) -> dict[str, float]:
-    """{op: rate} for the ops switched on in params, in OPS order; checks their rates."""
-    rates = {}
-    for name in OPS:
-        op: OpParams = getattr(ops, name)
-        if not op.enabled:
-            continue
-        if not 0.0 < op.rate <= 1.0:
-            raise StageError(f"augment.ops.{name}.rate must be in (0, 1], got {op.rate}")
-        rates[name] = op.rate
-    return rates
+    """{op: rate} for the ops switched on in params, in OPS order."""
+    return {name: op.rate for name in OPS if (op := getattr(ops, name)).enabled}
 
 
 def apply_label_actions(train: pl.DataFrame, issues: pl.DataFrame) -> pl.DataFrame:
@@ -321,8 +326,6 @@ def augment_rows(
     """
     counts = {op: {"added": 0, "skipped": 0} for op in rates}
     out: dict[str, list] = {c: [] for c in OUT_COLUMNS}
-    if n_aug < 0:
-        raise StageError(f"augment.n_aug must be >= 0, got {n_aug}")
     if n_aug == 0 or not rates:
         return pl.DataFrame(out, schema=_out_schema()), counts
     names = list(rates)

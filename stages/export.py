@@ -30,7 +30,7 @@ import math
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,18 +42,11 @@ from tqdm import tqdm
 
 from newsclf.predict import META_FILE, OnnxClassifier
 from stages import paths
-from stages.common import (
-    StageError,
-    get_logger,
-    load_labels,
-    load_params,
-    resolve_base_model,
-    run_main,
-    write_json,
-)
-from stages.modeling import load_merged_model
-from stages.params import load_section
-from stages.train import parse_params, read_processed
+from stages.common import StageError, get_logger, load_labels, run_main, write_json
+from stages.modeling import load_merged_model, resolve_base_model
+from stages.params import check_values, load_section
+from stages.processed import read_processed
+from stages.train_params import TrainParams
 
 FP32_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
@@ -225,6 +218,36 @@ def session_logits(
     return out
 
 
+def pick_fp32_nodes(
+    candidates: Sequence[str],
+    agreement_keeping: Callable[[list[str]], float],
+    sensitivity_of: Callable[[str], float],
+    min_agreement: float,
+    max_nodes: int,
+) -> tuple[list[str], list[dict[str, Any]], dict[str, float]]:
+    """The chooser's rule, on measurements it is given: the nodes kept fp32, each trial's
+    agreement, and each candidate's sensitivity (measured only when needed).
+
+    If quantising every candidate (`agreement_keeping([])`) reaches `min_agreement`, none is kept.
+    Otherwise every candidate's sensitivity is measured, and the most sensitive nodes (ties in
+    candidate order) are kept fp32 one by one until the agreement is met or `max_nodes` are kept.
+    """
+    steps = [{"kept_fp32": 0, "agreement": round(agreement_keeping([]), 6)}]
+    sensitivity: dict[str, float] = {}
+    keep: list[str] = []
+    if steps[0]["agreement"] < min_agreement and max_nodes > 0:
+        for name in tqdm(candidates, desc="int8 sensitivity", unit="node"):
+            sensitivity[name] = sensitivity_of(name)
+        ranked = sorted(candidates, key=lambda c: (-sensitivity[c], candidates.index(c)))
+        for name in ranked[:max_nodes]:
+            keep.append(name)
+            agreement = agreement_keeping(keep)
+            steps.append({"kept_fp32": len(keep), "agreement": round(agreement, 6)})
+            if agreement >= min_agreement:
+                break
+    return keep, steps, sensitivity
+
+
 def choose_fp32_nodes(
     fp32_path: Path,
     int8_path: Path,
@@ -234,40 +257,28 @@ def choose_fp32_nodes(
     max_nodes: int,
     batch_size: int,
 ) -> dict[str, Any]:
-    """The nodes to leave fp32 in the int8 model, chosen on calibration texts of the model at hand;
-    the int8 model with that choice is left at `int8_path` (the last trial is the final model).
-
-    If quantising every candidate keeps the top-1 agreement with fp32 at `min_agreement` or more,
-    none is kept. Otherwise each node's sensitivity is measured alone (mean squared logit error
-    when only it is quantised, on the first SENSITIVITY_TEXTS calibration texts), and the most
-    sensitive nodes are left fp32 one by one until the agreement is met or `max_nodes` are kept.
-    Returns the choice with its measurements (written to reports/export.json).
-    """
+    """The nodes to leave fp32 in the int8 model, chosen by `pick_fp32_nodes` on calibration texts
+    of the model at hand; the int8 model with that choice is left at `int8_path` (the last trial
+    is the final model). Agreement is top-1 agreement with fp32 on all calibration texts; a node's
+    sensitivity is the mean squared logit error when only it is quantised, on the first
+    SENSITIVITY_TEXTS of them. Returns the choice with its measurements (for export.json)."""
     reference = session_logits(fp32_path, calibration_ids, pad_id, batch_size)
     candidates = int8_candidates(fp32_path)
+    probe = calibration_ids[:SENSITIVITY_TEXTS]
 
-    def agreement_keeping(keep: Sequence[str]) -> float:
+    def agreement_keeping(keep: list[str]) -> float:
         quantize_int8(fp32_path, int8_path, keep)
         logits = session_logits(int8_path, calibration_ids, pad_id, batch_size)
         return float((logits.argmax(1) == reference.argmax(1)).mean())
 
-    steps = [{"kept_fp32": 0, "agreement": round(agreement_keeping([]), 6)}]
-    sensitivity: dict[str, float] = {}
-    keep: list[str] = []
-    if steps[0]["agreement"] < min_agreement and max_nodes > 0:
-        probe = calibration_ids[:SENSITIVITY_TEXTS]
-        for name in tqdm(candidates, desc="int8 sensitivity", unit="node"):
-            quantize_int8(fp32_path, int8_path, [c for c in candidates if c != name])
-            logits = session_logits(int8_path, probe, pad_id, batch_size)
-            sensitivity[name] = float(((logits - reference[: len(probe)]) ** 2).mean())
-        # Most sensitive first; ties broken by graph order, so the choice is deterministic.
-        ranked = sorted(candidates, key=lambda c: (-sensitivity[c], candidates.index(c)))
-        for name in ranked[:max_nodes]:
-            keep.append(name)
-            agreement = agreement_keeping(keep)
-            steps.append({"kept_fp32": len(keep), "agreement": round(agreement, 6)})
-            if agreement >= min_agreement:
-                break
+    def sensitivity_of(name: str) -> float:
+        quantize_int8(fp32_path, int8_path, [c for c in candidates if c != name])
+        logits = session_logits(int8_path, probe, pad_id, batch_size)
+        return float(((logits - reference[: len(probe)]) ** 2).mean())
+
+    keep, steps, sensitivity = pick_fp32_nodes(
+        candidates, agreement_keeping, sensitivity_of, min_agreement, max_nodes
+    )
     log.info(
         "int8: %d of %d nodes kept fp32 %s; calibration agreement %s",
         len(keep),
@@ -363,6 +374,16 @@ class ParityParams:
     max_abs_logit_diff: float  # fp32 bound: a breach fails the stage
     min_int8_agreement: float  # int8 bound: a miss makes predict default to fp32
 
+    def __post_init__(self) -> None:
+        check_values(
+            self,
+            {
+                "n_texts": (self.n_texts >= 1, ">= 1"),
+                "max_abs_logit_diff": (self.max_abs_logit_diff > 0, "> 0"),
+                "min_int8_agreement": (0 <= self.min_int8_agreement <= 1, "in [0, 1]"),
+            },
+        )
+
 
 @dataclass(frozen=True)
 class ExportParams:
@@ -375,6 +396,16 @@ class ExportParams:
     batch_size: int
     parity: ParityParams
 
+    def __post_init__(self) -> None:
+        check_values(
+            self,
+            {
+                "int8_calibration_texts": (self.int8_calibration_texts >= 1, ">= 1"),
+                "int8_max_fp32_nodes": (self.int8_max_fp32_nodes >= 0, ">= 0"),
+                "batch_size": (self.batch_size >= 1, ">= 1"),
+            },
+        )
+
 
 @dataclass(frozen=True)
 class Int8Plan:
@@ -386,29 +417,31 @@ class Int8Plan:
     batch_size: int
 
 
-def write_meta(
-    out_dir: Path,
-    tokenizer: Any,
-    max_length: int,
-    models: dict[str, str],
-    label_names: Sequence[str],
-    int8_parity: dict[str, Any] | None = None,
-) -> None:
-    """`newsclf_onnx.json`: what `newsclf predict` needs to run the folder, and whether the int8
-    graph met the parity bound (predict then defaults to fp32 when it did not)."""
-    meta: dict[str, Any] = {
+def onnx_meta(
+    tokenizer: Any, max_length: int, models: dict[str, str], label_names: Sequence[str]
+) -> dict[str, Any]:
+    """The content of `newsclf_onnx.json`: what `newsclf predict` needs to run the folder. The
+    export adds `int8_parity` once it is measured (predict defaults to fp32 when it missed)."""
+    return {
         "labels": list(label_names),
         "max_length": max_length,
         "pad_id": tokenizer.pad_token_id,
         "inputs": INPUT_NAMES,
         "models": models,
     }
-    if int8_parity is not None:
-        meta["int8_parity"] = int8_parity
-    write_json(meta, out_dir / META_FILE)
 
 
-def build_export(
+@dataclass
+class Built:
+    """The ONNX graphs and tokenizer written to a folder, before the parity check."""
+
+    model: torch.nn.Module  # the merged PyTorch model the graphs were made from
+    tokenizer: Any
+    meta: dict[str, Any]  # newsclf_onnx.json-to-be
+    int8_choice: dict[str, Any] | None  # the fp32 nodes kept in the int8 graph, and why
+
+
+def build_onnx(
     adapter_dir: Path,
     base_model: str,
     label_names: tuple[str, ...],
@@ -416,9 +449,9 @@ def build_export(
     opset: int,
     max_length: int,
     int8: Int8Plan | None,
-) -> tuple[torch.nn.Module, Any, dict[str, Any] | None]:
-    """Write a self-contained `out_dir`; returns the merged model and tokenizer for checks, and
-    the int8 node choice (None without `int8`)."""
+) -> Built:
+    """Merge the adapter, write the fused fp32 graph, the tokenizer and (with `int8`) the int8
+    graph whose fp32 nodes are chosen on the plan's calibration texts."""
     from transformers import AutoTokenizer
 
     model = load_merged_model(adapter_dir, base_model, label_names)
@@ -441,24 +474,85 @@ def build_export(
             raw, out_dir / FP32_FILE, model.config.num_attention_heads, model.config.hidden_size
         )
     tokenizer.save_pretrained(str(out_dir))
-    models = {"fp32": FP32_FILE}
-    write_meta(out_dir, tokenizer, max_length, models, label_names)
+    meta = onnx_meta(tokenizer, max_length, {"fp32": FP32_FILE}, label_names)
     choice = None
     if int8 is not None:
         # Calibration texts are tokenised as predict tokenises them (truncation included).
-        ids = OnnxClassifier(out_dir, precision="fp32").encode(int8.calibration_texts).ids
+        encoder = OnnxClassifier(out_dir, precision="fp32", meta=meta)
         choice = choose_fp32_nodes(
             out_dir / FP32_FILE,
             out_dir / INT8_FILE,
-            ids,
+            encoder.encode(int8.calibration_texts).ids,
             tokenizer.pad_token_id,
             int8.min_agreement,
             int8.max_fp32_nodes,
             int8.batch_size,
         )
-        models["int8"] = INT8_FILE
-        write_meta(out_dir, tokenizer, max_length, models, label_names)
-    return model, tokenizer, choice
+        meta["models"]["int8"] = INT8_FILE
+    return Built(model, tokenizer, meta, choice)
+
+
+@dataclass
+class Exported:
+    """An exported folder whose fp32 graph passed parity, with its parity figures."""
+
+    built: Built
+    parity: dict[str, Any]
+    classifiers: dict[str, OnnxClassifier]  # "fp32" (and "int8"), as predict runs them
+
+
+def export_folder(
+    adapter_dir: Path,
+    base_model: str,
+    label_names: tuple[str, ...],
+    out_dir: Path,
+    opset: int,
+    max_length: int,
+    int8: Int8Plan | None,
+    parity_sample: list[str],
+    parity: ParityParams,
+    batch_size: int,
+) -> Exported:
+    """Build the graphs, check them against PyTorch on `parity_sample`, and write
+    `newsclf_onnx.json` (the one place it is written), marking an int8 graph that missed its
+    bound. A broken fp32 graph raises StageError before the folder is usable."""
+    built = build_onnx(adapter_dir, base_model, label_names, out_dir, opset, max_length, int8)
+    meta = built.meta
+    classifiers = {name: OnnxClassifier(out_dir, name, meta=meta) for name in meta["models"]}
+    lengths = [len(text) for text in parity_sample]
+    log.info(
+        "parity on %d test texts of %d-%d chars", len(parity_sample), min(lengths), max(lengths)
+    )
+    int8_classifier = classifiers.get("int8")
+    checked = check_parity(
+        torch_logits(built.model, built.tokenizer, parity_sample, max_length, batch_size),
+        # fp32: batches in the sample's mixed-length order, as PyTorch sees them, so padded
+        # positions of the exported mask are exercised. int8: batches by length, as predict runs
+        # it: its activation scales are per batch, and padding widens them.
+        onnx_logits(classifiers["fp32"], parity_sample, batch_size, "parity fp32", by_length=False),
+        onnx_logits(int8_classifier, parity_sample, batch_size, "parity int8")
+        if int8_classifier
+        else None,
+        parity.max_abs_logit_diff,
+        parity.min_int8_agreement,
+    )
+    log.info("fp32 parity passed: %s", checked)
+    if int8_classifier:
+        meta["int8_parity"] = {
+            "top1_agreement": round(checked["int8_top1_agreement"], 6),
+            "min_agreement": parity.min_int8_agreement,
+            "meets_bound": bool(checked["int8_meets_bound"]),
+        }
+        if not checked["int8_meets_bound"]:
+            log.warning(
+                "int8 top-1 agreement with PyTorch %.4f < export.parity.min_int8_agreement=%s: "
+                "model.int8.onnx is kept but marked as missing the bound; `newsclf predict` "
+                "defaults to fp32",
+                checked["int8_top1_agreement"],
+                parity.min_int8_agreement,
+            )
+    write_json(meta, out_dir / META_FILE)
+    return Exported(built, checked, classifiers)
 
 
 def file_mb(path: Path) -> float:
@@ -470,6 +564,37 @@ def calibration_texts(train: pl.DataFrame, n: int) -> list[str]:
     if "op" in train.columns:
         train = train.filter(pl.col("op") == "original")
     return parity_texts(train["text"].to_list(), n)
+
+
+def int8_plan(train: pl.DataFrame | None, params: ExportParams) -> Int8Plan | None:
+    """How to make the int8 graph, or None when `export.quantize` is off."""
+    if not params.quantize:
+        return None
+    if train is None:
+        raise StageError("export.quantize: the int8 model needs train rows to calibrate on")
+    return Int8Plan(
+        calibration_texts(train, params.int8_calibration_texts),
+        params.parity.min_int8_agreement,
+        params.int8_max_fp32_nodes,
+        params.batch_size,
+    )
+
+
+def score_test(
+    classifiers: dict[str, OnnxClassifier], test: pl.DataFrame, batch_size: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Accuracy of each graph on the test rows, and its texts/s (tokenization included)."""
+    texts, labels = test["text"].to_list(), test["label"].to_numpy()
+    accuracy: dict[str, Any] = {"n_texts": len(texts)}
+    speed: dict[str, Any] = {"batch_size": batch_size, "n_texts": len(texts)}
+    for name, classifier in classifiers.items():
+        start = time.perf_counter()
+        predicted = onnx_logits(classifier, texts, batch_size, f"accuracy {name}").argmax(1)
+        speed[f"{name}_texts_per_s"] = round(len(texts) / (time.perf_counter() - start), 1)
+        accuracy[f"onnx_{name}"] = round(float((predicted == labels).mean()), 6)
+    if "int8" in classifiers:
+        accuracy["int8_drop_pt"] = round(100 * (accuracy["onnx_fp32"] - accuracy["onnx_int8"]), 4)
+    return accuracy, speed
 
 
 def run(
@@ -485,98 +610,36 @@ def run(
     """Export the adapter in `adapter_dir` merged into its fp32 base to `out_dir` (ONNX fp32, and
     int8 calibrated on `train` when `params.quantize`), check parity and accuracy on `test`.
     Returns the export report and the speed report (timings, kept apart: they vary per run)."""
-    parity = params.parity
-    batch_size = params.batch_size
-    min_agreement = parity.min_int8_agreement
-    if params.int8_max_fp32_nodes < 0 or params.int8_calibration_texts < 1:
-        raise StageError(
-            "params.yaml: export.int8_max_fp32_nodes must be >= 0 and "
-            "export.int8_calibration_texts >= 1"
-        )
-
     if test.is_empty():
         raise StageError(f"{paths.TEST}: no rows")
-    int8_plan = None
-    if params.quantize:
-        if train is None:
-            raise StageError("export.quantize: the int8 model needs train rows to calibrate on")
-        int8_plan = Int8Plan(
-            calibration_texts(train, params.int8_calibration_texts),
-            min_agreement,
-            params.int8_max_fp32_nodes,
-            batch_size,
-        )
-
-    model, tokenizer, int8_choice = build_export(
-        adapter_dir, base_model, label_names, out_dir, params.opset, max_length, int8_plan
+    sample = parity_texts(test["text"].to_list(), params.parity.n_texts)
+    exported = export_folder(
+        adapter_dir,
+        base_model,
+        label_names,
+        out_dir,
+        params.opset,
+        max_length,
+        int8_plan(train, params),
+        sample,
+        params.parity,
+        params.batch_size,
     )
-    texts = test["text"].to_list()
-    labels = test["label"].to_numpy()
-
-    fp32 = OnnxClassifier(out_dir, precision="fp32")
-    int8 = OnnxClassifier(out_dir, precision="int8") if int8_plan else None
-    sample = parity_texts(texts, parity.n_texts)
-    lengths = [len(text) for text in sample]
-    log.info("parity on %d test texts of %d-%d chars", len(sample), min(lengths), max(lengths))
-    checked = check_parity(
-        torch_logits(model, tokenizer, sample, max_length, batch_size),
-        # fp32: batches in the sample's mixed-length order, as PyTorch sees them, so padded
-        # positions of the exported mask are exercised. int8: batches by length, as predict runs
-        # it — its activation scales are per batch, and padding widens them.
-        onnx_logits(fp32, sample, batch_size, "parity fp32", by_length=False),
-        onnx_logits(int8, sample, batch_size, "parity int8") if int8 else None,
-        parity.max_abs_logit_diff,
-        min_agreement,
-    )
-    log.info("fp32 parity passed: %s", checked)
-    if int8:
-        meets = bool(checked["int8_meets_bound"])
-        write_meta(
-            out_dir,
-            tokenizer,
-            max_length,
-            {"fp32": FP32_FILE, "int8": INT8_FILE},
-            label_names,
-            {
-                "top1_agreement": round(checked["int8_top1_agreement"], 6),
-                "min_agreement": min_agreement,
-                "meets_bound": meets,
-            },
-        )
-        if not meets:
-            log.warning(
-                "int8 top-1 agreement with PyTorch %.4f < export.parity.min_int8_agreement=%s: "
-                "model.int8.onnx is kept but marked as missing the bound; `newsclf predict` "
-                "defaults to fp32",
-                checked["int8_top1_agreement"],
-                min_agreement,
-            )
-
-    accuracy = {"n_texts": len(texts)}
-    sizes = {"fp32": file_mb(out_dir / FP32_FILE)}
-    runs = [("fp32", fp32)] + ([("int8", int8)] if int8 else [])
-    speed = {"batch_size": batch_size, "n_texts": len(texts)}
-    for name, classifier in runs:
-        start = time.perf_counter()
-        predicted = onnx_logits(classifier, texts, batch_size, f"accuracy {name}").argmax(1)
-        speed[f"{name}_texts_per_s"] = round(len(texts) / (time.perf_counter() - start), 1)
-        accuracy[f"onnx_{name}"] = round(float((predicted == labels).mean()), 6)
-    if int8:
-        sizes["int8"] = file_mb(out_dir / INT8_FILE)
-        accuracy["int8_drop_pt"] = round(100 * (accuracy["onnx_fp32"] - accuracy["onnx_int8"]), 4)
+    accuracy, speed = score_test(exported.classifiers, test, params.batch_size)
+    sizes = {name: file_mb(out_dir / file) for name, file in exported.built.meta["models"].items()}
     report: dict[str, Any] = {
         "opset": params.opset,
         "exporter": "torchscript",
         "max_length": max_length,
         "parity": {
             "n_texts": len(sample),
-            **{k: round(v, 8) if isinstance(v, float) else v for k, v in checked.items()},
+            **{k: round(v, 8) if isinstance(v, float) else v for k, v in exported.parity.items()},
         },
         "accuracy": accuracy,
         "size_mb": sizes,
     }
-    if int8_choice is not None:
-        report["int8"] = int8_choice
+    if exported.built.int8_choice is not None:
+        report["int8"] = exported.built.int8_choice
     return report, speed
 
 
@@ -587,7 +650,7 @@ def main() -> None:
     # adapter's trained head, which load_merged_model verifies, so the report would only mislead.
     hf_logging.set_verbosity_error()
     params = load_section("export", ExportParams)
-    train_params = parse_params(load_params("train"))
+    train_params = load_section("train", TrainParams)
     label_names = load_labels()
     log.info("labels %s; params %s", list(label_names), params)
     test = read_processed(paths.TEST, "test", label_names)

@@ -12,7 +12,7 @@ similarity-weighted k-nearest-neighbour vote) ranks the flips markedly better (d
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -31,15 +31,13 @@ from stages.common import (
     check_contract,
     get_logger,
     load_labels,
-    load_params,
     read_table,
-    resolve_base_model,
     run_main,
     write_json,
     write_table,
 )
-from stages.modeling import PRECISION_MODES, resolve_precision
-from stages.params import parse_section
+from stages.modeling import PRECISION_MODES, resolve_base_model, resolve_precision
+from stages.params import check_values, load_section
 
 MODELS: tuple[str, ...] = ("tfidf_lr", "embedding_lr", "embedding_knn")
 ACTIONS: tuple[str, ...] = ("flag", "drop", "relabel")
@@ -82,35 +80,19 @@ class LabelIssuesParams:
     action: Literal[ACTIONS]
     relabel_min_confidence: float
 
-
-def parse_params(raw: dict) -> LabelIssuesParams:
-    """The `label_issues:` params, typed and checked; a bad key or value names it."""
-    params = parse_section(raw, LabelIssuesParams, "label_issues")
-    check_params(asdict(params))
-    return params
-
-
-def check_params(params: dict) -> None:
-    """Reject unknown choices before any work is done; checks only the keys `params` has."""
-    models = params.get("models", list(MODELS))
-    unknown = sorted(set(models) - set(MODELS))
-    if unknown or not models:
-        raise StageError(f"label_issues.models: {unknown or 'empty'}; choose from {list(MODELS)}")
-    if params.get("filter_by", FILTERS[0]) not in FILTERS:
-        raise StageError(
-            f"label_issues.filter_by: {params['filter_by']!r}; choose from {list(FILTERS)}"
+    def __post_init__(self) -> None:
+        check_values(
+            self,
+            {
+                "models": (len(self.models) > 0, f"one or more of {list(MODELS)}"),
+                "folds": (self.folds >= 2, ">= 2"),
+                "relabel_min_confidence": (0.0 <= self.relabel_min_confidence <= 1.0, "in [0, 1]"),
+            },
         )
-    if params.get("action", ACTIONS[0]) not in ACTIONS:
-        raise StageError(f"label_issues.action: {params['action']!r}; choose from {list(ACTIONS)}")
-    threshold = float(params.get("relabel_min_confidence", 0.0))
-    if not 0.0 <= threshold <= 1.0:
-        raise StageError(f"label_issues.relabel_min_confidence must be in [0, 1], got {threshold}")
 
 
 def validate_train(labels: np.ndarray, folds: int, label_names: tuple[str, ...]) -> None:
     """Refuse inputs on which K-fold out-of-fold probabilities are undefined, saying why."""
-    if folds < 2:
-        raise StageError(f"label_issues.folds must be at least 2, got {folds}")
     if len(labels) < folds:
         raise StageError(
             f"{paths.CLEAN}: {len(labels)} train rows is fewer than label_issues.folds={folds}"
@@ -217,7 +199,6 @@ def out_of_fold_probs(
     was trained on it."""
     validate_train(labels, folds, label_names)
     n_labels = len(label_names)
-    check_params({"models": models})
     if any(m.startswith("embedding") for m in models) and embeddings is None:
         raise StageError("label_issues: an embedding model is selected but no embeddings given")
     # The vocabulary is fitted on all train texts without labels, which leaks nothing about them.
@@ -260,9 +241,6 @@ def score_issues(
     downstream, `relabel` gives an issue cleanlab's suggested label when the ensemble's probability
     for it is at least `relabel_min_confidence` and otherwise only flags it.
     """
-    check_params(
-        {"filter_by": filter_by, "action": action, "relabel_min_confidence": relabel_min_confidence}
-    )
     labels = train["label"].to_numpy()
     is_issue = find_label_issues(labels, probs, filter_by=filter_by)
     quality = get_label_quality_scores(labels, probs, method="self_confidence")
@@ -423,7 +401,7 @@ def detect(
 
 
 def main() -> None:
-    params = parse_params(load_params("label_issues"))
+    params = load_section("label_issues", LabelIssuesParams)
     label_names = load_labels()
     log.info("labels %s; params %s", list(label_names), params)
     clean = read_table(paths.CLEAN)

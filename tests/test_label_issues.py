@@ -15,6 +15,7 @@ import yaml
 from stages import label_issues as li
 from stages import paths
 from stages.common import StageError
+from stages.params import parse_section
 from tests.pipeline_fixture import AG_NEWS_LABELS as LABEL_NAMES
 
 # Words that only one class uses, so a small, clean corpus is easy to learn and a flipped label
@@ -36,7 +37,7 @@ RAW_PARAMS = {
     "action": "flag",
     "relabel_min_confidence": 0.5,
 }
-PARAMS = li.parse_params(RAW_PARAMS)
+PARAMS = parse_section(RAW_PARAMS, li.LabelIssuesParams, "label_issues")
 FLIPPED = (3, 50, 97, 140)  # row positions whose label the noisy corpus changes
 
 
@@ -220,11 +221,13 @@ def test_fewer_rows_than_folds() -> None:
         ("action", "delete", "label_issues.action"),
         ("filter_by", "most_suspicious", "label_issues.filter_by"),
         ("relabel_min_confidence", 1.5, "label_issues.relabel_min_confidence"),
+        ("folds", 1, r"label_issues.folds=1 \(must be >= 2\)"),
+        ("models", [], "label_issues.models"),
     ],
 )
 def test_bad_params_are_clear_errors(key: str, value, message: str) -> None:
     with pytest.raises(StageError, match=message):
-        li.parse_params({**RAW_PARAMS, key: value})
+        parse_section({**RAW_PARAMS, key: value}, li.LabelIssuesParams, "label_issues")
 
 
 def test_embed_texts_is_normalised_and_independent_of_batching(tiny_bert_dir: Path) -> None:

@@ -9,7 +9,17 @@ from typing import Literal
 import pytest
 import yaml
 
-from stages import augment, clean, evaluate, export, ingest, label_issues, report, tokenize, train
+from stages import (
+    augment,
+    clean,
+    evaluate,
+    export,
+    ingest,
+    label_issues,
+    report,
+    tokenize,
+    train_params,
+)
 from stages.common import StageError
 from stages.params import parse_section
 from tests.pipeline_fixture import REPO_ROOT
@@ -81,9 +91,12 @@ def test_a_missing_key_is_named() -> None:
         ("ingest", lambda raw: parse_section(raw, ingest.IngestParams, "ingest")),
         ("clean", lambda raw: parse_section(raw, clean.CleanParams, "clean")),
         ("tokenize", lambda raw: parse_section(raw, tokenize.TokenizeParams, "tokenize")),
-        ("label_issues", label_issues.parse_params),
+        (
+            "label_issues",
+            lambda raw: parse_section(raw, label_issues.LabelIssuesParams, "label_issues"),
+        ),
         ("augment", lambda raw: parse_section(raw, augment.AugmentParams, "augment")),
-        ("train", train.parse_params),
+        ("train", lambda raw: parse_section(raw, train_params.TrainParams, "train")),
         ("evaluate", lambda raw: parse_section(raw, evaluate.EvaluateParams, "evaluate")),
         ("export", lambda raw: parse_section(raw, export.ExportParams, "export")),
         ("report", lambda raw: parse_section(raw, report.ReportParams, "report")),

@@ -13,11 +13,9 @@ import pytest
 
 from newsclf.cli import main
 from newsclf.predict import OnnxClassifier
-from stages.export import Int8Plan, build_export
-from tests.lora_fixture import make_adapter
+from tests.conftest import EXPORT_MAX_LENGTH as MAX_LENGTH
 from tests.pipeline_fixture import AG_NEWS_LABELS as LABEL_NAMES
 
-MAX_LENGTH = 32
 HEADLINES = [
     "Stocks rally as the central bank holds interest rates steady",
     "Home side wins the cup final in extra time",
@@ -26,12 +24,8 @@ HEADLINES = [
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    adapter = make_adapter(tiny_bert_dir, tmp_path_factory.mktemp("adapter"))
-    out = tmp_path_factory.mktemp("export") / "onnx"
-    int8 = Int8Plan(HEADLINES * 4, min_agreement=0.0, max_fp32_nodes=0, batch_size=4)
-    build_export(adapter, str(tiny_bert_dir), LABEL_NAMES, out, 17, MAX_LENGTH, int8)
-    return out
+def model_dir(tiny_onnx) -> Path:
+    return tiny_onnx[0]
 
 
 def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:

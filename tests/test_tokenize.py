@@ -46,8 +46,13 @@ def test_tokens_are_the_same_with_two_processes() -> None:
 
 
 def test_bad_params_are_a_clear_error() -> None:
-    with pytest.raises(StageError, match="n_process"):
-        tokenize_texts(["x"], n_process=0)
+    from stages.params import parse_section
+    from stages.tokenize import TokenizeParams
+
+    with pytest.raises(StageError, match=r"tokenize\.n_process=0 \(must be >= 1\)"):
+        parse_section({"n_process": 0, "batch_size": 10}, TokenizeParams, "tokenize")
+    with pytest.raises(StageError, match=r"tokenize\.batch_size=0 \(must be >= 1\)"):
+        parse_section({"n_process": 1, "batch_size": 0}, TokenizeParams, "tokenize")
 
 
 def test_tokens_table_stats_and_histogram() -> None:

@@ -1,4 +1,9 @@
-"""train stage: params, validation split, quantization choice, training, checkpoints and resume."""
+"""train stage: params, validation split, quantization choice, training, checkpoints and resume.
+
+Training runs are shared: one module fixture trains a whole run and an interrupted + resumed run
+(resume, equal logs, rerun on a finished checkpoint), another three one-epoch runs (determinism and
+activation checkpointing).
+"""
 
 from __future__ import annotations
 
@@ -12,48 +17,33 @@ import polars as pl
 import pytest
 import torch
 
-from stages.common import StageError, load_params
-from stages.modeling import resolve_precision, resolve_quantization
+from stages.common import StageError
+from stages.modeling import native_bf16, resolve_precision, resolve_quantization
+from stages.params import parse_section
+from stages.processed import split_train_val
 from stages.train import (
     FINGERPRINT_NAME,
-    TrainParams,
     build_peft_model,
-    parse_params,
+    fingerprint,
     prepare_checkpoints,
     save_adapter,
-    split_train_val,
     train_model,
 )
+from stages.train_params import TrainParams
+from tests.conftest import machine_precision, make_news_rows, tiny_train_params
 from tests.pipeline_fixture import AG_NEWS_LABELS as LABEL_NAMES
 
-REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+NATIVE_BF16, CPU = native_bf16(cuda=False)
 
 
 def tiny_params(base: Path, **overrides) -> TrainParams:
-    """params.yaml's `train:` section, fitted to the tiny model and data."""
-    repo = parse_params(load_params("train", REPO_PARAMS))
-    lora = replace(repo.lora, r=4, alpha=8, dropout=0.0, target_modules=("query", "value"))
-    fitted = dict(
-        base_model=str(base),
-        max_train_samples=None,
-        val_fraction=0.2,
-        epochs=2,
-        batch_size=8,
-        learning_rate=5e-3,
-        max_length=16,
-        checkpoint_steps=2,
-        torch_threads=None,
-        quantization="none",
-        precision="fp32",
-        seed=42,
-        lora=lora,
-    )
-    return replace(repo, **(fitted | overrides))
+    """2 epochs of 4 steps at a low learning rate: a run to interrupt and resume."""
+    return tiny_train_params(base, **({"epochs": 2, "learning_rate": 5e-3, "seed": 42} | overrides))
 
 
-def tiny_data(tmp_path: Path, news_rows) -> tuple[pl.DataFrame, pl.DataFrame, Path]:
-    """Ten news rows written as a train table, split 80/20 into train and validation rows."""
-    df = news_rows(10)
+def tiny_data(tmp_path: Path) -> tuple[pl.DataFrame, pl.DataFrame, Path]:
+    """Ten news rows per class written as a train table, split 80/20 into train and validation."""
+    df = make_news_rows(10)
     data = tmp_path / "train.parquet"
     df.write_parquet(data)
     train, val = split_train_val(df, 0.2, seed=0)
@@ -69,6 +59,9 @@ def raw_params() -> dict:
         "epochs": 2,
         "batch_size": 32,
         "learning_rate": 0.002,
+        "lr_scheduler": "linear",
+        "warmup_ratio": 0.06,
+        "weight_decay": 0.01,
         "max_length": 64,
         "group_by_length": True,
         "torch_threads": None,
@@ -105,26 +98,35 @@ def train_log():
     logger.removeHandler(handler)
 
 
-def test_parse_params_accepts_the_defaults_and_names_bad_keys():
-    params = parse_params(raw_params())
+def parse(raw: dict) -> TrainParams:
+    return parse_section(raw, TrainParams, "train")
+
+
+def test_train_params_accept_the_defaults_and_name_bad_keys():
+    params = parse(raw_params())
     assert params.lora.target_modules == ("query", "value")
-    bad = raw_params() | {"learning_rate": -1}
-    with pytest.raises(StageError, match="learning_rate=-1"):
-        parse_params(bad)
+    with pytest.raises(StageError, match=r"train\.learning_rate=-1\.0 \(must be > 0\)"):
+        parse(raw_params() | {"learning_rate": -1})
     missing = raw_params()
     del missing["lora"]["r"]
-    with pytest.raises(StageError, match="lora.r"):
-        parse_params(missing)
+    with pytest.raises(StageError, match=r"train\.lora\.r"):
+        parse(missing)
     with pytest.raises(StageError, match="unknown key.*epoch"):
-        parse_params(raw_params() | {"epoch": 3})
+        parse(raw_params() | {"epoch": 3})
     with pytest.raises(StageError, match=r"train\.quantization: '3bit'; choose from"):
-        parse_params(raw_params() | {"quantization": "3bit"})
+        parse(raw_params() | {"quantization": "3bit"})
     with pytest.raises(StageError, match=r"train\.precision: 'fp8'; choose from"):
-        parse_params(raw_params() | {"precision": "fp8"})
+        parse(raw_params() | {"precision": "fp8"})
     with pytest.raises(StageError, match=r"train\.batch_size: expected int, got str"):
-        parse_params(raw_params() | {"batch_size": "32"})
-    with pytest.raises(StageError, match="launcher=''"):
-        parse_params(raw_params() | {"launcher": ""})
+        parse(raw_params() | {"batch_size": "32"})
+    with pytest.raises(StageError, match="train.launcher=''"):
+        parse(raw_params() | {"launcher": ""})
+    with pytest.raises(StageError, match=r"train\.warmup_ratio=1\.5 \(must be in \[0, 1\)\)"):
+        parse(raw_params() | {"warmup_ratio": 1.5})
+    bad_lora = raw_params()
+    bad_lora["lora"]["dropout"] = 1.0
+    with pytest.raises(StageError, match=r"train\.lora\.dropout=1\.0"):
+        parse(bad_lora)
 
 
 def test_split_is_stratified_seeded_and_keeps_augmented_copies_of_val_rows_out(news_rows):
@@ -222,82 +224,92 @@ def test_a_kbit_base_does_not_keep_its_checkpoint_file_mapped(mode, tiny_bert_di
     assert model.bert.embeddings.word_embeddings.weight.abs().sum() > 0
 
 
-def test_activation_checkpointing_recomputes_without_changing_the_training(
-    tiny_bert_dir, tmp_path, news_rows
-):
-    from safetensors.torch import load_file
-
-    train, val, data = tiny_data(tmp_path, news_rows)
-    weights = []
-    for checkpointing in (False, True):
-        params = tiny_params(tiny_bert_dir, epochs=1, activation_checkpointing=checkpointing)
-        model = build_peft_model(str(tiny_bert_dir), params, "none", "fp32", LABEL_NAMES)
-        assert model.base_model.model.is_activation_checkpointing is checkpointing
-        out = tmp_path / str(checkpointing)
-        train_model(
-            train,
-            val,
-            params,
-            LABEL_NAMES,
-            data_path=data,
-            checkpoint_dir=out / "ck",
-            adapter_dir=out / "adapter",
-            live_dir=None,
-        )
-        weights.append(load_file(out / "adapter" / "adapter_model.safetensors"))
-    assert weights[0].keys() == weights[1].keys()
-    for key in weights[0]:
-        torch.testing.assert_close(weights[0][key], weights[1][key], rtol=1e-5, atol=1e-6)
-
-
 class Interrupt(Exception):
     pass
 
 
-def _stop_at(step: int):
-    from transformers import TrainerCallback
+class StopAt:
+    """A callback that dies like a killed process, right after step `step` (so the checkpoint of
+    the step before it exists)."""
 
-    class StopAt(TrainerCallback):
-        """Dies like a killed process, right after step `step` (the checkpoint of step 2 exists)."""
+    def __new__(cls, step: int):
+        from transformers import TrainerCallback
 
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == step:
-                raise Interrupt
+        class _StopAt(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step == step:
+                    raise Interrupt
 
-    return StopAt()
-
-
-@pytest.fixture
-def tiny_run(tiny_bert_dir, tmp_path, news_rows):
-    train, val, data = tiny_data(tmp_path, news_rows)
-
-    def run(params: TrainParams, callbacks=()):
-        return train_model(
-            train,
-            val,
-            params,
-            LABEL_NAMES,
-            data_path=data,
-            checkpoint_dir=tmp_path / "ck",
-            adapter_dir=tmp_path / "adapter",
-            live_dir=tmp_path / "live",
-            extra_callbacks=callbacks,
-        )
-
-    return run, tmp_path
+        return _StopAt()
 
 
-def test_train_saves_adapter_and_resumes_after_interruption(tiny_bert_dir, tiny_run, train_log):
-    run, tmp = tiny_run
-    params = tiny_params(tiny_bert_dir)
+def run_in(folder: Path, train, val, data: Path, params: TrainParams, callbacks=()):
+    """train_model with checkpoints, adapter and dvclive files under `folder`."""
+    return train_model(
+        train,
+        val,
+        params,
+        LABEL_NAMES,
+        data_path=data,
+        checkpoint_dir=folder / "ck",
+        adapter_dir=folder / "adapter",
+        live_dir=folder / "live",
+        extra_callbacks=callbacks,
+    )
+
+
+def interrupted_then_resumed(folder: Path, train, val, data: Path, params: TrainParams):
+    """A run killed after step 3 (checkpoint-2 exists, no adapter yet), then run again."""
     with pytest.raises(Interrupt):
-        run(params, callbacks=[_stop_at(3)])
-    assert (tmp / "ck" / "checkpoint-2").is_dir()
-    assert not (tmp / "adapter").exists()
+        run_in(folder, train, val, data, params, callbacks=[StopAt(3)])
+    assert (folder / "ck" / "checkpoint-2").is_dir() and not (folder / "adapter").exists()
+    return run_in(folder, train, val, data, params)
 
-    result = run(params)
+
+@pytest.fixture(scope="module")
+def resume_runs(tiny_bert_dir, tmp_path_factory):
+    """A whole run and an interrupted + resumed one of the same params and data.
+
+    The loss is logged as a mean over windows of 3 steps here, so a window straddles the
+    checkpoint (step 2) the interrupted run resumes from.
+    """
+    from stages import train as train_stage
+
+    root = tmp_path_factory.mktemp("resume_runs")
+    train, val, data = tiny_data(root)
+    params = tiny_params(tiny_bert_dir)
+    handler = Records()
+    logger = logging.getLogger("newsclf.train")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_stage, "LOGGING_STEPS", 3)
+        whole = run_in(root / "whole", train, val, data, params)
+        logger.addHandler(handler)
+        try:
+            resumed = interrupted_then_resumed(root / "resumed", train, val, data, params)
+        finally:
+            logger.removeHandler(handler)
+    return {
+        "root": root,
+        "params": params,
+        "data": (train, val, data),
+        "whole": whole,
+        "resumed": resumed,
+        "resumed_log": handler.messages,
+    }
+
+
+def live_files(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): p.read_text()
+        for p in sorted((folder / "live").rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_train_saves_adapter_and_resumes_after_interruption(tiny_bert_dir, resume_runs):
+    result, folder = resume_runs["resumed"], resume_runs["root"] / "resumed"
     assert result.resumed_from == "checkpoint-2"
-    assert any("resuming from" in m for m in train_log)
+    assert any("resuming from" in m for m in resume_runs["resumed_log"])
     # 32 rows, batch 8, 2 epochs: 8 optimizer steps in all, counted across the interruption.
     assert result.global_step == 8
     # The best epoch is the one of lowest validation loss, and its accuracy comes with it.
@@ -305,52 +317,84 @@ def test_train_saves_adapter_and_resumes_after_interruption(tiny_bert_dir, tiny_
     best = min(evals, key=lambda e: e["eval_loss"])
     assert result.best_val_loss == best["eval_loss"]
     assert result.best_val_accuracy == best["eval_accuracy"]
-    adapter = tmp / "adapter"
+    adapter = folder / "adapter"
     assert (adapter / "adapter_model.safetensors").is_file()
     assert (adapter / "tokenizer.json").is_file()
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(tiny_bert_dir)
     assert set(config["target_modules"]) == {"query", "value"}
+    # The resumed run trained the same adapter as the uninterrupted one, to the byte.
+    whole = resume_runs["root"] / "whole" / "adapter" / "adapter_model.safetensors"
+    assert (adapter / "adapter_model.safetensors").read_bytes() == whole.read_bytes()
 
     # dvclive: per-step loss and per-epoch validation accuracy, each step once despite the resume.
-    summary = json.loads((tmp / "live" / "metrics.json").read_text())
+    summary = json.loads((folder / "live" / "metrics.json").read_text())
     assert summary["step"] == 8 and "accuracy" in summary["eval"]
-    loss = pl.read_csv(tmp / "live" / "plots" / "metrics" / "train" / "loss.tsv", separator="\t")
+    loss = pl.read_csv(folder / "live" / "plots" / "metrics" / "train" / "loss.tsv", separator="\t")
     assert loss["step"].is_unique().all() and loss["step"].is_sorted()
-    acc = pl.read_csv(tmp / "live" / "plots" / "metrics" / "eval" / "accuracy.tsv", separator="\t")
+    plots = folder / "live" / "plots" / "metrics"
+    acc = pl.read_csv(plots / "eval" / "accuracy.tsv", separator="\t")
     assert acc["step"].to_list() == [4, 8]
 
 
-def test_rerun_on_a_finished_checkpoint_logs_the_same_metrics(tiny_bert_dir, tiny_run):
+def test_a_resumed_run_logs_what_an_uninterrupted_run_logs(resume_runs):
+    """Every logged value matches, though a loss window straddles the resumed checkpoint."""
+    root = resume_runs["root"]
+    for metric in ("train/loss.tsv", "train/grad_norm.tsv", "eval/loss.tsv"):
+        whole, resumed = (
+            pl.read_csv(root / name / "live" / "plots" / "metrics" / metric, separator="\t")
+            for name in ("whole", "resumed")
+        )
+        if metric == "train/loss.tsv":
+            assert whole["step"].to_list()[:4] == [1, 2, 3, 4]  # every save closes a window
+        assert resumed.equals(whole), metric
+
+
+def test_rerun_on_a_finished_checkpoint_logs_the_same_metrics(resume_runs, tmp_path):
     """`dvc repro` after a code-only change resumes from the finished run: same dvclive files."""
-    run, tmp = tiny_run
-    params = tiny_params(tiny_bert_dir)
-    run(params)
-
-    def live_files() -> dict[str, str]:
-        return {
-            str(p.relative_to(tmp)): p.read_text()
-            for p in sorted((tmp / "live").rglob("*"))
-            if p.is_file()
-        }
-
-    first = live_files()
+    folder = tmp_path / "rerun"
+    shutil.copytree(resume_runs["root"] / "whole", folder)
+    first = live_files(folder)
     assert "train_loss" not in first["live/metrics.json"]  # depends on where a run was resumed
-    result = run(params)
+    train, val, data = resume_runs["data"]
+    result = run_in(folder, train, val, data, resume_runs["params"])
     assert result.resumed_from == "checkpoint-8"
-    assert live_files() == first
+    assert live_files(folder) == first
 
 
-def test_changed_params_start_fresh(tiny_bert_dir, tiny_run, train_log):
-    run, tmp = tiny_run
-    with pytest.raises(Interrupt):
-        run(tiny_params(tiny_bert_dir), callbacks=[_stop_at(3)])
-    old_fp = (tmp / "ck" / FINGERPRINT_NAME).read_text()
-    result = run(replace(tiny_params(tiny_bert_dir), learning_rate=1e-3))
-    assert result.resumed_from is None
+def test_changed_params_or_data_start_fresh(tiny_bert_dir, tmp_path, train_log):
+    params = tiny_params(tiny_bert_dir)
+    data = tmp_path / "train.parquet"
+    make_news_rows(10).write_parquet(data)
+    resolved = {"quantization": "none", "precision": "fp32"}
+
+    def fp(p: TrainParams) -> str:
+        return fingerprint(p, data, str(tiny_bert_dir), 1, resolved, LABEL_NAMES)
+
+    base = fp(params)
+    assert fp(params) == base
+    assert fp(replace(params, learning_rate=1e-3)) != base
+    assert fp(replace(params, lora=replace(params.lora, r=2))) != base
+    assert (
+        fingerprint(
+            params, data, str(tiny_bert_dir), 1, {**resolved, "precision": "bf16"}, LABEL_NAMES
+        )
+        != base
+    )
+    # The launcher is not hashed: the world size it gives is.
+    assert fp(replace(params, launcher="torchrun --nproc_per_node 1")) == base
+    make_news_rows(11).write_parquet(data)
+    assert fp(params) != base
+
+    ck = tmp_path / "ck"
+    assert prepare_checkpoints(ck, base, world_size=1) is None
+    (ck / "checkpoint-2").mkdir()
+    (ck / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    assert prepare_checkpoints(ck, base, world_size=1) == ck / "checkpoint-2"
+    assert prepare_checkpoints(ck, "other", world_size=1) is None
     assert any("other params or data: starting fresh" in m for m in train_log)
-    assert (tmp / "ck" / FINGERPRINT_NAME).read_text() != old_fp
-    assert result.global_step == 8
+    assert not (ck / "checkpoint-2").exists()
+    assert json.loads((ck / FINGERPRINT_NAME).read_text())["fingerprint"] == "other"
 
 
 def test_a_checkpoint_of_another_world_size_is_not_resumed(tmp_path, train_log):
@@ -366,101 +410,91 @@ def test_a_checkpoint_of_another_world_size_is_not_resumed(tmp_path, train_log):
     assert json.loads((ck / FINGERPRINT_NAME).read_text())["world_size"] == 1
 
 
-def test_a_resumed_run_logs_what_an_uninterrupted_run_logs(
-    tiny_bert_dir, tmp_path, news_rows, monkeypatch
-):
-    """The loss is logged as a mean over a window of steps; a 3-step window straddles the
-    checkpoint (step 2) the interrupted run resumes from. Every logged value must match."""
-    from stages import train as train_stage
+@pytest.fixture(scope="module")
+def epoch_runs(tiny_bert_dir, tmp_path_factory):
+    """Adapter weights of three one-epoch runs: twice as configured, once with activation
+    checkpointing."""
+    from safetensors.torch import load_file
 
-    monkeypatch.setattr(train_stage, "LOGGING_STEPS", 3)
-    train, val, data = tiny_data(tmp_path, news_rows)
-    params = tiny_params(tiny_bert_dir)
-
-    def run(name: str, callbacks=()):
-        return train_model(
+    root = tmp_path_factory.mktemp("epoch_runs")
+    train, val, data = tiny_data(root)
+    weights = {}
+    for name, checkpointing in (("first", False), ("again", False), ("checkpointing", True)):
+        params = tiny_params(tiny_bert_dir, epochs=1, activation_checkpointing=checkpointing)
+        train_model(
             train,
             val,
             params,
             LABEL_NAMES,
             data_path=data,
-            checkpoint_dir=tmp_path / name / "ck",
-            adapter_dir=tmp_path / name / "adapter",
-            live_dir=tmp_path / name / "live",
-            extra_callbacks=callbacks,
-        )
-
-    run("whole")
-    with pytest.raises(Interrupt):
-        run("resumed", callbacks=[_stop_at(3)])
-    assert run("resumed").resumed_from == "checkpoint-2"
-    for metric in ("train/loss.tsv", "train/grad_norm.tsv", "eval/loss.tsv"):
-        whole, resumed = (
-            pl.read_csv(tmp_path / name / "live" / "plots" / "metrics" / metric, separator="\t")
-            for name in ("whole", "resumed")
-        )
-        if metric == "train/loss.tsv":
-            assert whole["step"].to_list()[:4] == [1, 2, 3, 4]  # every save closes a window
-        assert resumed.equals(whole), metric
-
-
-def test_training_is_deterministic_and_updates_the_adapter(tiny_bert_dir, tmp_path, news_rows):
-    from safetensors.torch import load_file
-
-    train, val, data = tiny_data(tmp_path, news_rows)
-    weights = []
-    for i in range(2):
-        train_model(
-            train,
-            val,
-            tiny_params(tiny_bert_dir, epochs=1),
-            LABEL_NAMES,
-            data_path=data,
-            checkpoint_dir=tmp_path / f"ck{i}",
-            adapter_dir=tmp_path / f"adapter{i}",
+            checkpoint_dir=root / name / "ck",
+            adapter_dir=root / name / "adapter",
             live_dir=None,
         )
-        weights.append(load_file(tmp_path / f"adapter{i}" / "adapter_model.safetensors"))
-    assert weights[0].keys() == weights[1].keys()
-    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+        weights[name] = load_file(root / name / "adapter" / "adapter_model.safetensors")
+    return weights
+
+
+def test_training_is_deterministic_and_updates_the_adapter(epoch_runs):
+    first, again = epoch_runs["first"], epoch_runs["again"]
+    assert first.keys() == again.keys()
+    assert all(torch.equal(first[k], again[k]) for k in first)
     # LoRA's B matrices start at zero: non-zero ones prove the optimizer trained the adapter.
-    lora_b = [v for k, v in weights[0].items() if "lora_B" in k]
+    lora_b = [v for k, v in first.items() if "lora_B" in k]
     assert lora_b and all(v.abs().sum() > 0 for v in lora_b)
-    assert any("classifier" in k for k in weights[0])
+    assert any("classifier" in k for k in first)
+
+
+def test_activation_checkpointing_recomputes_without_changing_the_training(
+    tiny_bert_dir, epoch_runs
+):
+    for checkpointing in (False, True):
+        params = tiny_params(tiny_bert_dir, activation_checkpointing=checkpointing)
+        model = build_peft_model(str(tiny_bert_dir), params, "none", "fp32", LABEL_NAMES)
+        assert model.base_model.model.is_activation_checkpointing is checkpointing
+    off, on = epoch_runs["first"], epoch_runs["checkpointing"]
+    assert off.keys() == on.keys()
+    for key in off:
+        torch.testing.assert_close(off[key], on[key], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["4bit", "8bit"])
 def test_kbit_training_on_cpu_resumes_and_saves_a_safetensors_adapter(
-    mode, tiny_bert_dir, tiny_run, train_log
+    mode, tiny_bert_dir, tmp_path
 ):
-    """QLoRA (4-bit NF4) and 8-bit LoRA through the train stage on this CPU, with `pooler`
-    trained in full, interrupted and resumed."""
+    """QLoRA (4-bit NF4) and 8-bit LoRA through the train stage on this CPU, in the precision
+    `auto` gives it (bf16 where native, fp32 elsewhere), with `pooler` trained in full,
+    interrupted and resumed."""
     from safetensors.torch import load_file
 
-    run, tmp = tiny_run
-    params = tiny_params(tiny_bert_dir, quantization=mode, precision="bf16")
-    params = replace(params, lora=replace(params.lora, modules_to_save=("classifier", "pooler")))
-    with pytest.raises(Interrupt):
-        run(params, callbacks=[_stop_at(3)])
-    result = run(params)
+    precision = machine_precision()
+    params = tiny_params(tiny_bert_dir, quantization=mode, precision=precision)
+    train, val, data = tiny_data(tmp_path)
+    result = interrupted_then_resumed(tmp_path / "run", train, val, data, params)
     assert result.resumed_from == "checkpoint-2"
-    assert (result.quantization, result.precision, result.global_step) == (mode, "bf16", 8)
-    weights = load_file(tmp / "adapter" / "adapter_model.safetensors")
+    assert (result.quantization, result.precision, result.global_step) == (mode, precision, 8)
+    weights = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
     assert any("pooler" in k for k in weights) and any("classifier" in k for k in weights)
     lora_b = [v for k, v in weights.items() if "lora_B" in k]
     assert lora_b and all(v.abs().sum() > 0 for v in lora_b)
     assert all(v.dtype == torch.float32 for v in weights.values())
 
 
+@pytest.mark.skipif(not NATIVE_BF16, reason=f"bf16 needs AVX512-BF16 or AMX: this is a {CPU}")
+def test_auto_precision_trains_bf16_where_the_cpu_computes_it(trained_adapter):
+    """The session's QLoRA adapter was trained in the machine's precision: bf16 here."""
+    assert resolve_precision("auto", cuda=False) == "bf16"
+    assert trained_adapter("4bit").result.precision == "bf16"
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("mode", ["none", "4bit"])
-def test_gpu_lora_and_qlora_train(mode, tiny_bert_dir, tiny_run):
-    pytest.importorskip("bitsandbytes")
-    run, tmp = tiny_run
-    result = run(tiny_params(tiny_bert_dir, quantization=mode))
+def test_gpu_lora_and_qlora_train(mode, tiny_bert_dir, tmp_path):
+    train, val, data = tiny_data(tmp_path)
+    result = run_in(tmp_path, train, val, data, tiny_params(tiny_bert_dir, quantization=mode))
     assert result.quantization == mode
-    assert (tmp / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_saved_adapter_does_not_depend_on_where_the_base_lives(tiny_bert_dir, tmp_path):

@@ -1,0 +1,74 @@
+"""The processed tables (`data/processed/{train,test}.parquet`) as train, evaluate and export read
+them: checked against the data contract, and train rows split into training and validation rows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from stages.common import StageError, check_contract, read_table
+
+
+def check_table(
+    df: pl.DataFrame, path: str | Path, split: str, label_names: tuple[str, ...]
+) -> None:
+    """Fail with the file, field and first bad row when `df` breaks the data contract or is not
+    a table of `split` rows with non-empty texts and unique ids."""
+    check_contract(df, path, label_names)
+    bad_rules = {
+        "empty text": pl.col("text").str.strip_chars() == "",
+        f"split is not {split!r}": pl.col("split") != split,
+    }
+    for reason, expr in bad_rules.items():
+        bad = df.with_row_index("row").filter(expr)
+        if bad.height:
+            first = bad.row(0, named=True)
+            raise StageError(
+                f"{path}: {bad.height} row(s) with {reason}; first: row {first['row']}, "
+                f"id={first['id']!r}"
+            )
+    dup = df.filter(pl.col("id").is_duplicated())
+    if dup.height:
+        raise StageError(f"{path}: duplicate id {dup['id'][0]!r} ({dup.height} rows)")
+
+
+def read_processed(path: str | Path, split: str, label_names: tuple[str, ...]) -> pl.DataFrame:
+    """A processed table, read and checked against the data contract (see `check_table`)."""
+    df = read_table(path)
+    check_table(df, path, split, label_names)
+    return df
+
+
+def split_train_val(
+    df: pl.DataFrame, val_fraction: float, seed: int, max_train_samples: int | None = None
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Seeded, label-stratified validation slice of the genuine rows; the rest trains.
+
+    Augmented rows derived from a validation row are dropped, or validation would score texts the
+    model trained on. `max_train_samples` then keeps a seeded subset of the training rows (in their
+    file order). `evaluate` calls this too, so its baseline sees exactly the same training rows.
+    """
+    from sklearn.model_selection import train_test_split
+
+    genuine = df.filter(pl.col("op") == "original") if "op" in df.columns else df
+    try:
+        _, val_ids = train_test_split(
+            genuine["id"].to_list(),
+            test_size=val_fraction,
+            stratify=genuine["label"].to_list(),
+            random_state=seed,
+        )
+    except ValueError as err:
+        raise StageError(f"cannot hold out val_fraction={val_fraction}: {err}") from err
+    is_val = pl.col("id").is_in(val_ids)
+    if "augmented_from" in df.columns:
+        is_val = is_val | pl.col("augmented_from").is_in(val_ids).fill_null(False)
+    val = df.filter(pl.col("id").is_in(val_ids))
+    train = df.filter(~is_val)
+    if max_train_samples is not None and max_train_samples < train.height:
+        rng = np.random.default_rng(seed)
+        keep = np.sort(rng.choice(train.height, size=max_train_samples, replace=False))
+        train = train[keep]
+    return train, val
