@@ -27,11 +27,12 @@ test: install
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest -q
 
-# Day-to-day lane: everything but the tests that drive real `dvc` runs (CI runs them all).
+# Day-to-day lane: everything but the tests that drive real `dvc` runs or several training
+# processes (CI runs them all).
 test-fast: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/pytest -q -m "not e2e"
+	$(BIN)/pytest -q -m "not e2e and not slow"
 
 bench: install
 	$(BIN)/python -m bench.bench_data

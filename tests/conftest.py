@@ -57,6 +57,15 @@ def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path)
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny_pipeline") / "repo", tiny_bert_dir)
 
 
+@pytest.fixture(scope="session")
+def tokenized_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A git+DVC project that has run ingest, clean and tokenize on the raw fixture, committed.
+    Tests clone it, never change it."""
+    from tests.pipeline_fixture import build_tokenized_project
+
+    return build_tokenized_project(tmp_path_factory.mktemp("tokenized") / "repo")
+
+
 # --- train / evaluate (issue 4) ---
 NEWS_TOPICS = (
     "election minister parliament war treaty",

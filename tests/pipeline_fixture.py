@@ -207,14 +207,27 @@ def build_tiny_pipeline(root: Path, model_dir: Path) -> Path:
     return project
 
 
-def clone(src: Path, dest: Path, shared_cache: bool) -> Path:
-    """A git clone of `src`; with `shared_cache`, it uses src's DVC cache and checks outputs out."""
+def clone(src: Path, dest: Path, with_outputs: bool, upto: str | None = None) -> Path:
+    """A git clone of `src`; `with_outputs` gives it a copy of src's DVC cache (run-cache included)
+    and checks the outputs out (of stage `upto` and those before it, if given). A copy, not a
+    shared cache: what a test runs in its clone never reaches `src`'s cache or run-cache, so no
+    test can restore another test's run."""
     git(src.parent, "clone", "-q", str(src), str(dest))
-    if shared_cache:
-        for args in (("cache", "dir", "--local", str(src / ".dvc" / "cache")), ("checkout",)):
-            result = dvc(dest, *args)
-            assert result.returncode == 0, result.stdout + result.stderr
+    if with_outputs:
+        shutil.copytree(src / ".dvc" / "cache", dest / ".dvc" / "cache")
+        result = dvc(dest, "checkout", *(("--with-deps", upto) if upto else ()))
+        assert result.returncode == 0, result.stdout + result.stderr
     return dest
+
+
+def build_tokenized_project(root: Path) -> Path:
+    """`make_project` + `dvc repro tokenize` from scratch, committed: the data stages on the raw
+    fixture, for the tests of those stages under dvc and of remotes."""
+    project = make_project(root)
+    result = dvc(project, "repro", "tokenize")
+    assert result.returncode == 0, result.stdout + result.stderr
+    commit_all(project, "data stages run")
+    return project
 
 
 def stages_run(output: str) -> set[str]:

@@ -18,6 +18,8 @@ import yaml
 
 from tests.conftest import REPO_ROOT, make_news_rows
 
+pytestmark = pytest.mark.slow
+
 # 80 rows → 16 validation, 64 training: 4 global batches of 16 per epoch, so 2 processes × 8 and
 # 1 process × 16 see exactly the same rows in every optimizer step (no padded last batch).
 ROWS_PER_CLASS = 20
