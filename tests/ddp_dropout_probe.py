@@ -1,6 +1,7 @@
-"""Run under torchrun by tests/test_multiprocess.py: the train stage's callbacks under DDP.
+"""Run under torchrun by tests/test_multiprocess.py: the train stage's OwnDropoutPerRank callback
+under DDP.
 
-Each rank draws as dropout and then as the length-grouped sampler would, after the callbacks' step
+Each rank draws as dropout and then as the length-grouped sampler would, after the callback's step
 and epoch hooks ran. Rank 0 prints two words: whether the ranks' dropout draws were the same, and
 whether their shuffles were the same ("different same" is what training needs).
 """
@@ -14,7 +15,7 @@ import torch
 import torch.distributed as dist
 from transformers import TrainingArguments
 
-from stages.train import make_callbacks
+from stages.train import OwnDropoutPerRank
 
 
 def same_on_every_rank(values: torch.Tensor, world_size: int) -> bool:
@@ -24,15 +25,13 @@ def same_on_every_rank(values: torch.Tensor, world_size: int) -> bool:
 
 
 args = TrainingArguments(output_dir=sys.argv[1], use_cpu=True, report_to="none", seed=42)
-callbacks = make_callbacks(None, checkpoint_steps=1)
+callback = OwnDropoutPerRank()
 torch.manual_seed(args.seed)  # what the Trainer does on every rank
 state = SimpleNamespace(epoch=1.0, global_step=10)
-for callback in callbacks:
-    callback.on_step_begin(args, state, None)
+callback.on_step_begin(args, state, None)
 mask = torch.nn.functional.dropout(torch.ones(16, 40), 0.1)
 torch.rand(50 + 13 * args.process_index)  # ranks' batches differ in length
-for callback in callbacks:
-    callback.on_epoch_begin(args, state, None)
+callback.on_epoch_begin(args, state, None)
 shuffle = torch.randperm(1000)
 words = [
     "same" if same_on_every_rank(mask, args.world_size) else "different",

@@ -108,3 +108,29 @@ def test_every_section_of_params_yaml_parses_with_its_stages_dataclass(section, 
     # ...and a key the dataclass does not know is refused, not ignored.
     with pytest.raises(StageError, match=re.escape(f"unknown key(s) {section}.typo")):
         parse({**raw[section], "typo": 1})
+
+
+@dataclass(frozen=True)
+class Either:
+    size: int | str
+
+
+def test_a_union_of_types_takes_the_first_that_fits_and_names_them_all() -> None:
+    assert parse_section({"size": 3}, Either, "e") == Either(3)
+    assert parse_section({"size": "auto"}, Either, "e") == Either("auto")
+    with pytest.raises(
+        StageError, match=re.escape("params.yaml e.size: expected int or str, got float 2.5")
+    ):
+        parse_section({"size": 2.5}, Either, "e")
+
+
+def test_a_value_out_of_range_names_the_section_key_and_the_rule() -> None:
+    from stages.evaluate import EvaluateParams
+    from stages.export import ExportParams
+
+    with pytest.raises(StageError, match=re.escape("evaluate.batch_size=0 (must be >= 1)")):
+        parse_section({"batch_size": 0}, EvaluateParams, "evaluate")
+    raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["export"]
+    raw["parity"] = raw["parity"] | {"min_int8_agreement": 2}
+    with pytest.raises(StageError, match=re.escape("export.parity.min_int8_agreement=2.0")):
+        parse_section(raw, ExportParams, "export")
