@@ -57,7 +57,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                 return _coerce(value, option, key)
             except StageError:
                 continue
-        names = " or ".join(getattr(a, "__name__", repr(a)) for a in args)
+        names = " or ".join(
+            [getattr(a, "__name__", repr(a)) for a in options]
+            + ["null"] * (len(options) < len(args))
+        )
         raise StageError(
             f"params.yaml {key}: expected {names}, got {type(value).__name__} {value!r}"
         )

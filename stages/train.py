@@ -439,7 +439,10 @@ class RunSetup:
     args: Any  # TrainingArguments
     tokenizer: Any
     resume: Path | None
-    rank_zero: bool
+
+    @property
+    def rank_zero(self) -> bool:
+        return is_rank_zero(self.args)
 
 
 def set_up(
@@ -456,8 +459,7 @@ def set_up(
     precision = resolve_precision(params.precision, cuda)
     base_path = resolve_base_model(params.base_model)
     args = training_arguments(params, checkpoint_dir, precision, cuda)
-    rank_zero = is_rank_zero(args)
-    if rank_zero:
+    if is_rank_zero(args):
         log.info("labels %s; params %s", list(label_names), asdict(params))
         log.info("%s", describe_world(args.world_size))
     resolved = {"quantization": quantization, "precision": precision}
@@ -469,7 +471,6 @@ def set_up(
         args=args,
         tokenizer=AutoTokenizer.from_pretrained(base_path),
         resume=resume_point(args, checkpoint_dir, fp),
-        rank_zero=rank_zero,
     )
 
 

@@ -113,15 +113,20 @@ def test_every_section_of_params_yaml_parses_with_its_stages_dataclass(section, 
 @dataclass(frozen=True)
 class Either:
     size: int | str
+    cap: int | str | None
 
 
 def test_a_union_of_types_takes_the_first_that_fits_and_names_them_all() -> None:
-    assert parse_section({"size": 3}, Either, "e") == Either(3)
-    assert parse_section({"size": "auto"}, Either, "e") == Either("auto")
+    assert parse_section({"size": 3, "cap": None}, Either, "e") == Either(3, None)
+    assert parse_section({"size": "auto", "cap": 2}, Either, "e") == Either("auto", 2)
     with pytest.raises(
         StageError, match=re.escape("params.yaml e.size: expected int or str, got float 2.5")
     ):
-        parse_section({"size": 2.5}, Either, "e")
+        parse_section({"size": 2.5, "cap": None}, Either, "e")
+    with pytest.raises(
+        StageError, match=re.escape("params.yaml e.cap: expected int or str or null, got list [1]")
+    ):
+        parse_section({"size": 1, "cap": [1]}, Either, "e")
 
 
 def test_a_value_out_of_range_names_the_section_key_and_the_rule() -> None:

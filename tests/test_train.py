@@ -16,6 +16,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 import torch
+from transformers import TrainerCallback
 
 from stages.common import StageError
 from stages.modeling import native_bf16, resolve_precision, resolve_quantization
@@ -228,19 +229,16 @@ class Interrupt(Exception):
     pass
 
 
-class StopAt:
-    """A callback that dies like a killed process, right after step `step` (so the checkpoint of
-    the step before it exists)."""
+class StopAt(TrainerCallback):
+    """Dies like a killed process, right after step `step` (so the checkpoint of the step before
+    it exists)."""
 
-    def __new__(cls, step: int):
-        from transformers import TrainerCallback
+    def __init__(self, step: int) -> None:
+        self.step = step
 
-        class _StopAt(TrainerCallback):
-            def on_step_end(self, args, state, control, **kwargs):
-                if state.global_step == step:
-                    raise Interrupt
-
-        return _StopAt()
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise Interrupt
 
 
 def run_in(folder: Path, train, val, data: Path, params: TrainParams, callbacks=()):
