@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from newsclf.inputs import InputError, open_source
@@ -83,6 +84,27 @@ def progress_bar(source):
     )
 
 
+@dataclass
+class Printed:
+    """The number of the last input whose result is printed (None before the first)."""
+
+    last: int | None = None
+
+
+def chunks_saying_where_output_ends(source, printed: Printed) -> Iterator[list]:
+    """The source's chunks; an input fault after some output says where that output ends, so that
+    whoever reads a partial result knows which inputs it covers."""
+    try:
+        yield from source.chunks
+    except InputError as err:
+        if printed.last is None:
+            raise
+        raise InputError(
+            f"{err}; the output above ends at {source.unit} {printed.last}, nothing after it was "
+            "classified"
+        ) from err
+
+
 def predict(args: argparse.Namespace) -> int:
     """Classify chunk by chunk: read, encode, score and print, results in input order."""
     from newsclf.predict import OnnxClassifier
@@ -93,9 +115,9 @@ def predict(args: argparse.Namespace) -> int:
         notice(classifier.notice)
     labels = classifier.labels
     empty, truncated = Tally(), Tally()
-    classified = 0
+    classified, printed = 0, Printed()
     with progress_bar(source) as bar:
-        for chunk in source.chunks:
+        for chunk in chunks_saying_where_output_ends(source, printed):
             is_text = [item.text is not None and item.text.strip() != "" for item in chunk]
             items = [item for item, ok in zip(chunk, is_text, strict=True) if ok]
             empty.add([item.number for item, ok in zip(chunk, is_text, strict=True) if not ok])
@@ -114,6 +136,7 @@ def predict(args: argparse.Namespace) -> int:
                     lines.insert(0, table_header(source.unit, labels))
             if lines:
                 print("\n".join(lines), flush=True)
+                printed.last = items[-1].number
             classified += len(items)
             bar.update(len(chunk))
     if empty.count:

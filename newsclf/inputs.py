@@ -19,6 +19,9 @@ from pathlib import Path
 
 READ_BYTES = 1 << 20
 BOM = codecs.BOM_UTF8
+# Python's csv refuses a field over 131,072 characters; a long text is an input like any other
+# (truncated to the model's max_length), so the limit is raised to what a C long holds everywhere.
+CSV_FIELD_LIMIT = 2**31 - 1
 
 
 class InputError(Exception):
@@ -88,9 +91,13 @@ def line_chunks(fd: int, source: str, chunk_size: int) -> Iterator[list[Item]]:
         *lines, pending = (pending + data).split(b"\n")
         for raw in lines:
             number += 1
-            items.append(
-                Item(number, _decode_line(raw.removesuffix(b"\r"), source, number, offset))
-            )
+            try:
+                text = _decode_line(raw.removesuffix(b"\r"), source, number, offset)
+            except InputError:
+                if items:  # the lines before it are scored and printed before the error
+                    yield items
+                raise
+            items.append(Item(number, text))
             offset += len(raw) + 1
         while len(items) >= chunk_size:
             yield items[:chunk_size]
@@ -100,9 +107,14 @@ def line_chunks(fd: int, source: str, chunk_size: int) -> Iterator[list[Item]]:
             items = []
     if pending:
         number += 1
-        items.append(
-            Item(number, _decode_line(pending.removesuffix(b"\r"), source, number, offset))
-        )
+        try:
+            items.append(
+                Item(number, _decode_line(pending.removesuffix(b"\r"), source, number, offset))
+            )
+        except InputError:
+            if items:
+                yield items
+            raise
     if items:
         yield items
 
@@ -136,14 +148,19 @@ def csv_chunks(path: Path, chunk_size: int) -> Iterator[list[Item]]:
     nul = start.find(b"\x00")
     if nul >= 0:
         raise InputError(f"{path}: binary data (NUL byte at offset {nul}), not text")
+    csv.field_size_limit(CSV_FIELD_LIMIT)
     with path.open(encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f)
         try:
             fields = reader.fieldnames
         except UnicodeDecodeError as err:
             raise InputError(f"{path}: not UTF-8 text in its header ({err.reason})") from err
-        if fields is None or "text" not in fields:
-            raise InputError(f"{path}: CSV needs a header with a `text` column")
+        if fields is None:
+            raise InputError(f"{path}: empty CSV; it needs a header with a `text` column")
+        if "text" not in fields:
+            raise InputError(
+                f"{path}: CSV needs a header with a `text` column; its columns are {fields}"
+            )
         has_id = "id" in fields
         items: list[Item] = []
         number = 0
@@ -203,6 +220,8 @@ def open_source(
         return from_arguments(texts)
     if file:
         path = Path(file)
+        if path.is_dir():
+            raise InputError(f"{path}: a folder, not a file; give one file with --file")
         if not path.is_file():
             raise InputError(f"{path}: no such file")
         suffix = path.suffix.lower()

@@ -10,24 +10,30 @@ entry in params.yaml name them):
 top-level `labels:` or integer ids 0..n-1 (the stage logs which it found in each source).
 
 A row's id is `<file name>:<row number>`, the row number being the 1-based record number in that
-file (a header row counts, so it is the row a spreadsheet shows): stable across runs and pointing
-straight at the row in the raw file. Faults in the structure of a source stop the stage with a
-message naming the file and column; faults in one row quarantine that row in `rejected.parquet`, so
-that for every source rows in = kept + rejected.
+file (a header row and blank lines count, so it is the row a spreadsheet shows): stable across runs
+and pointing straight at the row in the raw file. Faults in the structure of a source stop the stage
+with a message naming the file and column; faults in one row quarantine that row in
+`rejected.parquet` with its reason. What came in is counted from the file itself (physical lines,
+or the rows a Parquet file declares), apart from the parser, and every line must be a header, a
+blank line or part of exactly one kept or rejected row. A source that loses more than
+`ingest.max_rejected_share` of its rows, or a split left without rows, stops the stage after the
+outputs are written, so that `rejected.parquet` shows why.
 """
 
 from __future__ import annotations
 
 import codecs
 import csv
-import io
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
+import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from newsclf.inputs import CSV_FIELD_LIMIT  # over csv's 131,072: clean's max_chars decides
 from stages import paths
 from stages.common import (
     SPLITS,
@@ -38,17 +44,20 @@ from stages.common import (
     write_json,
     write_table,
 )
-from stages.params import load_section
+from stages.params import check_values, load_section
 
 log = get_logger("ingest")
 
 CSV_FIELDS = ("class", "title", "description")
 # C0 controls and DEL, except tab, line feed and carriage return (whitespace that `clean` collapses).
 CONTROL_CHARS = r"[\x00-\x08\x0B\x0C\x0E-\x1F\x7F]"
-# Row candidates, before validation: where the row came from, its fields as read, and a fault found
-# while reading it (field count, bytes), if any.
+# Row candidates, before validation: where the row came from (row number, first physical line and
+# lines spanned), its fields as read, and a fault found while reading it (quoting, field count,
+# bytes), if any.
 CANDIDATE_SCHEMA = {
     "row": pl.Int64,
+    "line": pl.Int64,
+    "lines": pl.Int64,
     "label_raw": pl.String,
     "text": pl.String,
     "raw": pl.String,
@@ -107,6 +116,14 @@ class IngestParams:
     """The `ingest:` section of params.yaml; each source entry is checked by `parse_sources`."""
 
     sources: tuple[dict, ...]
+    max_rejected_share: float
+    fold_label_case: bool
+
+    def __post_init__(self) -> None:
+        check_values(
+            self,
+            {"max_rejected_share": (0 <= self.max_rejected_share <= 1, "between 0 and 1")},
+        )
 
 
 def parse_sources(entries: list[dict]) -> list[Source]:
@@ -167,17 +184,41 @@ BINARY_MAGIC = (
     b"\xfd7zXZ",
     b"7z\xbc\xaf",
 )
+# Byte-order marks of the encodings a spreadsheet may save in instead of UTF-8 (longest first).
+UNICODE_BOMS = (
+    (codecs.BOM_UTF32_LE, "UTF-32 LE"),
+    (codecs.BOM_UTF32_BE, "UTF-32 BE"),
+    (codecs.BOM_UTF16_LE, "UTF-16 LE"),
+    (codecs.BOM_UTF16_BE, "UTF-16 BE"),
+)
 TEXT_BYTES = bytes(range(0x20, 0x100)) + b"\t\n\r"
 MAX_CONTROL_SHARE = 0.1  # of the first 64 KiB; text has none beyond a stray byte in a row
 
 
+def _wide_encoding(head: bytes) -> str | None:
+    """UTF-16/32 told by its byte-order mark, or UTF-16 without one by NULs in every other byte."""
+    for bom, name in UNICODE_BOMS:
+        if head.startswith(bom):
+            return f"{name} (byte-order mark {bom.hex(' ').upper()})"
+    pairs = len(head) // 2
+    for parity, name in ((1, "UTF-16 LE"), (0, "UTF-16 BE")):
+        if pairs >= 8 and head[parity::2].count(0) > 0.9 * pairs:
+            return f"{name} (a NUL byte in every other position)"
+    return None
+
+
 def read_text_bytes(path: Path, kind: str) -> bytes:
-    """A text source's bytes, a UTF-8 byte-order mark removed; an empty or binary file is a
-    StageError (a stray control byte is left to its row)."""
+    """A text source's bytes, a UTF-8 byte-order mark removed; an empty file, a binary one or one
+    in another Unicode encoding is a StageError (a stray control byte is left to its row)."""
     data = path.read_bytes()
     if not data:
         raise StageError(f"{path}: empty file, no rows")
     head = data[:65536]
+    if encoding := _wide_encoding(head):
+        raise StageError(
+            f"{path}: encoded as {encoding}, not UTF-8; save it as UTF-8 (e.g. `iconv -f UTF-16 "
+            f"-t UTF-8`, or CSV UTF-8 in a spreadsheet)"
+        )
     controls = len(head.translate(None, TEXT_BYTES))
     if head.startswith(BINARY_MAGIC) or controls > MAX_CONTROL_SHARE * len(head):
         raise StageError(
@@ -187,52 +228,226 @@ def read_text_bytes(path: Path, kind: str) -> bytes:
     return data.removeprefix(codecs.BOM_UTF8)
 
 
-def read_text(path: Path, kind: str) -> str:
-    """A text source's content, decoded with surrogateescape so that undecodable bytes stay in
-    their row (a row fault) instead of failing the file."""
-    return read_text_bytes(path, kind).decode("utf-8", errors="surrogateescape")
+def count_lines(data: bytes) -> int:
+    """Physical lines in a text file's bytes (a last line without \\n counts): what came in,
+    counted apart from any parser, so that every line can be accounted for after parsing."""
+    return data.count(b"\n") + (not data.endswith(b"\n"))
 
 
 def _undecodable(fields: list[str]) -> bool:
     return any("\udc80" <= ch <= "\udcff" for f in fields for ch in f)
 
 
-def _check_field_counts(path: Path, faults: list[str | None], expected: str) -> None:
-    if not faults:
-        raise StageError(f"{path}: empty file, no rows")
-    wrong = sum(f is not None and f.startswith("wrong field count") for f in faults)
-    if wrong * 2 > len(faults):
-        raise StageError(
-            f"{path}: wrong columns: {wrong} of {len(faults)} rows do not have the fields {expected}"
-        )
+@dataclass(frozen=True)
+class CsvRecord:
+    """One record of a CSV: the physical line it starts on (from 1), how many lines it spans,
+    its fields, and a quoting fault (then `fields` is its first line alone)."""
+
+    line: int
+    lines: int
+    fields: list[str]
+    fault: str | None = None
+
+    @property
+    def is_blank(self) -> bool:
+        return self.fault is None and self.lines == 1 and "".join(self.fields).strip() == ""
 
 
-def read_original_csv(path: Path) -> pl.DataFrame:
-    """Row candidates of an original-layout CSV; field-count and byte faults are marked, not raised."""
-    text = read_text(path, "CSV")
-    records: dict[str, list] = {name: [] for name in CANDIDATE_SCHEMA}
-    for row, fields in enumerate(csv.reader(io.StringIO(text, newline="")), start=1):
-        fault = None
-        if _undecodable(fields):
-            fault = "undecodable bytes (not UTF-8)"
-        elif len(fields) != len(CSV_FIELDS):
-            fault = (
-                f"wrong field count: expected 3 (class, title, description), found {len(fields)}"
+class _LineFeed:
+    """The lines of a file from `start` on, for csv.reader, telling how many it has handed out."""
+
+    def __init__(self, lines: list[str], start: int) -> None:
+        self.lines, self.next = lines, start
+
+    def __iter__(self) -> _LineFeed:
+        return self
+
+    def __next__(self) -> str:
+        if self.next == len(self.lines):
+            raise StopIteration
+        self.next += 1
+        return self.lines[self.next - 1]
+
+
+def _bare(line: str) -> str:
+    return line.removesuffix("\n").removesuffix("\r")
+
+
+def _alone(line: str) -> list[str] | None:
+    """The fields of one physical line parsed on its own, None when its quoting is broken."""
+    try:
+        return next(csv.reader([line], strict=True), [])
+    except csv.Error:
+        return None
+
+
+def csv_records(
+    lines: list[str], start: int, n_fields: int | None, is_row: Callable[[list[str]], bool]
+) -> Iterator[CsvRecord]:
+    """The records of `lines[start:]` under strict CSV quoting (RFC 4180: a quoted field may hold
+    line breaks). A record whose quoting breaks the rules or never closes is a fault of its first
+    line alone, and so is one over several lines without `n_fields` fields, or with a later line
+    that `is_row` takes for a row of its own (a stray quote swallowed the rows after it); reading
+    then resumes at the next line, so that no later row is lost or merged into another."""
+    csv.field_size_limit(CSV_FIELD_LIMIT)
+    pos = start
+    while pos < len(lines):
+        feed = _LineFeed(lines, pos)
+        try:
+            for fields in csv.reader(feed, strict=True):
+                end = feed.next
+                if end - pos > 1 and n_fields is not None:
+                    swallowed = [
+                        n + 1
+                        for n in range(pos + 1, end)
+                        if (alone := _alone(lines[n])) is not None and is_row(alone)
+                    ]
+                    if swallowed or len(fields) != n_fields:
+                        what = (
+                            f"holds the row on line {swallowed[0]}"
+                            if swallowed
+                            else f"makes {len(fields)} fields, not {n_fields}"
+                        )
+                        yield CsvRecord(
+                            pos + 1,
+                            1,
+                            [_bare(lines[pos])],
+                            f"unclosed quote from line {pos + 1}: it runs to line {end} and {what}",
+                        )
+                        pos += 1
+                        break
+                yield CsvRecord(pos + 1, end - pos, fields)
+                pos = end
+            else:
+                return
+        except csv.Error as err:
+            if feed.next == len(lines) and "end of data" in str(err):
+                fault = f"unclosed quote from line {pos + 1}: it runs to the end of the file"
+            elif feed.next - pos > 1:
+                fault = f"unclosed quote from line {pos + 1}: it runs to line {feed.next} ({err})"
+            else:
+                fault = f"broken quoting on line {pos + 1} ({err})"
+            yield CsvRecord(pos + 1, 1, [_bare(lines[pos])], fault)
+            pos += 1
+
+
+def spells_label(value: str, label_names: tuple[str, ...], fold: bool) -> bool:
+    """Whether a raw label value is a class of `labels` in any form ingest reads: a name (folded
+    when `fold`), an id 0..n-1, or a class 1..n of the original CSV (integral floats included)."""
+    value = value.strip()
+    names = {fold_label(n) for n in label_names} if fold else set(label_names)
+    if (fold_label(value) if fold else value) in names:
+        return True
+    try:
+        number = float(value)
+    except ValueError:
+        return False
+    return number.is_integer() and 0 <= number <= len(label_names)
+
+
+@dataclass(frozen=True)
+class SourceRead:
+    """What a reader made of one file: row candidates (with the physical `line` each starts on and
+    the `lines` it spans), and what came in counted from the file itself, apart from the parser:
+    `lines_in` physical lines of a text file, or the rows a Parquet file's metadata declares."""
+
+    candidates: pl.DataFrame
+    counted_in: int
+    unit: str  # what `counted_in` counts: "line" or "row"
+    header_lines: int = 0
+    blank_lines: int = 0
+
+    @property
+    def multiline_records(self) -> int:
+        return self.candidates.filter(pl.col("lines") > 1).height
+
+    def check_accounted(self, path: Path) -> None:
+        """Every line (row) that came in is a header, a blank line or part of exactly one row
+        candidate; anything else is a reader fault, stopped here, never a silent loss."""
+        accounted = self.header_lines + self.blank_lines + int(self.candidates["lines"].sum())
+        if accounted != self.counted_in:
+            raise StageError(
+                f"{path}: {self.counted_in} {self.unit}s in the file but {accounted} accounted "
+                f"for ({self.header_lines} header, {self.blank_lines} blank, "
+                f"{self.candidates.height} rows): a reader fault, please report it"
             )
-        ok = fault is None
+
+
+def _candidate_records(
+    records: Iterator[CsvRecord], first_row: int, row_of: Callable[[list[str]], tuple]
+) -> tuple[pl.DataFrame, int]:
+    """Row candidates of CSV records and the blank lines skipped. `row_of(fields)` gives
+    (label_raw, text, fault) of a well-quoted record. A blank line is skipped but numbered, so a
+    row's number is the record number a spreadsheet shows."""
+    records_out: dict[str, list] = {name: [] for name in CANDIDATE_SCHEMA}
+    blank = 0
+    for row, record in enumerate(records, start=first_row):
+        if record.is_blank:
+            blank += 1
+            continue
+        if record.fault is not None:
+            label, text, fault = None, None, record.fault
+        elif _undecodable(record.fields):
+            label, text, fault = None, None, "undecodable bytes (not UTF-8)"
+        else:
+            label, text, fault = row_of(record.fields)
         values = (
             row,
-            fields[0] if ok else None,
-            f"{fields[1]} {fields[2]}" if ok else None,
-            json.dumps([_printable(f) for f in fields]),
+            record.line,
+            record.lines,
+            label,
+            text,
+            json.dumps([_printable(f) for f in record.fields]),
             fault,
         )
         for name, value in zip(CANDIDATE_SCHEMA, values, strict=True):
-            records[name].append(value)
-    _check_field_counts(
-        path, records["read_fault"], f"{CSV_FIELDS} of the original AG News CSV (no header)"
+            records_out[name].append(value)
+    return pl.DataFrame(records_out, schema=CANDIDATE_SCHEMA), blank
+
+
+def _check_field_counts(path: Path, candidates: pl.DataFrame, expected: str) -> None:
+    if candidates.height == 0:
+        raise StageError(f"{path}: empty file, no rows")
+    wrong = candidates["read_fault"].str.starts_with("wrong field count").sum()
+    if wrong * 2 > candidates.height:
+        raise StageError(
+            f"{path}: wrong columns: {wrong} of {candidates.height} rows do not have the fields "
+            f"{expected}"
+        )
+
+
+def _text_lines(path: Path) -> tuple[list[str], int]:
+    """A CSV's physical lines (each with its \\n), decoded with surrogateescape so that
+    undecodable bytes stay in their row (a row fault), and their number counted from the bytes."""
+    data = read_text_bytes(path, "CSV")
+    lines = data.decode("utf-8", errors="surrogateescape").split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [line + "\n" for line in lines], count_lines(data)
+
+
+def read_original_csv(path: Path, label_names: tuple[str, ...], fold: bool) -> SourceRead:
+    """Row candidates of an original-layout CSV; field-count, quoting and byte faults are marked."""
+    lines, lines_in = _text_lines(path)
+
+    def is_row(fields: list[str]) -> bool:
+        return len(fields) == len(CSV_FIELDS) and spells_label(fields[0], label_names, fold)
+
+    def row_of(fields: list[str]) -> tuple:
+        if len(fields) != len(CSV_FIELDS):
+            found = len(fields)
+            return (
+                None,
+                None,
+                f"wrong field count: expected 3 (class, title, description), found {found}",
+            )
+        return fields[0], f"{fields[1]} {fields[2]}", None
+
+    candidates, blank = _candidate_records(
+        csv_records(lines, 0, len(CSV_FIELDS), is_row), 1, row_of
     )
-    return pl.DataFrame(records, schema=CANDIDATE_SCHEMA)
+    _check_field_counts(path, candidates, f"{CSV_FIELDS} of the original AG News CSV (no header)")
+    return SourceRead(candidates, lines_in, "line", blank_lines=blank)
 
 
 def _missing_columns(path: Path, source: Source, found: list[str]) -> None:
@@ -246,42 +461,52 @@ def _missing_columns(path: Path, source: Source, found: list[str]) -> None:
         )
 
 
-def read_header_csv(path: Path, source: Source) -> pl.DataFrame:
+def read_header_csv(
+    path: Path, source: Source, label_names: tuple[str, ...], fold: bool
+) -> SourceRead:
     """Row candidates of a CSV with a header row; text and label from the columns `source` names."""
-    records_in = csv.reader(io.StringIO(read_text(path, "CSV"), newline=""))
-    header = next(records_in, None)
-    if not header:
+    lines, lines_in = _text_lines(path)
+    leading_blank, header_record = 0, None
+    for record in csv_records(lines, 0, None, bool):
+        if not record.is_blank:
+            header_record = record
+            break
+        leading_blank += 1
+    if header_record is None:
         raise StageError(f"{path}: empty file, no header row")
-    header = [name.strip() for name in header]
+    if header_record.fault is not None:
+        raise StageError(f"{path}: header row: {header_record.fault}")
+    header = [name.strip() for name in header_record.fields]
     _missing_columns(path, source, header)
     text_at = [header.index(c) for c in source.text_columns]
     label_at = header.index(source.label_column)
-    records: dict[str, list] = {name: [] for name in CANDIDATE_SCHEMA}
-    for row, fields in enumerate(records_in, start=2):
-        fault = None
-        if _undecodable(fields):
-            fault = "undecodable bytes (not UTF-8)"
-        elif len(fields) != len(header):
-            fault = f"wrong field count: expected {len(header)} {header}, found {len(fields)}"
-        ok = fault is None
-        values = (
-            row,
-            fields[label_at] if ok else None,
-            " ".join(fields[i] for i in text_at) if ok else None,
-            json.dumps([_printable(f) for f in fields]),
-            fault,
-        )
-        for name, value in zip(CANDIDATE_SCHEMA, values, strict=True):
-            records[name].append(value)
-    _check_field_counts(path, records["read_fault"], str(header))
-    return pl.DataFrame(records, schema=CANDIDATE_SCHEMA)
+
+    def is_row(fields: list[str]) -> bool:
+        return len(fields) == len(header) and spells_label(fields[label_at], label_names, fold)
+
+    def row_of(fields: list[str]) -> tuple:
+        if len(fields) != len(header):
+            return (
+                None,
+                None,
+                f"wrong field count: expected {len(header)} {header}, found {len(fields)}",
+            )
+        return fields[label_at], " ".join(fields[i] for i in text_at), None
+
+    body_start = header_record.line - 1 + header_record.lines
+    candidates, blank = _candidate_records(
+        csv_records(lines, body_start, len(header), is_row), leading_blank + 2, row_of
+    )
+    _check_field_counts(path, candidates, str(header))
+    return SourceRead(candidates, lines_in, "line", header_record.lines, leading_blank + blank)
 
 
-def read_parquet_source(path: Path, source: Source) -> pl.DataFrame:
+def read_parquet_source(path: Path, source: Source) -> SourceRead:
     """Row candidates of a Parquet file; text columns joined by a space, nulls left out."""
     try:
+        metadata = pq.read_metadata(path)
         schema = pl.read_parquet_schema(path)
-    except Exception as err:  # polars raises several types for a file that is not Parquet
+    except Exception as err:  # pyarrow and polars raise several types for a file not Parquet
         raise StageError(f"{path}: not a readable Parquet file ({err})") from err
     _missing_columns(path, source, list(schema))
     for column in source.text_columns:
@@ -293,27 +518,33 @@ def read_parquet_source(path: Path, source: Source) -> pl.DataFrame:
     df = pl.read_parquet(path, columns=columns)
     if df.height == 0:
         raise StageError(f"{path}: empty file, no rows")
-    return df.select(
+    candidates = df.select(
         pl.int_range(1, pl.len() + 1, dtype=pl.Int64).alias("row"),
+        pl.int_range(1, pl.len() + 1, dtype=pl.Int64).alias("line"),
+        pl.lit(1, pl.Int64).alias("lines"),
         pl.col(source.label_column).cast(pl.String).alias("label_raw"),
         pl.concat_str(source.text_columns, separator=" ", ignore_nulls=True).alias("text"),
         pl.struct(columns).struct.json_encode().alias("raw"),
         pl.lit(None, pl.String).alias("read_fault"),
     )
+    return SourceRead(candidates, metadata.num_rows, "row")
 
 
-def read_jsonl(path: Path, source: Source) -> pl.DataFrame:
-    """Row candidates of a JSON-lines file; a line that is not a JSON object is a row fault."""
+def read_jsonl(path: Path, source: Source) -> SourceRead:
+    """Row candidates of a JSON-lines file; a line that is not a JSON object is a row fault, a
+    blank line is skipped (and counted)."""
     # Split as bytes: each line is decoded on its own, so an undecodable one is a row fault.
-    lines = read_text_bytes(path, "JSON-lines").split(b"\n")
-    if lines and lines[-1] == b"":
+    data = read_text_bytes(path, "JSON-lines")
+    lines = data.split(b"\n")
+    if lines[-1] == b"":
         lines.pop()
-    if not lines:
-        raise StageError(f"{path}: empty file, no rows")
     wanted = list(dict.fromkeys([*source.text_columns, source.label_column]))
     records: dict[str, list] = {name: [] for name in CANDIDATE_SCHEMA}
-    has_fields = 0
+    has_fields = blank = 0
     for row, line in enumerate(lines, start=1):
+        if not line.strip():
+            blank += 1
+            continue
         label = text = fault = None
         raw = line.decode("utf-8", "backslashreplace")
         try:
@@ -337,35 +568,82 @@ def read_jsonl(path: Path, source: Source) -> pl.DataFrame:
                 label = (
                     str(obj[source.label_column]) if obj[source.label_column] is not None else None
                 )
-        for name, value in zip(CANDIDATE_SCHEMA, (row, label, text, raw, fault), strict=True):
+        values = (row, row, 1, label, text, raw, fault)
+        for name, value in zip(CANDIDATE_SCHEMA, values, strict=True):
             records[name].append(value)
+    if len(lines) == blank:
+        raise StageError(f"{path}: empty file, no rows")
     if has_fields == 0:
         raise StageError(f"{path}: wrong columns: no line has all of the fields {wanted}")
-    return pl.DataFrame(records, schema=CANDIDATE_SCHEMA)
+    candidates = pl.DataFrame(records, schema=CANDIDATE_SCHEMA)
+    return SourceRead(candidates, count_lines(data), "line", blank_lines=blank)
 
 
-def read_candidates(source: Source) -> pl.DataFrame:
+def read_source(source: Source, label_names: tuple[str, ...], fold: bool) -> SourceRead:
     if source.is_original_csv:
-        return read_original_csv(source.path)
-    reader = {"csv": read_header_csv, "parquet": read_parquet_source, "jsonl": read_jsonl}
+        return read_original_csv(source.path, label_names, fold)
+    if source.format == "csv":
+        return read_header_csv(source.path, source, label_names, fold)
+    reader = {"parquet": read_parquet_source, "jsonl": read_jsonl}
     return reader[source.format](source.path, source)
 
 
-def label_form(candidates: pl.DataFrame, source: Source, label_names: tuple[str, ...]) -> str:
+def fold_label(name: str) -> str:
+    """A class name as `ingest.fold_label_case` compares it: case and runs of spaces ignored."""
+    return " ".join(name.split()).lower()
+
+
+def _folded(text: pl.Expr) -> pl.Expr:
+    return text.str.replace_all(r"\s+", " ").str.strip_chars().str.to_lowercase()
+
+
+def _as_id(text: pl.Expr) -> pl.Expr:
+    """A label spelled as an integer, or as an integral float (`2.0`: what pandas writes once a
+    column held a NaN), as that Int64; null for anything else."""
+    number = text.cast(pl.Float64, strict=False)
+    return (
+        pl.when(number.is_finite() & (number == number.floor()))
+        .then(number.cast(pl.Int64, strict=False))
+        .otherwise(None)
+    )
+
+
+def _label_names_match(text: pl.Expr, label_names: tuple[str, ...], fold: bool) -> pl.Expr:
+    """The id of the class name `text` spells (compared folded when `fold`), else null."""
+    names = [fold_label(n) for n in label_names] if fold else list(label_names)
+    return (_folded(text) if fold else text).replace_strict(
+        names, list(range(len(label_names))), default=None, return_dtype=pl.Int64
+    )
+
+
+def label_form(
+    candidates: pl.DataFrame, source: Source, label_names: tuple[str, ...], fold: bool
+) -> str:
     """How `source` gives labels: `names` (class names from `labels`), `ids` (0..n-1), or `ids
-    from 1` (the original AG News CSV). Names win when more values are names than ids."""
+    from 1` (the original AG News CSV). The form more values fit wins; when as many fit either (none,
+    say), numbers mean ids and words mean names, so a bad value is named for what it tried to be."""
     if source.is_original_csv:
         return "ids from 1"
-    values = candidates["label_raw"].drop_nulls().str.strip_chars()
-    by_name = values.is_in(label_names).sum()
-    by_id = values.cast(pl.Int64, strict=False).is_between(0, len(label_names) - 1).sum()
-    return "names" if by_name > by_id else "ids"
+    values = candidates.select(pl.col("label_raw").drop_nulls().str.strip_chars().alias("v"))
+    fits = values.select(
+        by_name=_label_names_match(pl.col("v"), label_names, fold).is_not_null().sum(),
+        by_id=_as_id(pl.col("v")).is_between(0, len(label_names) - 1).sum(),
+        numeric=pl.col("v").cast(pl.Float64, strict=False).is_not_null().sum(),
+    ).row(0, named=True)
+    if fits["by_name"] != fits["by_id"]:
+        return "names" if fits["by_name"] > fits["by_id"] else "ids"
+    return "ids" if fits["numeric"] * 2 >= values.height else "names"
 
 
 def validate_rows(
-    candidates: pl.DataFrame, source: Source, label_names: tuple[str, ...], form: str
-) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Split row candidates into kept rows (contract columns) and rejected rows with a reason."""
+    candidates: pl.DataFrame,
+    source: Source,
+    label_names: tuple[str, ...],
+    form: str,
+    fold: bool = False,
+) -> tuple[pl.DataFrame, pl.DataFrame, dict[str, int]]:
+    """Split row candidates into kept rows (contract columns) and rejected rows with a reason;
+    also the label values rejected for not being a label, with their counts (commonest first)."""
     label_text = pl.col("label_raw").str.strip_chars()
     reason = (
         pl.when(pl.col("read_fault").is_not_null())
@@ -374,18 +652,17 @@ def validate_rows(
         .then(pl.lit("label missing"))
     )
     if form == "names":
-        label = label_text.replace_strict(
-            list(label_names), list(range(len(label_names))), default=None, return_dtype=pl.Int64
-        )
+        label = _label_names_match(label_text, label_names, fold)
         reason = reason.when(label.is_null()).then(
             pl.format(
                 f"label not in labels: '{{}}' (expected one of {list(label_names)})", "label_raw"
             )
         )
+        is_label_fault = label.is_null()
     else:
         offset = 1 if form == "ids from 1" else 0
         lo, hi = offset, offset + len(label_names) - 1
-        as_int = label_text.cast(pl.Int64, strict=False)
+        as_int = _as_id(label_text)
         label = as_int - offset
         reason = (
             reason.when(as_int.is_null())
@@ -393,13 +670,20 @@ def validate_rows(
             .when((as_int < lo) | (as_int > hi))
             .then(pl.format(f"label out of range: {{}} (expected {lo}-{hi})", as_int))
         )
+        is_label_fault = as_int.is_null() | (as_int < lo) | (as_int > hi)
     reason = (
         reason.when(pl.col("text").is_null() | (pl.col("text").str.strip_chars() == ""))
         .then(pl.lit("empty text"))
         .when(pl.col("text").str.contains(CONTROL_CHARS))
         .then(pl.lit("control characters in text"))
     )
-    checked = candidates.with_columns(reason.alias("reason"), label.alias("label"))
+    checked = candidates.with_columns(
+        reason.alias("reason"),
+        label.alias("label"),
+        (pl.col("read_fault").is_null() & pl.col("label_raw").is_not_null() & is_label_fault).alias(
+            "label_fault"
+        ),
+    )
     name = source.path.name
     kept = checked.filter(pl.col("reason").is_null()).select(
         pl.format("{}:{}", pl.lit(name), pl.col("row")).alias("id"),
@@ -416,13 +700,66 @@ def validate_rows(
         "reason",
         "raw",
     )
-    return kept.cast(KEPT_SCHEMA), rejected.cast(REJECTED_SCHEMA)
+    bad_labels = (
+        checked.filter("label_fault")
+        .group_by("label_raw")
+        .len()
+        .sort(["len", "label_raw"], descending=[True, False])
+    )
+    return kept.cast(KEPT_SCHEMA), rejected.cast(REJECTED_SCHEMA), dict(bad_labels.iter_rows())
+
+
+def label_hint(bad_labels: dict[str, int], label_names: tuple[str, ...]) -> str:
+    """The label values a source had that are no class, commonest first, and the class each one
+    spells once case and spacing are ignored (the fix is then `ingest.fold_label_case: true`)."""
+    shown = ", ".join(f"{value!r} ({n})" for value, n in list(bad_labels.items())[:MAX_SHOWN])
+    more = len(bad_labels) - MAX_SHOWN
+    hint = f"label values that are no class: {shown}" + (f" and {more} more" if more > 0 else "")
+    by_fold = {fold_label(name): name for name in label_names}
+    matches = {v: by_fold[fold_label(v)] for v in bad_labels if fold_label(v) in by_fold}
+    if matches:
+        pairs = ", ".join(f"{v!r} -> {name!r}" for v, name in list(matches.items())[:MAX_SHOWN])
+        hint += (
+            f"; {pairs} match `labels` once case and spacing are ignored: set "
+            "ingest.fold_label_case: true to read them so"
+        )
+    return hint
+
+
+MAX_SHOWN = 5  # label values named in a message, commonest first
+
+
+@dataclass(frozen=True)
+class IngestedSource:
+    """One source ingested: kept and rejected rows, how it gave labels, what its reader counted,
+    and the label values rejected (with counts)."""
+
+    source: Source
+    kept: pl.DataFrame
+    rejected: pl.DataFrame
+    form: str
+    read: SourceRead
+    bad_labels: dict[str, int]
+
+    @property
+    def rows_in(self) -> int:
+        return self.read.candidates.height
+
+
+def check_every_row_once(read: SourceRead, kept: pl.DataFrame, rejected: pl.DataFrame, path: Path):
+    """Each row candidate's number is in exactly one of kept and rejected."""
+    out = pl.concat([kept["row"], rejected["row"]])
+    if out.len() != read.candidates.height or not out.sort().equals(read.candidates["row"].sort()):
+        raise StageError(
+            f"{path}: {read.candidates.height} rows read, {kept.height} kept + {rejected.height} "
+            "rejected do not match them row for row: a validation fault, please report it"
+        )
 
 
 def ingest_source(
-    source: Source, label_names: tuple[str, ...]
-) -> tuple[pl.DataFrame, pl.DataFrame, str]:
-    """Kept and rejected rows of one source and how it gives labels (see `label_form`);
+    source: Source, label_names: tuple[str, ...], fold_label_case: bool = False
+) -> IngestedSource:
+    """One source's kept and rejected rows, every line (row) of the file accounted for;
     structural faults raise StageError naming the file."""
     if not source.format:
         raise StageError(
@@ -430,10 +767,16 @@ def ingest_source(
             "expected .csv (original AG News, or with a header), .parquet or .jsonl"
         )
     if not source.path.is_file():
-        raise StageError(f"{source.path}: file not found (did you run `dvc pull`?)")
-    candidates = read_candidates(source)
-    form = label_form(candidates, source, label_names)
-    return *validate_rows(candidates, source, label_names, form), form
+        what = "a folder, not a file" if source.path.is_dir() else "file not found"
+        raise StageError(f"{source.path}: {what} (did you run `dvc pull`?)")
+    read = read_source(source, label_names, fold_label_case)
+    read.check_accounted(source.path)
+    form = label_form(read.candidates, source, label_names, fold_label_case)
+    kept, rejected, bad_labels = validate_rows(
+        read.candidates, source, label_names, form, fold_label_case
+    )
+    check_every_row_once(read, kept, rejected, source.path)
+    return IngestedSource(source, kept, rejected, form, read, bad_labels)
 
 
 def describe_form(form: str, n_labels: int) -> str:
@@ -444,72 +787,149 @@ def describe_form(form: str, n_labels: int) -> str:
     }[form]
 
 
-def check_classes(kept: pl.DataFrame, label_names: tuple[str, ...]) -> None:
+def source_report(done: IngestedSource) -> dict:
+    read = done.read
+    counted = {"lines_in": read.counted_in} if read.unit == "line" else {}
+    return {
+        "path": str(done.source.path),
+        "format": done.source.format,
+        "split": done.source.split,
+        **counted,
+        "rows_in": done.rows_in,
+        "kept": done.kept.height,
+        "rejected": done.rejected.height,
+        "rejected_by_reason": dict(
+            sorted(done.rejected.group_by("reason").len().iter_rows(), key=lambda kv: kv[0])
+        ),
+        "blank_lines": read.blank_lines,
+        "multiline_records": read.multiline_records,
+    }
+
+
+def loss_problem(
+    done: IngestedSource, max_share: float, label_names: tuple[str, ...]
+) -> str | None:
+    """Why a source that lost more than `max_share` of its rows stops the stage: its commonest
+    reason, and for label faults what values were found."""
+    if done.rejected.height <= max_share * done.rows_in:
+        return None
+    reason, count = (
+        done.rejected.group_by("reason")
+        .len()
+        .sort(["len", "reason"], descending=[True, False])
+        .row(0)
+    )
+    problem = (
+        f"{done.source.path}: {done.rejected.height} of {done.rows_in} rows rejected "
+        f"({done.rejected.height / done.rows_in:.0%}, over ingest.max_rejected_share "
+        f"{max_share:g}); commonest reason: {reason} ({count} rows)"
+    )
+    if done.bad_labels:
+        problem += "; " + label_hint(done.bad_labels, label_names)
+    return problem
+
+
+def class_problem(kept: pl.DataFrame, label_names: tuple[str, ...]) -> str | None:
     """Every class needs train rows: a class with none cannot be learned (nor scored fairly)."""
     counts = dict.fromkeys(label_names, 0)
     for label, count in kept.filter(pl.col("split") == "train").group_by("label").len().iter_rows():
         counts[label_names[label]] = count
     empty = [name for name, count in counts.items() if count == 0]
-    if empty:
-        raise StageError(
-            f"ingest: class(es) {empty} of `labels` have no train row after ingest (train rows "
-            f"per class: {counts}); check `labels` and each source's `label` column"
-        )
+    if not empty:
+        return None
+    return (
+        f"ingest: class(es) {empty} of `labels` have no train row after ingest (train rows "
+        f"per class: {counts}); check `labels` and each source's `label` column"
+    )
 
 
-def ingest(
-    sources: list[Source], label_names: tuple[str, ...]
-) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
-    """All sources, in the order listed: (kept rows, rejected rows, report)."""
-    kept_parts, rejected_parts, per_source = [], [], []
+@dataclass(frozen=True)
+class Ingested:
+    """All sources ingested: the tables and report to write, and the problems that then stop the
+    stage (written first, so that `rejected.parquet` shows why)."""
+
+    kept: pl.DataFrame
+    rejected: pl.DataFrame
+    report: dict
+    problems: list[str]
+
+
+def ingest(sources: list[Source], label_names: tuple[str, ...], params: IngestParams) -> Ingested:
+    """All sources, in the order listed."""
+    if params.fold_label_case:
+        folded = [fold_label(n) for n in label_names]
+        if len(set(folded)) < len(folded):
+            raise StageError(
+                f"params.yaml: ingest.fold_label_case is true but `labels` {list(label_names)} "
+                "has names that differ only in case or spacing"
+            )
+    done_all, problems = [], []
     for source in tqdm(sources, desc="ingest", unit="source"):
-        kept, rejected, form = ingest_source(source, label_names)
-        rows_in = kept.height + rejected.height
-        per_source.append(
-            {
-                "path": str(source.path),
-                "format": source.format,
-                "split": source.split,
-                "rows_in": rows_in,
-                "kept": kept.height,
-                "rejected": rejected.height,
-                "rejected_by_reason": dict(
-                    sorted(rejected.group_by("reason").len().iter_rows(), key=lambda kv: kv[0])
-                ),
-            }
-        )
+        done = ingest_source(source, label_names, params.fold_label_case)
+        read = done.read
         log.info(
-            "%s: %d rows in, %d kept, %d rejected; labels read as %s",
+            "%s: %d %ss in: %d rows (%d kept, %d rejected)%s; labels read as %s",
             source.path,
-            rows_in,
-            kept.height,
-            rejected.height,
-            describe_form(form, len(label_names)),
+            read.counted_in,
+            read.unit,
+            done.rows_in,
+            done.kept.height,
+            done.rejected.height,
+            "".join(
+                f", {n} {what}"
+                for n, what in (
+                    (read.header_lines, "header line(s)"),
+                    (read.blank_lines, "blank line(s) skipped"),
+                    (read.multiline_records, "row(s) over several lines"),
+                )
+                if n
+            ),
+            describe_form(done.form, len(label_names)),
         )
-        kept_parts.append(kept)
-        rejected_parts.append(rejected)
-    kept_all = pl.concat(kept_parts)
-    rejected_all = pl.concat(rejected_parts)
-    check_classes(kept_all, label_names)
+        if done.bad_labels:
+            log.warning("%s: %s", source.path, label_hint(done.bad_labels, label_names))
+        if problem := loss_problem(done, params.max_rejected_share, label_names):
+            problems.append(problem)
+        done_all.append(done)
+    kept_all = pl.concat([done.kept for done in done_all])
+    rejected_all = pl.concat([done.rejected for done in done_all])
+    kept_per_split = {s: kept_all.filter(pl.col("split") == s).height for s in SPLITS}
+    for split, count in kept_per_split.items():
+        if count == 0:
+            listed = [str(s.path) for s in sources if s.split == split]
+            problems.append(
+                f"ingest: no {split} rows kept "
+                + (
+                    f"from the {split} sources {listed}"
+                    if listed
+                    else f"(no source has split {split})"
+                )
+            )
+    if problem := class_problem(kept_all, label_names):
+        problems.append(problem)
     report = {
-        "rows_in": kept_all.height + rejected_all.height,
+        "rows_in": sum(done.rows_in for done in done_all),
         "kept": kept_all.height,
         "rejected": rejected_all.height,
-        "kept_per_split": {s: kept_all.filter(pl.col("split") == s).height for s in SPLITS},
-        "sources": per_source,
+        "kept_per_split": kept_per_split,
+        "sources": [source_report(done) for done in done_all],
     }
-    return kept_all, rejected_all, report
+    return Ingested(kept_all, rejected_all, report, problems)
 
 
 def main() -> None:
-    entries = load_section("ingest", IngestParams).sources
-    sources = parse_sources(list(entries))
+    params = load_section("ingest", IngestParams)
+    sources = parse_sources(list(params.sources))
     label_names = load_labels()
-    log.info("labels %s; sources %s", list(label_names), entries)
-    kept, rejected, report = ingest(sources, label_names)
-    write_table(kept, paths.INGESTED)
-    write_table(rejected, paths.REJECTED)
-    write_json(report, paths.INGEST_REPORT)
+    log.info("labels %s; sources %s", list(label_names), list(params.sources))
+    result = ingest(sources, label_names, params)
+    write_table(result.kept, paths.INGESTED)
+    write_table(result.rejected, paths.REJECTED)
+    write_json(result.report, paths.INGEST_REPORT)
+    if result.problems:
+        raise StageError(
+            "\n".join(result.problems) + f"\n(every rejected row and its reason: {paths.REJECTED})"
+        )
 
 
 if __name__ == "__main__":

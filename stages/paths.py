@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# What every stage depends on: written only once params.yaml is valid throughout.
+PARAMS_CHECKED = Path("reports/params_checked.json")
+
 RAW = Path("data/raw")  # what `ingest.sources` point into
 
 INGESTED = Path("data/interim/ingested.parquet")

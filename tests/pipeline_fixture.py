@@ -104,6 +104,8 @@ def make_project(root: Path) -> Path:
                 {"path": "data/raw/fixture/test.csv", "split": "test"},
             ],
             "tokenize.n_process": 1,
+            # one train row of five is a deliberate fault (label 9)
+            "ingest.max_rejected_share": 0.5,
         },
     )
     git(root, "init", "-q", "-b", "main")

@@ -46,7 +46,15 @@ def test_code_deps_are_the_modules_the_stage_imports(stage: str) -> None:
     assert declared == imported
 
 
-@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_every_stage_runs_after_params_are_validated() -> None:
+    # validate_params reads the whole file; every other stage depends on its output.
+    assert STAGES["validate_params"]["params"] == [{"params.yaml": None}]
+    for stage, spec in STAGES.items():
+        if stage != "validate_params":
+            assert str(paths.PARAMS_CHECKED) in spec["deps"], stage
+
+
+@pytest.mark.parametrize("stage", sorted(set(STAGES) - {"validate_params"}))
 def test_every_key_of_the_stages_own_section_is_declared(stage: str) -> None:
     declared = set(STAGES[stage].get("params", []))
     own = leaf_keys(PARAMS[stage], stage)
@@ -74,6 +82,8 @@ def declared_paths(stage: str) -> set[Path]:
     """The stage's data deps, outs, metrics and plots in dvc.yaml (code deps left out)."""
     spec = STAGES[stage]
     entries = [d for d in spec["deps"] if not d.startswith(("stages/", "newsclf/"))]
+    if stage != "validate_params":
+        entries.remove(str(paths.PARAMS_CHECKED))  # checked in its own test above
     for kind in ("outs", "metrics", "plots"):
         entries += [next(iter(e)) if isinstance(e, dict) else e for e in spec.get(kind, [])]
     return {Path(e) for e in entries}

@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 
 from stages.common import StageError, parse_labels
-from stages.ingest import Source, ingest, ingest_source, parse_sources
+from stages.ingest import IngestParams, Source, ingest, ingest_source, parse_sources
 from tests.pipeline_fixture import AG_NEWS_LABELS
 
 GOOD_CSV = (
@@ -18,12 +18,22 @@ GOOD_CSV = (
     b'"1","Talks in Iraq","Negotiators met in Baghdad on Monday\\and agreed."\n'
 )
 
+# Ingest params that let any share of rows be rejected (the loss rule has tests of its own).
+ANY_LOSS = IngestParams(sources=(), max_rejected_share=1.0, fold_label_case=False)
+
 
 def ingest_one(
     source: Source, label_names: tuple[str, ...] = AG_NEWS_LABELS
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
-    kept, rejected, _ = ingest_source(source, label_names)
-    return kept, rejected
+    done = ingest_source(source, label_names)
+    return done.kept, done.rejected
+
+
+def ingest_with_form(
+    source: Source, label_names: tuple[str, ...]
+) -> tuple[pl.DataFrame, pl.DataFrame, str]:
+    done = ingest_source(source, label_names)
+    return done.kept, done.rejected, done.form
 
 
 def write(path: Path, data: bytes) -> Path:
@@ -76,7 +86,7 @@ def test_hf_jsonl(tmp_path: Path) -> None:
         (b'"7","Title","Body text"', "label out of range: 7 (expected 1-4)"),
         (b'"0","Title","Body text"', "label out of range: 0 (expected 1-4)"),
         (b'"x","Title","Body text"', "label not an integer: 'x'"),
-        (b'"2.0","Title","Body text"', "label not an integer: '2.0'"),
+        (b'"2.5","Title","Body text"', "label not an integer: '2.5'"),
         (b'"2"," ","  "', "empty text"),
         (b'"2","Title only"', "wrong field count: expected 3 (class, title, description), found 2"),
         (
@@ -187,9 +197,8 @@ def test_rows_in_equals_kept_plus_rejected_per_source(tmp_path: Path) -> None:
     csv_path = write(tmp_path / "c.csv", GOOD_CSV + every_class + b'"9","bad","label"\n')
     pq_path = tmp_path / "p.parquet"
     pl.DataFrame({"text": ["ok text", ""], "label": [1, 2]}).write_parquet(pq_path)
-    kept, rejected, report = ingest(
-        [Source(csv_path, "train"), Source(pq_path, "test")], AG_NEWS_LABELS
-    )
+    result = ingest([Source(csv_path, "train"), Source(pq_path, "test")], AG_NEWS_LABELS, ANY_LOSS)
+    kept, rejected, report = result.kept, result.rejected, result.report
     assert report["rows_in"] == 7 == kept.height + rejected.height
     for src in report["sources"]:
         assert src["rows_in"] == src["kept"] + src["rejected"]
@@ -214,7 +223,7 @@ def test_header_csv_with_class_names_and_two_text_columns(tmp_path: Path) -> Non
     source = parse_sources(
         [{"path": str(path), "split": "train", "text": ["subject", "body"], "label": "queue"}]
     )[0]
-    kept, rejected, form = ingest_source(source, TICKETS)
+    kept, rejected, form = ingest_with_form(source, TICKETS)
     assert form == "names"
     assert kept["label"].to_list() == [0, 1, 2]
     assert kept["text"].to_list() == [
@@ -238,7 +247,7 @@ def test_jsonl_with_integer_ids_and_named_fields(tmp_path: Path) -> None:
     ]
     path = write(tmp_path / "t.jsonl", "\n".join(json.dumps(x) for x in lines).encode())
     source = Source(path, "test", ("title", "message"), "y")
-    kept, rejected, form = ingest_source(source, TICKETS)
+    kept, rejected, form = ingest_with_form(source, TICKETS)
     assert form == "ids"
     assert kept.select("label", "text").rows() == [(0, "Invoice charged twice"), (1, "Down")]
     assert dict(rejected.select("row", "reason").rows()) == {
@@ -252,7 +261,7 @@ def test_parquet_with_class_names(tmp_path: Path) -> None:
     pl.DataFrame(
         {"body": ["a b", "c d", "e f"], "queue": ["outage", "billing", None]}
     ).write_parquet(path)
-    kept, rejected, form = ingest_source(Source(path, "train", ("body",), "queue"), TICKETS)
+    kept, rejected, form = ingest_with_form(Source(path, "train", ("body",), "queue"), TICKETS)
     assert form == "names"
     assert kept["label"].to_list() == [1, 0]
     assert rejected["reason"].to_list() == ["label missing"]
@@ -297,10 +306,9 @@ def test_really_binary_file_fails_as_a_whole(tmp_path: Path, data: bytes) -> Non
 
 def test_a_class_without_train_rows_fails_with_the_counts(tmp_path: Path) -> None:
     path = write(tmp_path / "a.csv", GOOD_CSV)  # World and Business only
-    with pytest.raises(StageError) as err:
-        ingest([Source(path, "train")], AG_NEWS_LABELS)
-    assert "['Sports', 'Sci/Tech'] of `labels` have no train row" in str(err.value)
-    assert "{'World': 1, 'Sports': 0, 'Business': 1, 'Sci/Tech': 0}" in str(err.value)
+    problems = ingest([Source(path, "train")], AG_NEWS_LABELS, ANY_LOSS).problems
+    assert "['Sports', 'Sci/Tech'] of `labels` have no train row" in problems[-1]
+    assert "{'World': 1, 'Sports': 0, 'Business': 1, 'Sci/Tech': 0}" in problems[-1]
 
 
 @pytest.mark.parametrize(
@@ -319,6 +327,8 @@ def test_bad_labels_param(raw, message: str) -> None:
 
 def test_empty_text_after_joining_the_columns_is_a_row_fault(tmp_path: Path) -> None:
     path = write(tmp_path / "e.csv", b"queue,subject,body\nbilling,Invoice,twice\noutage, ,\n")
-    kept, rejected, _ = ingest_source(Source(path, "train", ("subject", "body"), "queue"), TICKETS)
+    kept, rejected, _ = ingest_with_form(
+        Source(path, "train", ("subject", "body"), "queue"), TICKETS
+    )
     assert kept["id"].to_list() == ["e.csv:2"]
     assert rejected.select("row", "reason").rows() == [(3, "empty text")]

@@ -139,3 +139,26 @@ def test_a_value_out_of_range_names_the_section_key_and_the_rule() -> None:
     raw["parity"] = raw["parity"] | {"min_int8_agreement": 2}
     with pytest.raises(StageError, match=re.escape("export.parity.min_int8_agreement=2.0")):
         parse_section(raw, ExportParams, "export")
+
+
+def test_validate_params_names_every_fault_of_every_section_at_once() -> None:
+    from stages.validate_params import params_problems
+
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    assert params_problems(params) == []
+    params["train"]["lr"] = 0.01  # a typo'd key
+    params["clean"]["min_chars"] = "x"
+    params["ingest"]["max_rejected_share"] = 2
+    params["ingest"]["sources"][0]["split"] = "dev"
+    params["trian"] = {}
+    del params["report"]
+    assert params_problems(params) == [
+        "params.yaml: unknown section(s) ['trian']; expected ['labels', 'ingest', 'clean', "
+        "'tokenize', 'label_issues', 'augment', 'train', 'evaluate', 'export', 'report']",
+        "params.yaml: missing section(s) ['report']",
+        "params.yaml: bad value(s) ingest.max_rejected_share=2.0 (must be between 0 and 1)",
+        "params.yaml clean.min_chars: expected int, got str 'x'",
+        "params.yaml: unknown key(s) train.lr",
+    ]
+    params["ingest"]["max_rejected_share"] = 0.1
+    assert params_problems(params)[2].endswith("split 'dev' is not one of ('train', 'test')")

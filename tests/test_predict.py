@@ -143,11 +143,11 @@ def test_fp32_and_int8_both_selectable(model_dir: Path, capsys: pytest.CaptureFi
         (b"\n  \n\n", ".txt", "no texts to classify"),
         (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", ".txt", "binary data"),
         (
-            "Good news\nCaf\xe9 news\n".encode("latin-1"),
+            "Caf\xe9 news\nGood news\n".encode("latin-1"),
             ".txt",
-            "not UTF-8 text (byte 0xe9 at offset 13, line 2)",
+            "not UTF-8 text (byte 0xe9 at offset 3, line 1)",
         ),
-        (b"title,body\nx,y\n", ".csv", "`text` column"),
+        (b"title,body\nx,y\n", ".csv", "`text` column; its columns are ['title', 'body']"),
         (b"not parquet at all", ".parquet", "not a readable Parquet file"),
     ],
 )
@@ -189,6 +189,39 @@ def test_missing_input_file(model_dir: Path, tmp_path: Path, capsys) -> None:
         ["predict", "--model", str(model_dir), "-f", str(tmp_path / "no")], capsys
     )
     assert code == 1 and "no such file" in err
+    code, _, err = run_cli(["predict", "--model", str(model_dir), "-f", str(tmp_path)], capsys)
+    assert code == 1 and f"{tmp_path}: a folder, not a file" in err
+
+
+def test_a_decode_error_after_output_says_where_the_output_ends(model_dir: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "newsclf.cli", "predict", "--model", str(model_dir), "--json"],
+        input="\n".join([*HEADLINES[:2], "Caf\xe9 news", HEADLINES[2]]).encode("latin-1"),
+        capture_output=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert [row["line"] for row in json_lines(result.stdout.decode())] == [1, 2]
+    offset = len(HEADLINES[0]) + len(HEADLINES[1]) + 2 + len("Caf")
+    expected = (
+        f"stdin: not UTF-8 text (byte 0xe9 at offset {offset}, line 3); the output above ends "
+        "at line 2, nothing after it was classified"
+    )
+    assert result.stderr.decode().strip().endswith(expected)
+
+
+def test_a_csv_field_over_pythons_csv_limit_is_scored(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "long.csv"
+    long_text = "markets " * 20_000  # 160,000 characters, over csv's 131,072
+    pl.DataFrame({"text": [HEADLINES[0], long_text]}).write_csv(path)
+    code, out, err = run_cli(
+        ["predict", "--model", str(model_dir), "--json", "-f", str(path)], capsys
+    )
+    assert code == 0, err
+    assert [row["row"] for row in json_lines(out)] == [1, 2]
+    assert "truncated: row 2" in err
 
 
 def test_large_file_is_batched_with_progress(

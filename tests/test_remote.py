@@ -144,7 +144,7 @@ def test_repro_pull_restores_outputs_from_s3_instead_of_recomputing(
     set_params(other, {"report.top_suspects": 5})
     rerun = dvc(other, "repro", "--pull", "--allow-missing")
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-    assert stages_run(rerun.stdout) == {"report"}
+    assert stages_run(rerun.stdout) == {"validate_params", "report"}
     assert (other / "data" / "processed" / "train.parquet").exists()
     assert not (other / "data" / "interim" / "tokens.parquet").exists()
     assert not (other / "models" / "adapter").exists()

@@ -69,6 +69,7 @@ def test_two_runs_from_scratch_are_identical(tmp_path: Path, tiny_pipeline: Path
         assert not (fresh / out).exists()
     ran = stages_run(ok(dvc(fresh, "repro", "--force")))
     assert ran == {
+        "validate_params",
         "ingest",
         "clean",
         "tokenize",
@@ -122,7 +123,7 @@ def test_experiments_queue_and_branch_diffs(tmp_path: Path, tiny_pipeline: Path)
     preset = load_preset("fast", work / "presets", work / "params.yaml")
     overrides = ["-S", "train.lora.r=4", "-S", "train.learning_rate=0.01"]
     out = ok(dvc(work, "exp", "run", "-n", "r4", *set_param_args(preset), *overrides))
-    assert stages_run(out) == {"train", "evaluate", "export", "report"}
+    assert stages_run(out) == {"validate_params", "train", "evaluate", "export", "report"}
 
     ok(dvc(work, "queue", "start"))
     status = wait_for_queue(work)
@@ -163,17 +164,45 @@ def test_experiments_queue_and_branch_diffs(tmp_path: Path, tiny_pipeline: Path)
     assert (rendered / "index.html").exists()
 
 
+def test_a_refused_param_stops_before_any_stage_runs_or_output_is_removed(
+    tmp_path: Path, tiny_pipeline: Path
+) -> None:
+    work = clone(tiny_pipeline, tmp_path / "work", with_outputs=True)
+    outputs = ("models/adapter", "reports/train", "data/processed")
+    before = file_hashes(work, *outputs)
+
+    refused = dvc(work, "exp", "run", "-S", "train.epochs=abc")
+    assert refused.returncode != 0
+    assert "params.yaml train.epochs: expected float, got str 'abc'" in refused.stderr
+    assert stages_run(refused.stdout) == {"validate_params"}
+    assert file_hashes(work, *outputs) == before
+
+    # A typo'd key beside up-to-date stages, and an unknown section: both named, nothing runs.
+    git(work, "checkout", "params.yaml")
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["train"]["lr"] = 0.01
+    params["trian"] = {"epochs": 1}
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    refused = dvc(work, "repro")
+    assert refused.returncode != 0
+    assert "params.yaml: unknown section(s) ['trian']" in refused.stderr
+    assert "params.yaml: unknown key(s) train.lr" in refused.stderr
+    assert stages_run(refused.stdout) == {"validate_params"}
+    assert file_hashes(work, *outputs) == before
+
+
 def test_local_run_cache_restores_a_stage(tmp_path: Path, tiny_pipeline: Path) -> None:
     work = clone(tiny_pipeline, tmp_path / "work", with_outputs=True)
     before = file_hashes(work, "data/interim")
     min_chars = yaml.safe_load((work / "params.yaml").read_text())["clean"]["min_chars"]
     set_params(work, {"clean.min_chars": min_chars + 20})
-    assert stages_run(ok(dvc(work, "repro", "clean"))) == {"clean"}
+    assert stages_run(ok(dvc(work, "repro", "clean"))) == {"validate_params", "clean"}
     assert file_hashes(work, "data/interim") != before
 
     # Back to a value that has run before: restored from the run-cache, not recomputed.
     set_params(work, {"clean.min_chars": min_chars})
     out = ok(dvc(work, "repro", "clean"))
     assert "Stage 'clean' is cached - skipping run, checking out outputs" in out
-    assert stages_run(out) == set()
+    # validate_params checks params every time they change: its output is in git, not cached.
+    assert stages_run(out) == {"validate_params"}
     assert file_hashes(work, "data/interim") == before
