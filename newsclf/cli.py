@@ -1,5 +1,6 @@
 """The `newsclf` console command: `newsclf predict` classifies news texts with the exported model;
-`newsclf preset NAME` prints a params preset as `dvc exp run` arguments.
+`newsclf serve` serves it over HTTP (newsclf/serve.py); `newsclf preset NAME` prints a params
+preset as `dvc exp run` arguments.
 
 Texts come from arguments, a file (`--file`: one text per line, or CSV/Parquet with a `text`
 column) or stdin (newsclf/inputs.py). They stream: read, scored and printed a chunk at a time, so
@@ -188,6 +189,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="ORT threads (default: one per core)")
     p.set_defaults(run=predict)
     p = commands.add_parser(
+        "serve",
+        help="serve the exported ONNX model over HTTP (POST /predict, GET /health, /metadata)",
+        description="An HTTP service over the exported model: texts of concurrent requests are "
+        "scored together in micro-batches. Listens on 127.0.0.1 unless --host says otherwise; "
+        "put a reverse proxy with TLS in front of it before exposing it (README, Serve the model).",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument(
+        "--model", type=Path, default=DEFAULT_MODEL_DIR, help="exported model folder (models/onnx)"
+    )
+    p.add_argument(
+        "--precision", choices=("auto", "fp32", "int8"), default="auto", help="as for predict"
+    )
+    p.add_argument("--threads", type=int, default=None, help="ORT threads (default: one per core)")
+    p.add_argument(
+        "--max-batch", type=int, default=32, help="texts of concurrent requests scored together"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="texts per ONNX Runtime call within a micro-batch, grouped by length",
+    )
+    p.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=5.0,
+        help="how long the first text of a batch waits for others (milliseconds)",
+    )
+    p.add_argument("--max-texts", type=int, default=256, help="texts per request")
+    p.add_argument("--max-chars", type=int, default=20_000, help="characters per text")
+    p.add_argument(
+        "--max-body-bytes", type=int, default=2_000_000, help="request body size (bytes)"
+    )
+    p.add_argument(
+        "--graceful-s",
+        type=float,
+        default=30.0,
+        help="on SIGTERM/SIGINT, how long requests in flight may take to finish",
+    )
+    p.set_defaults(run=serve)
+    p = commands.add_parser(
         "preset",
         help="print the `-S key=value` arguments of a params preset for `dvc exp run`",
         description="Print presets/NAME.yaml as `dvc exp run` arguments: "
@@ -196,6 +240,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="preset name: presets/NAME.yaml")
     p.set_defaults(run=print_preset)
     return parser
+
+
+def serve(args: argparse.Namespace) -> int:
+    from newsclf.predict import read_meta
+    from newsclf.serve import Limits, ServeConfig
+    from newsclf.serve import serve as run_server
+
+    for name in ("max_batch", "batch_size", "max_texts", "max_chars", "max_body_bytes"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.max_wait_ms < 0:
+        raise InputError("--max-wait-ms must be 0 or more")
+    read_meta(args.model)  # a missing model folder fails here, before the server starts
+    config = ServeConfig(
+        model_dir=args.model,
+        precision=args.precision,
+        threads=args.threads,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        ort_batch=args.batch_size,
+        limits=Limits(args.max_texts, args.max_chars, args.max_body_bytes),
+    )
+    run_server(config, args.host, args.port, args.graceful_s)
+    return 0
 
 
 def print_preset(args: argparse.Namespace) -> int:

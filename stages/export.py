@@ -1,9 +1,10 @@
 """Stage `export`: merge the LoRA adapter into the fp32 base, export ONNX (+ int8), check parity.
 
-Writes `models/onnx/` (model.onnx, model.int8.onnx, tokenizer files, newsclf_onnx.json) — the
-folder `newsclf predict` reads — `reports/export.json` (parity, accuracy, sizes, the int8 nodes
-kept fp32 and why) and
-`reports/export_speed.json` (ONNX Runtime texts/s over the accuracy runs, tokenization included).
+Writes `models/onnx/` (model.onnx, model.int8.onnx, tokenizer files, newsclf_onnx.json and the
+model card README.md, stages/card.py) — the folder `newsclf predict` and `newsclf serve` read and
+the `dvc artifacts` entry hands on — `reports/export.json` (parity, accuracy, sizes, the int8 nodes
+kept fp32 and why) and `reports/export_speed.json` (ONNX Runtime texts/s over the accuracy runs,
+tokenization included).
 
 Exporter choice: the TorchScript exporter (`dynamo=False`). The torch.export-based default needs
 the `onnxscript` package (not a dependency of this project) and offers nothing a BERT encoder
@@ -25,6 +26,7 @@ fusion confuses with the mask's Mul, leaving attention unfused and about a third
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
@@ -38,11 +40,14 @@ from typing import Any
 import numpy as np
 import polars as pl
 import torch
+import yaml
 from tqdm import tqdm
 
-from newsclf.predict import META_FILE, OnnxClassifier
+from newsclf.predict import META_FILE, OnnxClassifier, read_meta
 from stages import paths
-from stages.common import StageError, get_logger, load_labels, run_main, write_json
+from stages.card import card_context, write_card
+from stages.common import StageError, get_logger, load_labels, require_file, run_main, write_json
+from stages.ingest import IngestParams
 from stages.modeling import load_merged_model, resolve_base_model
 from stages.params import check_values, load_section
 from stages.processed import read_processed
@@ -514,8 +519,9 @@ def export_folder(
     batch_size: int,
 ) -> Exported:
     """Build the graphs, check them against PyTorch on `parity_sample`, and write
-    `newsclf_onnx.json` (the one place it is written), marking an int8 graph that missed its
-    bound. A broken fp32 graph raises StageError before the folder is usable."""
+    `newsclf_onnx.json`, marking an int8 graph that missed its bound (`run` completes it with the
+    base model and test accuracy). A broken fp32 graph raises StageError before the folder is
+    usable."""
     built = build_onnx(adapter_dir, base_model, label_names, out_dir, opset, max_length, int8)
     meta = built.meta
     classifiers = {name: OnnxClassifier(out_dir, name, meta=meta) for name in meta["models"]}
@@ -606,10 +612,13 @@ def run(
     max_length: int,
     adapter_dir: Path = paths.ADAPTER,
     out_dir: Path = paths.ONNX,
+    base_model_name: str | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Export the adapter in `adapter_dir` merged into its fp32 base to `out_dir` (ONNX fp32, and
     int8 calibrated on `train` when `params.quantize`), check parity and accuracy on `test`.
-    Returns the export report and the speed report (timings, kept apart: they vary per run)."""
+    `base_model_name` is the base as `train.base_model` names it (default: `base_model`), which
+    the folder's metadata records. Returns the export report and the speed report (timings, kept
+    apart: they vary per run)."""
     if test.is_empty():
         raise StageError(f"{paths.TEST}: no rows")
     sample = parity_texts(test["text"].to_list(), params.parity.n_texts)
@@ -626,7 +635,13 @@ def run(
         params.batch_size,
     )
     accuracy, speed = score_test(exported.classifiers, test, params.batch_size)
-    sizes = {name: file_mb(out_dir / file) for name, file in exported.built.meta["models"].items()}
+    meta = exported.built.meta
+    meta["base_model"] = base_model_name or base_model
+    meta["test_accuracy"] = {name: accuracy[f"onnx_{name}"] for name in meta["models"]} | {
+        "n_texts": accuracy["n_texts"]
+    }
+    write_json(meta, out_dir / META_FILE)
+    sizes = {name: file_mb(out_dir / file) for name, file in meta["models"].items()}
     report: dict[str, Any] = {
         "opset": params.opset,
         "exporter": "torchscript",
@@ -641,6 +656,21 @@ def run(
     if exported.built.int8_choice is not None:
         report["int8"] = exported.built.int8_choice
     return report, speed
+
+
+def run_reports() -> dict[str, dict]:
+    """The upstream reports the model card quotes, as they are on disk."""
+    files = {
+        "ingest": paths.INGEST_REPORT,
+        "clean": paths.CLEAN_REPORT,
+        "label_issues": paths.LABEL_ISSUES_REPORT,
+        "augment": paths.AUGMENT_REPORT,
+        "metrics": paths.METRICS,
+        "train": paths.TRAIN_METRICS,
+    }
+    reports = {name: json.loads(require_file(path).read_text()) for name, path in files.items()}
+    reports["resolved"] = yaml.safe_load(require_file(paths.TRAIN_RESOLVED).read_text())
+    return reports
 
 
 def main() -> None:
@@ -662,9 +692,23 @@ def main() -> None:
         label_names,
         resolve_base_model(train_params.base_model),
         train_params.max_length,
+        base_model_name=train_params.base_model,
     )
     write_json(report, paths.EXPORT_REPORT)
     write_json(speed, paths.EXPORT_SPEED)
+    card = write_card(
+        card_context(
+            run_reports(),
+            report,
+            train_params,
+            label_names,
+            load_section("ingest", IngestParams).sources,
+            read_meta(paths.ONNX)["models"],
+            params.parity.min_int8_agreement,
+        ),
+        paths.ONNX,
+    )
+    log.info("model card in %s", card)
     log.info("accuracy %s, sizes (MB) %s, speed %s", report["accuracy"], report["size_mb"], speed)
 
 

@@ -38,6 +38,8 @@ ADAPTER = Path("models/adapter")
 CHECKPOINTS = Path("models/checkpoints")
 TRAIN_LIVE = Path("reports/train")  # dvclive: metrics.json and plots/metrics/
 TRAIN_CURVES = TRAIN_LIVE / "plots" / "metrics"
+TRAIN_METRICS = TRAIN_LIVE / "metrics.json"  # dvclive's summary: last step's figures
+TRAIN_RESOLVED = TRAIN_LIVE / "resolved.yaml"  # what `auto` params became, device, versions
 
 # The project's Hugging Face `evaluate` metric, loaded by path wherever the caller runs.
 METRIC_MODULE = Path(__file__).resolve().parents[1] / "metrics" / "newsclf_metrics"

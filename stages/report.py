@@ -14,14 +14,14 @@ same run gives the same bytes.
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import matplotlib
 
 matplotlib.use("Agg")  # no display: render to memory
@@ -276,220 +276,50 @@ def confusion_chart(matrix: np.ndarray, label_names: Sequence[str]) -> str:
 
 # ---- HTML ---------------------------------------------------------------------------------------
 
-STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
-h1 { margin-bottom: 0; } h2 { border-bottom: 1px solid #ccc; padding-bottom: 0.2em; margin-top: 2em; }
-table { border-collapse: collapse; margin: 0.5em 0; font-size: 0.9em; }
-th, td { border: 1px solid #ddd; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }
-th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
-.headline { display: flex; gap: 1em; flex-wrap: wrap; }
-.card { border: 1px solid #ddd; border-radius: 6px; padding: 0.6em 1em; }
-.card b { display: block; font-size: 1.5em; }
-img { max-width: 100%; }
-.muted { color: #666; font-size: 0.9em; }
-"""
+# Autoescaped: every text from the data is HTML-escaped; trailing newlines kept as written.
+PAGE = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
+    autoescape=True,
+    keep_trailing_newline=True,
+    undefined=jinja2.StrictUndefined,
+).get_template("report.html.j2")
 
 
-def _cell(value: Any) -> str:
-    if isinstance(value, bool) or value is None:
-        return f"<td>{html.escape(str(value))}</td>"
-    if isinstance(value, int):
-        return f'<td class="num">{value:,}</td>'
-    if isinstance(value, float):
-        return f'<td class="num">{value:.4g}</td>'
-    return f"<td>{html.escape(str(value))}</td>"
-
-
-def html_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(_cell(v) for v in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def image(uri: str, alt: str) -> str:
-    return f'<img src="{uri}" alt="{html.escape(alt)}">'
-
-
-def section(title: str, *parts: str) -> str:
-    return f"<h2>{html.escape(title)}</h2>\n" + "\n".join(parts)
-
-
-def _pct(value: float) -> str:
-    return f"{100 * value:.2f}%"
-
-
-def headline_cards(metrics: dict[str, Any]) -> str:
-    """The run's headline numbers as cards."""
-    cards = [
-        ("test accuracy", _pct(metrics["accuracy"])),
-        ("as trained (before merging)", _pct(metrics["accuracy_as_trained"])),
-        ("macro-F1", _pct(metrics["macro_f1"])),
-        ("TF-IDF baseline", _pct(metrics["baseline_accuracy"])),
-        ("ROC AUC (macro)", f"{metrics['roc_auc_macro']:.4f}"),
-        ("train / test rows", f"{metrics['n_train']:,} / {metrics['n_test']:,}"),
-    ]
-    return (
-        '<div class="headline">'
-        + "".join(
-            f'<div class="card">{html.escape(name)}<b>{html.escape(value)}</b></div>'
-            for name, value in cards
-        )
-        + "</div>"
-    )
-
-
-def funnel_section(steps: Sequence[FunnelStep]) -> str:
-    """Rows per split after each stage, and why rows left."""
-    rows = [
-        (
-            s.step,
-            s.train,
-            s.test,
-            "; ".join(f"{reason}: {n:,}" for reason, n in s.left.items()) or "",
-        )
-        for s in steps
-    ]
-    return section(
-        "Data funnel",
-        image(funnel_chart(steps), "rows per split after each stage"),
-        html_table(("step", "train rows", "test rows", "rows that left, by reason"), rows),
-        '<p class="muted">Test rows are cleaned but never removed. Every rejected row is in '
-        "data/interim/rejected.parquet, every removed row in data/interim/removed.parquet, "
-        "each with its reason.</p>",
-    )
-
-
-def balance_section(balance: pl.DataFrame) -> str:
-    """Rows per class and split of the processed tables."""
-    return section(
-        "Class balance (processed tables)",
-        image(class_balance_chart(balance), "rows per class"),
-        html_table(balance.columns, balance.rows()),
-    )
-
-
-def tokens_section(tokens: dict[str, Any], lengths: pl.DataFrame) -> str:
-    """Token-count histogram and percentiles."""
-    return section(
-        "Token lengths",
-        image(token_lengths_chart(lengths), "rows per token count"),
-        html_table(
-            ("rows", "tokens", "vocabulary", "p50", "p95", "p99", "max"),
-            [
-                (
-                    tokens["rows"],
-                    tokens["tokens"],
-                    tokens["vocabulary_size"],
-                    tokens["n_tokens_p50"],
-                    tokens["n_tokens_p95"],
-                    tokens["n_tokens_p99"],
-                    tokens["n_tokens_max"],
-                )
-            ],
-        ),
-    )
-
-
-def suspects_section(issues: dict[str, Any], suspects: pl.DataFrame) -> str:
-    """What label_issues flagged, per class, and the top suspects."""
-    return section(
-        "Label suspects",
-        f"<p>{issues['flagged']:,} of {issues['rows_scored']:,} train rows flagged "
-        f"({_pct(issues['flagged_fraction'])}), action <code>{html.escape(issues['action'])}"
-        f"</code>; out-of-fold accuracy of the detectors {_pct(issues['oof_accuracy'])}.</p>",
-        html_table(
-            ("class", "rows", "flagged", "suggested instead"),
-            [
-                (
-                    name,
-                    c["rows"],
-                    c["flagged"],
-                    ", ".join(f"{k} {v}" for k, v in c["suggested_to"].items()),
-                )
-                for name, c in issues["per_class"].items()
-            ],
-        ),
-        f"<p>Top {suspects.height} suspects:</p>",
-        html_table(suspects.columns, suspects.rows()),
-    )
-
-
-def augment_section(augment: dict[str, Any]) -> str:
-    """Augmented copies per op."""
-    return section(
-        "Augmentation",
-        f"<p>{augment['n_aug']} augmented copies per train row; "
-        f"{augment['train_rows_in']:,} rows in, {augment['added']:,} added, "
-        f"{augment['train_rows_out']:,} out.</p>",
-        html_table(
-            ("op", "rate", "added", "skipped (nothing to change)"),
-            [(op, v["rate"], v["added"], v["skipped"]) for op, v in augment["ops"].items()],
-        ),
-    )
-
-
-def curves_section(curves: dict[str, pl.DataFrame]) -> str:
-    """Training loss and validation scores."""
-    return section("Training curves", image(training_chart(curves), "loss and validation scores"))
-
-
-def results_section(metrics: dict[str, Any], matrix: np.ndarray, label_names: Sequence[str]) -> str:
-    """Confusion matrix and per-class scores on the test split."""
-    return section(
-        "Test results",
-        image(confusion_chart(matrix, label_names), "confusion matrix"),
-        html_table(
-            ("class", "precision", "recall", "F1", "ROC AUC", "support"),
-            [
-                (name, c["precision"], c["recall"], c["f1"], c["roc_auc"], c["support"])
-                for name, c in metrics["per_class"].items()
-            ],
-        ),
-        '<p class="muted">Misclassified test texts: reports/errors.csv.</p>',
-    )
-
-
-def export_section(export: dict[str, Any], speed: dict[str, Any]) -> str:
-    """ONNX models: size, accuracy, speed and parity."""
-    return section(
-        "ONNX export",
-        html_table(
+def table_rows(reports: dict[str, dict[str, Any]], steps: Sequence[FunnelStep]) -> dict[str, list]:
+    """The rows of the page's tables that are not a table already, from the run's reports."""
+    metrics, issues, augment = reports["metrics"], reports["label_issues"], reports["augment"]
+    export, speed = reports["export"], reports["export_speed"]
+    return {
+        "funnel_rows": [
+            (s.step, s.train, s.test, "; ".join(f"{r}: {n:,}" for r, n in s.left.items()))
+            for s in steps
+        ],
+        "suspect_classes": [
             (
-                "model",
-                "size (MB)",
-                "test accuracy",
-                f"texts/s (batch {speed['batch_size']}, tokenization included)",
-            ),
-            [
-                (
-                    name,
-                    export["size_mb"][name],
-                    export["accuracy"][f"onnx_{name}"],
-                    speed[f"{name}_texts_per_s"],
-                )
-                for name in export["size_mb"]
-            ],
-        ),
-        f"<p>Parity with PyTorch on {export['parity']['n_texts']:,} test texts: max |logit "
-        f"difference| fp32 {export['parity']['fp32_max_abs_logit_diff']:.3g}"
-        + (
-            f", int8 top-1 agreement {_pct(export['parity']['int8_top1_agreement'])}"
-            + (
-                ""
-                if export["parity"]["int8_meets_bound"]
-                else " — below the bound: <code>newsclf predict</code> defaults to fp32"
+                name,
+                c["rows"],
+                c["flagged"],
+                ", ".join(f"{k} {v}" for k, v in c["suggested_to"].items()),
             )
-            if "int8_top1_agreement" in export["parity"]
-            else ""
-        )
-        + (
-            f"; {len(export['int8']['kept_fp32'])} of {export['int8']['candidates']} "
-            "int8 nodes kept fp32 (chosen on train texts)"
-            if "int8" in export
-            else ""
-        )
-        + f"; opset {export['opset']}.</p>",
-    )
+            for name, c in issues["per_class"].items()
+        ],
+        "augment_rows": [
+            (op, v["rate"], v["added"], v["skipped"]) for op, v in augment["ops"].items()
+        ],
+        "class_rows": [
+            (name, c["precision"], c["recall"], c["f1"], c["roc_auc"], c["support"])
+            for name, c in metrics["per_class"].items()
+        ],
+        "export_rows": [
+            (
+                name,
+                export["size_mb"][name],
+                export["accuracy"][f"onnx_{name}"],
+                speed[f"{name}_texts_per_s"],
+            )
+            for name in export["size_mb"]
+        ],
+    }
 
 
 def render_html(
@@ -502,29 +332,21 @@ def render_html(
     matrix: np.ndarray,
     label_names: Sequence[str],
 ) -> str:
-    """The whole page; every chart inline, every text from the data HTML-escaped."""
-    sections = [
-        funnel_section(steps),
-        balance_section(balance),
-        tokens_section(reports["tokens"], lengths),
-        suspects_section(reports["label_issues"], suspects),
-        augment_section(reports["augment"]),
-        curves_section(curves),
-        results_section(reports["metrics"], matrix, label_names),
-        export_section(reports["export"], reports["export_speed"]),
-    ]
-    return (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        "<title>newsclf run report</title>"
-        f"<style>{STYLE}</style></head><body>\n<h1>newsclf run report</h1>\n"
-        f'<p class="muted">Text classifier over {len(label_names)} classes '
-        f"({html.escape(', '.join(label_names))}): what each stage of the last "
-        "<code>dvc repro</code> did. Source files: reports/*.json, reports/plots/, "
-        "data/interim/label_issues.parquet.</p>\n"
-        + headline_cards(reports["metrics"])
-        + "\n"
-        + "\n".join(sections)
-        + "\n</body></html>\n"
+    """The whole page, from templates/report.html.j2; every chart inline."""
+    charts = {
+        "funnel": funnel_chart(steps),
+        "balance": class_balance_chart(balance),
+        "tokens": token_lengths_chart(lengths),
+        "training": training_chart(curves),
+        "confusion": confusion_chart(matrix, label_names),
+    }
+    return PAGE.render(
+        reports=reports,
+        labels=list(label_names),
+        charts=charts,
+        balance=balance,
+        suspects=suspects,
+        **table_rows(reports, steps),
     )
 
 

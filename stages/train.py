@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import polars as pl
 import torch
+import yaml
 from transformers import TrainerCallback
 
 from stages import paths
@@ -40,6 +41,7 @@ from stages.common import StageError, get_logger, load_labels, run_main
 from stages.modeling import (
     KBIT,
     load_base_model,
+    native_bf16,
     resolve_base_model,
     resolve_precision,
     resolve_quantization,
@@ -543,6 +545,29 @@ def train_result(trainer, output, setup: RunSetup) -> TrainResult:
     )
 
 
+def write_resolved(setup: RunSetup, path: Path) -> None:
+    """What the run's `auto` params became on this machine, and the device and libraries it ran
+    on: a params file beside dvclive's metrics (`dvc exp show` and `dvc params diff` show it), so
+    that a figure that moved between machines says why."""
+    import peft
+    import transformers
+
+    cuda = torch.cuda.is_available()
+    resolved = {
+        "precision": setup.precision,
+        "quantization": setup.quantization,
+        "world_size": setup.args.world_size,
+        "device": "cuda" if cuda else "cpu",
+        "bf16_support": native_bf16(cuda)[1],
+        "versions": {
+            "torch": str(torch.__version__),
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+        },
+    }
+    path.write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
+
+
 def train_model(
     train_df: pl.DataFrame,
     val_df: pl.DataFrame,
@@ -559,6 +584,8 @@ def train_model(
     set up, fit, save."""
     setup = set_up(params, label_names, data_path, checkpoint_dir)
     live = open_live(live_dir, setup.resume) if live_dir is not None and setup.rank_zero else None
+    if live is not None:
+        write_resolved(setup, live_dir / paths.TRAIN_RESOLVED.name)
     trainer = make_trainer(setup, train_df, val_df, params, label_names, live, extra_callbacks)
     output = trainer.train(resume_from_checkpoint=str(setup.resume) if setup.resume else None)
     if setup.rank_zero:

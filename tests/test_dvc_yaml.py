@@ -41,7 +41,7 @@ def leaf_keys(node: object, prefix: str) -> set[str]:
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_code_deps_are_the_modules_the_stage_imports(stage: str) -> None:
-    declared = {d for d in STAGES[stage]["deps"] if d.startswith("stages/")}
+    declared = {d for d in STAGES[stage]["deps"] if d.startswith("stages/") and d.endswith(".py")}
     imported = {f"stages/{m}.py" for m in imported_stage_modules(stage)}
     assert declared == imported
 
@@ -118,3 +118,11 @@ def test_code_deps_outside_stages_are_imported(stage: str) -> None:
                 for m in imported_stage_modules(stage)
             ]
             assert any(f"from {module} import" in s for s in sources), (stage, dep)
+
+
+def test_the_model_artifact_names_the_exported_folder_and_params_classes() -> None:
+    # DVC does not interpolate params into `artifacts:`; this keeps the copies in step.
+    artifact = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["artifacts"]["text-classifier"]
+    assert artifact["path"] == str(paths.ONNX) and artifact["type"] == "model"
+    assert artifact["labels"] == PARAMS["labels"]
+    assert artifact["meta"]["base_model"] == PARAMS["train"]["base_model"]

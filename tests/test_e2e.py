@@ -12,6 +12,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+import yaml
 
 from tests.pipeline_fixture import clone, dvc, file_hashes
 
@@ -71,6 +72,41 @@ def test_dvc_repro_whole_pipeline_with_tiny_model(tiny_pipeline: Path) -> None:
     assert (project / "models" / "onnx" / "model.onnx").exists()
     export = json.loads((project / "reports" / "export.json").read_text())
     assert export["parity"]["fp32_max_abs_logit_diff"] <= 1e-4
+    check_model_card(project)
     page = (project / "reports" / "index.html").read_text()
     assert f"{100 * metrics['accuracy']:.2f}%" in page
     assert dvc(project, "status").stdout.strip() == "Data and pipelines are up to date."
+
+
+def check_model_card(project: Path) -> None:
+    """The card in the exported folder quotes the run's own files, figure for figure."""
+    text = (project / "models" / "onnx" / "README.md").read_text()
+    front, body = text.removeprefix("---\n").split("\n---\n", 1)
+    meta = yaml.safe_load(front)
+    reports = project / "reports"
+    metrics = json.loads((reports / "metrics.json").read_text())
+    ingest = json.loads((reports / "ingest.json").read_text())
+    export = json.loads((reports / "export.json").read_text())
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    assert meta["base_model"] == params["train"]["base_model"]
+    assert meta["pipeline_tag"] == "text-classification"
+    (entry,) = meta["model-index"]
+    scores = {m["type"]: m["value"] for r in entry["results"] for m in r["metrics"]}
+    assert scores == {"accuracy": metrics["accuracy"], "f1": metrics["macro_f1"]}
+    assert {r["dataset"]["split"] for r in entry["results"]} == {"test"}
+    for figure in (
+        f"| accuracy | {metrics['accuracy']} |",
+        f"| macro-F1 | {metrics['macro_f1']} |",
+        f"| baseline accuracy (TF-IDF + logistic regression) | {metrics['baseline_accuracy']} |",
+        f"{ingest['rows_in']} rows in, {ingest['kept']} kept, {ingest['rejected']} rejected",
+        f"largest logit\ndifference {export['parity']['fp32_max_abs_logit_diff']}",
+        f"`train.seed` | `{params['train']['seed']}`",
+        f"`train.lora.r` | `{params['train']['lora']['r']}`",
+    ):
+        assert figure in body, figure
+    for label, scores in metrics["per_class"].items():
+        assert f"| {label} | {scores['precision']} | {scores['recall']} | {scores['f1']} |" in body
+    for source in ingest["sources"]:
+        assert f"| `{source['path']}` | {source['split']} | {source['rows_in']} |" in body
+    resolved = yaml.safe_load((reports / "train" / "resolved.yaml").read_text())
+    assert f"| precision (as resolved) | `{resolved['precision']}` |" in body

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import shutil
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from tests.pipeline_fixture import (
     git,
     set_params,
     stages_run,
+    tool_env,
 )
 
 pytestmark = pytest.mark.e2e
@@ -148,3 +151,47 @@ def test_repro_pull_restores_outputs_from_s3_instead_of_recomputing(
     assert (other / "data" / "processed" / "train.parquet").exists()
     assert not (other / "data" / "interim" / "tokens.parquet").exists()
     assert not (other / "models" / "adapter").exists()
+
+
+def test_the_model_is_a_dvc_artifact_fetched_from_another_directory(
+    tmp_path: Path, s3_endpoint, tiny_pipeline: Path
+) -> None:
+    from dvc.api import artifacts_show
+
+    endpoint, _ = s3_endpoint
+    work = clone(tiny_pipeline, tmp_path / "work", with_outputs=True)
+    add_s3_remote(work, endpoint)
+    git(work, "add", ".dvc/config")  # the remote's address travels with the repository
+    git(work, "commit", "-qm", "S3 remote")
+    pushed = dvc(work, "push")
+    assert pushed.returncode == 0, pushed.stdout + pushed.stderr
+    # Versions and stages are git tags in GTO's format (`gto register` / `gto assign` make them).
+    git(work, "tag", "-a", "text-classifier@v1.0.0", "-m", "first model")
+    git(work, "tag", "-a", "text-classifier#prod#1", "-m", "v1.0.0 to prod")
+
+    shown = artifacts_show("text-classifier", repo=str(work))
+    assert shown == {"rev": git(work, "rev-parse", "HEAD").strip(), "path": "models/onnx"}
+
+    # From another directory, with credentials from the environment (no config.local there).
+    env = tool_env() | {
+        "AWS_ACCESS_KEY_ID": CREDENTIALS["access_key_id"],
+        "AWS_SECRET_ACCESS_KEY": CREDENTIALS["secret_access_key"],
+    }
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    expected = file_hashes(work, "models/onnx")
+    for name, how in (("latest", []), ("v1", ["--rev", "v1.0.0"]), ("prod", ["--stage", "prod"])):
+        out = elsewhere / name
+        got = subprocess.run(
+            [sys.executable, "-m", "dvc", "artifacts", "get", str(work), "text-classifier"]
+            + [*how, "-o", str(out)],
+            cwd=elsewhere,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert got.returncode == 0, got.stdout + got.stderr
+        fetched = {f"models/onnx/{k}": v for k, v in file_hashes(out, ".").items()}
+        assert fetched == expected
+        assert "model-index" in (out / "README.md").read_text()  # the card travels with it

@@ -1,0 +1,315 @@
+"""`newsclf serve`: the exported ONNX model over HTTP, an ASGI app (Starlette) on uvicorn.
+
+- `POST /predict` `{"texts": [...]}` -> `{"predictions": [{"index", "label", "scores", "truncated"},
+  ...]}` in the request's order.
+- `GET /health`: 200 once the model is loaded, 503 while it loads (the server accepts connections
+  from the start, so a load balancer can tell "starting" from "down").
+- `GET /metadata`: labels, base model, precision, max length, the served model file and its
+  SHA-256, and the test accuracy the export stage measured for each graph.
+
+Texts of concurrent requests are scored together: a micro-batcher collects them until `max_batch`
+texts are waiting or `max_wait_ms` have passed since the first, then tokenizes them at once and
+scores them off the event loop in ONNX Runtime calls of `ort_batch` texts grouped by length (as
+`predict` does), so throughput under concurrency approaches that of offline batches. Each text
+carries its own future, so an answer can never reach another request, and a client that leaves
+only drops its own. Limits answer with a 4xx that names the limit. Like `newsclf predict`, this
+imports neither torch nor transformers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from newsclf.predict import OnnxClassifier, read_meta
+
+MAX_SHOWN_CHARS = 40  # of a refused text, in an error
+CLIENT_CLOSED_REQUEST = 499  # logged for a client gone mid-body (nginx's code; never sent)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may hold; over a limit, the answer is a 4xx that names it."""
+
+    max_texts: int
+    max_chars: int
+    max_body_bytes: int
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model_dir: Path
+    precision: str
+    threads: int | None
+    max_batch: int
+    max_wait_ms: float
+    ort_batch: int
+    limits: Limits
+
+
+@dataclass
+class Waiting:
+    """One text waiting to be scored, and the future its request awaits."""
+
+    text: str
+    future: asyncio.Future
+
+
+@dataclass(frozen=True)
+class Scored:
+    logits: np.ndarray
+    truncated: bool
+
+
+def score(classifier: OnnxClassifier, texts: list[str], ort_batch: int) -> list[Scored]:
+    """One micro-batch, tokenized in one go and scored in ONNX Runtime calls of `ort_batch` texts
+    of similar length (runs in a worker thread). Texts of concurrent requests come in any length
+    order: one call over all of them would pad each to the longest, about halving throughput."""
+    encoded = classifier.encode(texts)
+    logits = classifier.logits(encoded.ids, ort_batch)
+    return [Scored(row, cut) for row, cut in zip(logits, encoded.truncated, strict=True)]
+
+
+class MicroBatcher:
+    """Groups texts from concurrent requests into ONNX Runtime batches."""
+
+    def __init__(
+        self, classifier: OnnxClassifier, max_batch: int, max_wait_s: float, ort_batch: int
+    ) -> None:
+        self.classifier, self.max_batch, self.max_wait_s = classifier, max_batch, max_wait_s
+        self.ort_batch = ort_batch
+        self.queue: asyncio.Queue[Waiting] = asyncio.Queue()
+        self.batches = 0  # ONNX Runtime calls made, for /metadata's stats
+
+    async def score(self, texts: list[str]) -> list[Scored]:
+        """These texts scored, in their order, once their batches have run."""
+        loop = asyncio.get_running_loop()
+        waiting = [Waiting(text, loop.create_future()) for text in texts]
+        for item in waiting:
+            self.queue.put_nowait(item)
+        return await asyncio.gather(*(item.future for item in waiting))
+
+    async def _collect(self) -> list[Waiting]:
+        """The next batch: the first waiting text, then more until the batch is full or the wait
+        since the first is over."""
+        batch = [await self.queue.get()]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.max_wait_s
+        while len(batch) < self.max_batch:
+            if not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+                continue
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self.queue.get(), remaining))
+            except TimeoutError:
+                break
+        return batch
+
+    async def _score(self, batch: list[Waiting]) -> None:
+        batch = [item for item in batch if not item.future.done()]
+        if not batch:  # every request of these texts has gone
+            return
+        try:
+            results = await asyncio.to_thread(
+                score, self.classifier, [item.text for item in batch], self.ort_batch
+            )
+        except Exception as err:  # answer each waiting request with the fault
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(err)
+            return
+        self.batches += 1
+        for item, result in zip(batch, results, strict=True):
+            if not item.future.done():
+                item.future.set_result(result)
+
+    async def run(self) -> None:
+        """One batch scores while the next is collected, so ONNX Runtime does not wait for the
+        round trip of the requests it has just answered; one ONNX Runtime call at a time."""
+        scoring: asyncio.Task | None = None
+        try:
+            while True:
+                batch = await self._collect()
+                if scoring is not None:
+                    await scoring
+                scoring = asyncio.create_task(self._score(batch))
+        finally:
+            if scoring is not None:
+                scoring.cancel()
+
+
+@dataclass
+class Served:
+    """What the app holds once the model is loaded."""
+
+    classifier: OnnxClassifier
+    batcher: MicroBatcher
+    metadata: dict
+    tasks: list[asyncio.Task] = field(default_factory=list)
+
+
+def refuse(status: int, message: str, limit: str | None = None) -> JSONResponse:
+    body = {"error": message} | ({"limit": limit} if limit else {})
+    return JSONResponse(body, status_code=status)
+
+
+def load(config: ServeConfig) -> tuple[OnnxClassifier, dict]:
+    """The classifier and what /metadata answers (model file hashed once, here)."""
+    meta = read_meta(config.model_dir)
+    classifier = OnnxClassifier(config.model_dir, config.precision, threads=config.threads)
+    model_file = config.model_dir / meta["models"][classifier.precision]
+    digest = hashlib.sha256()
+    with model_file.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    metadata = {
+        "labels": classifier.labels,
+        "base_model": meta.get("base_model"),
+        "precision": classifier.precision,
+        "max_length": classifier.max_length,
+        "model_file": model_file.name,
+        "model_sha256": digest.hexdigest(),
+        "test_accuracy": meta.get("test_accuracy", {}),
+        "notice": classifier.notice,
+    }
+    return classifier, metadata
+
+
+def check_texts(payload: object, limits: Limits) -> list[str] | JSONResponse:
+    """The texts of a parsed body, or the 4xx answer that says what is wrong with them."""
+    if not isinstance(payload, dict) or "texts" not in payload:
+        return refuse(422, 'expected a JSON object {"texts": [...]}')
+    texts = payload["texts"]
+    if not isinstance(texts, list):
+        return refuse(422, f"`texts` must be a list of strings, got {type(texts).__name__}")
+    if not texts:
+        return refuse(422, "`texts` is empty: send one text or more")
+    if len(texts) > limits.max_texts:
+        return refuse(
+            413,
+            f"{len(texts)} texts in one request, over the limit of {limits.max_texts}",
+            f"max_texts={limits.max_texts}",
+        )
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            return refuse(422, f"texts[{i}] must be a string, got {type(text).__name__}")
+        if not text.strip():
+            return refuse(422, f"texts[{i}] is empty")
+        if len(text) > limits.max_chars:
+            return refuse(
+                413,
+                f"texts[{i}] has {len(text)} characters, over the limit of {limits.max_chars} "
+                f"({text[:MAX_SHOWN_CHARS]!r}...)",
+                f"max_chars={limits.max_chars}",
+            )
+    return texts
+
+
+async def read_body(request: Request, limit: int) -> bytes | JSONResponse:
+    """The request body, or a 413 as soon as it is known to be over `limit` bytes."""
+    too_big = refuse(
+        413, f"request body over the limit of {limit} bytes", f"max_body_bytes={limit}"
+    )
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return too_big
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return too_big
+    return bytes(body)
+
+
+def create_app(config: ServeConfig) -> Starlette:
+    state: dict[str, Served] = {}
+
+    async def load_model() -> None:
+        classifier, metadata = await asyncio.to_thread(load, config)
+        batcher = MicroBatcher(
+            classifier, config.max_batch, config.max_wait_ms / 1000, config.ort_batch
+        )
+        served = Served(classifier, batcher, metadata)
+        served.tasks.append(asyncio.create_task(batcher.run()))
+        state["served"] = served
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        loading = asyncio.create_task(load_model())
+        yield
+        # uvicorn has finished the requests in flight by now (graceful shutdown).
+        loading.cancel()
+        for task in state["served"].tasks if "served" in state else []:
+            task.cancel()
+
+    async def health(request: Request) -> JSONResponse:
+        if "served" not in state:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    async def metadata(request: Request) -> JSONResponse:
+        if "served" not in state:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        served = state["served"]
+        return JSONResponse(served.metadata | {"batches_scored": served.batcher.batches})
+
+    async def predict(request: Request) -> JSONResponse:
+        if "served" not in state:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        served = state["served"]
+        try:
+            body = await read_body(request, config.limits.max_body_bytes)
+        except ClientDisconnect:  # gone mid-body: nothing to answer, nothing else affected
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        if isinstance(body, JSONResponse):
+            return body
+        try:
+            payload = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            return refuse(400, f"the body is not valid JSON ({err})")
+        texts = check_texts(payload, config.limits)
+        if isinstance(texts, JSONResponse):
+            return texts
+        scored = await served.batcher.score(texts)
+        predictions = served.classifier.predictions(np.stack([s.logits for s in scored]))
+        return JSONResponse(
+            {
+                "predictions": [
+                    {"index": i, "label": p.label, "scores": p.scores, "truncated": s.truncated}
+                    for i, (p, s) in enumerate(zip(predictions, scored, strict=True))
+                ]
+            }
+        )
+
+    routes = [
+        Route("/predict", predict, methods=["POST"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/metadata", metadata, methods=["GET"]),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan)
+
+
+def serve(config: ServeConfig, host: str, port: int, graceful_s: float) -> None:
+    import uvicorn
+
+    uvicorn.run(
+        create_app(config),
+        host=host,
+        port=port,
+        log_level="info",
+        timeout_graceful_shutdown=graceful_s,
+    )

@@ -1,0 +1,238 @@
+"""`newsclf serve` on the tiny exported model: endpoints and limits in process (Starlette's test
+client), and on a real uvicorn server on 127.0.0.1: concurrent requests each get their own answers,
+a client that leaves breaks nothing, and a shutdown finishes the requests in flight."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from starlette.testclient import TestClient
+
+from newsclf.predict import OnnxClassifier
+from newsclf.serve import Limits, ServeConfig, create_app
+from tests.conftest import EXPORT_MAX_LENGTH
+
+TEXTS = [
+    "Stocks rally as the central bank holds interest rates steady",
+    "Home side wins the cup final in extra time",
+    "New probe reaches the outer planets",
+    "Leaders meet for peace talks in Geneva",
+    "Chip maker unveils a faster processor",
+    "Striker scores twice as the league leaders win again",
+]
+LIMITS = Limits(max_texts=8, max_chars=400, max_body_bytes=4_000)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_onnx) -> Path:
+    return tiny_onnx[0]
+
+
+def offline(model_dir: Path, texts: list[str], precision: str = "auto") -> list[dict]:
+    """What `newsclf predict` computes for these texts: label and scores per text."""
+    classifier = OnnxClassifier(model_dir, precision)
+    preds = classifier.predictions(classifier.logits(classifier.encode(texts).ids))
+    return [{"label": p.label, "scores": p.scores} for p in preds]
+
+
+def same_answers(got: list[dict], expected: list[dict]) -> bool:
+    """Labels equal and scores within float noise (batches of other lengths pad differently)."""
+    return len(got) == len(expected) and all(
+        g["label"] == e["label"]
+        and all(abs(g["scores"][k] - v) < 1e-4 for k, v in e["scores"].items())
+        for g, e in zip(got, expected, strict=True)
+    )
+
+
+@pytest.fixture(scope="module")
+def client(model_dir: Path) -> Iterator[TestClient]:
+    config = ServeConfig(
+        model_dir, "auto", None, max_batch=16, max_wait_ms=2, ort_batch=8, limits=LIMITS
+    )
+    with TestClient(create_app(config)) as test_client:
+        deadline = time.monotonic() + 60
+        while test_client.get("/health").status_code != 200:
+            assert time.monotonic() < deadline, "the model did not load"
+            time.sleep(0.05)
+        yield test_client
+
+
+def test_predict_answers_in_request_order_as_predict_does(model_dir: Path, client) -> None:
+    response = client.post("/predict", json={"texts": TEXTS[:3]})
+    assert response.status_code == 200
+    predictions = response.json()["predictions"]
+    assert [p["index"] for p in predictions] == [0, 1, 2]
+    assert same_answers(predictions, offline(model_dir, TEXTS[:3]))
+    assert all(sum(p["scores"].values()) == pytest.approx(1.0) for p in predictions)
+    assert not any(p["truncated"] for p in predictions)
+
+
+def test_health_and_metadata(model_dir: Path, client) -> None:
+    assert client.get("/health").json() == {"status": "ok"}
+    meta = client.get("/metadata").json()
+    classifier = OnnxClassifier(model_dir)
+    assert meta["labels"] == classifier.labels
+    assert meta["precision"] == classifier.precision
+    assert meta["max_length"] == EXPORT_MAX_LENGTH
+    import hashlib
+
+    model_file = model_dir / meta["model_file"]
+    assert meta["model_sha256"] == hashlib.sha256(model_file.read_bytes()).hexdigest()
+
+
+def test_a_text_over_max_length_is_truncated_and_says_so(model_dir: Path, client) -> None:
+    long_text = "markets " * 45  # over the tiny model's 32 tokens, under max_chars
+    predictions = client.post("/predict", json={"texts": [TEXTS[0], long_text]}).json()
+    assert [p["truncated"] for p in predictions["predictions"]] == [False, True]
+    assert same_answers(predictions["predictions"], offline(model_dir, [TEXTS[0], long_text]))
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "says", "limit"),
+    [
+        (b"{not json", 400, "the body is not valid JSON", None),
+        (b'["a"]', 422, 'expected a JSON object {"texts": [...]}', None),
+        (b'{"texts": "one text"}', 422, "`texts` must be a list of strings, got str", None),
+        (b'{"texts": []}', 422, "`texts` is empty", None),
+        (b'{"texts": ["ok", 3]}', 422, "texts[1] must be a string, got int", None),
+        (b'{"texts": ["ok", "  "]}', 422, "texts[1] is empty", None),
+        (
+            json.dumps({"texts": ["x"] * 9}).encode(),
+            413,
+            "9 texts in one request, over the limit of 8",
+            "max_texts=8",
+        ),
+        (
+            json.dumps({"texts": ["ok", "y" * 401]}).encode(),
+            413,
+            "texts[1] has 401 characters, over the limit of 400",
+            "max_chars=400",
+        ),
+        (
+            json.dumps({"texts": ["z" * 399] * 11}).encode(),
+            413,
+            "request body over the limit of 4000 bytes",
+            "max_body_bytes=4000",
+        ),
+    ],
+)
+def test_bad_requests_get_a_4xx_that_names_the_fault(
+    client, body: bytes, status: int, says: str, limit: str | None
+) -> None:
+    response = client.post("/predict", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == status
+    assert says in response.json()["error"]
+    assert response.json().get("limit") == limit
+
+
+# ---- a real server --------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def request(port: int, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        payload = json.dumps(body).encode() if body is not None else None
+        conn.request(method, path, payload, {"content-type": "application/json"})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+def start_server(model_dir: Path, port: int, *options: str) -> subprocess.Popen:
+    command = ["serve", "--model", str(model_dir), "--port", str(port), *options]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "newsclf.cli", *command],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=os.environ | {"PYTHONUNBUFFERED": "1"},
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if request(port, "GET", "/health")[0] == 200:
+                return server
+        except OSError:
+            pass
+        assert server.poll() is None, server.stdout.read().decode()
+        assert time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.1)
+
+
+def stop(server: subprocess.Popen) -> str:
+    if server.poll() is None:
+        server.send_signal(signal.SIGTERM)
+    out, _ = server.communicate(timeout=60)
+    return out.decode()
+
+
+def test_concurrent_requests_get_their_own_answers_and_a_leaving_client_breaks_nothing(
+    model_dir: Path,
+) -> None:
+    port = free_port()
+    # fp32: dynamic int8 scales activations per batch, so int8 scores move with batch-mates.
+    server = start_server(
+        model_dir, port, "--precision", "fp32", "--max-wait-ms", "20", "--max-batch", "32"
+    )
+    try:
+        # 48 requests from 16 threads, each with its own rotation of the texts.
+        bodies = [[TEXTS[(i + k) % len(TEXTS)] for k in range(1 + i % 3)] for i in range(48)]
+        expected = dict(zip(TEXTS, offline(model_dir, TEXTS, "fp32"), strict=True))
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(
+                pool.map(lambda b: request(port, "POST", "/predict", {"texts": b}), bodies)
+            )
+        for body, (status, answer) in zip(bodies, answers, strict=True):
+            assert status == 200
+            assert same_answers(answer["predictions"], [expected[t] for t in body])
+        batches = request(port, "GET", "/metadata")[1]["batches_scored"]
+        assert batches < len(bodies)  # texts of concurrent requests were scored together
+
+        # Clients that leave: one mid-body, one before reading its answer.
+        for payload in (b'{"texts": ["half', json.dumps({"texts": TEXTS}).encode()):
+            with socket.create_connection(("127.0.0.1", port)) as raw:
+                head = (
+                    "POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(payload) + 100}\r\n\r\n"
+                )
+                raw.sendall(head.encode() + payload)
+        status, answer = request(port, "POST", "/predict", {"texts": TEXTS[:2]})
+        assert status == 200
+        assert same_answers(answer["predictions"], offline(model_dir, TEXTS[:2], "fp32"))
+    finally:
+        log = stop(server)
+    assert "Exception in ASGI application" not in log
+    assert "Application shutdown complete" in log  # uvicorn then re-raises the SIGTERM
+    assert "Uvicorn running on http://127.0.0.1:" in log  # loopback by default
+
+
+def test_shutdown_finishes_the_requests_in_flight(model_dir: Path) -> None:
+    port = free_port()
+    # A long batching wait holds the request in the server when the signal arrives.
+    server = start_server(model_dir, port, "--max-wait-ms", "1500", "--max-batch", "64")
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(request, port, "POST", "/predict", {"texts": TEXTS[:2]})
+        time.sleep(0.5)
+        server.send_signal(signal.SIGTERM)
+        status, answer = pending.result(timeout=30)
+    log = stop(server)
+    assert status == 200, log
+    assert same_answers(answer["predictions"], offline(model_dir, TEXTS[:2]))
+    assert "Application shutdown complete" in log
