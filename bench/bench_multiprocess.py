@@ -58,10 +58,11 @@ def launcher(processes: int) -> list[str]:
 def make_project(root: Path, processes: int, threads: int, seed: int) -> dict[str, Any]:
     params = yaml.safe_load(PARAMS_FILE.read_text())
     train = params["train"]
-    global_batch = int(train["batch_size"])
-    if global_batch % processes:
-        raise SystemExit(f"train.batch_size={global_batch} does not split over {processes}")
-    train.update(batch_size=global_batch // processes, torch_threads=threads, seed=seed)
+    if int(train["batch_size"]) % processes:
+        raise SystemExit(f"train.batch_size={train['batch_size']} does not split over {processes}")
+    # train.batch_size is the global batch (each process takes its share); `launcher()` starts the
+    # processes itself, so the project's own launcher is one process.
+    train.update(launcher="python", torch_threads=threads, seed=seed)
     (root / "data").mkdir(parents=True)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (root / "data" / "processed").symlink_to(DATA_DIR.resolve())

@@ -13,7 +13,6 @@ id, split, label, text, augmented_from (source id, null for original rows) and o
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 from os.path import commonprefix
 from pathlib import Path
 
@@ -34,7 +33,8 @@ from stages.common import (
     write_table,
 )
 from stages.modeling import resolve_base_model
-from stages.params import check_values, load_section
+from stages.params import load_section
+from stages.sections import AugmentParams, OpsParams
 
 OPS: tuple[str, ...] = ("synonym", "swap", "delete", "insert")
 OUT_COLUMNS: tuple[str, ...] = ("id", "split", "label", "text", "augmented_from", "op")
@@ -212,45 +212,6 @@ def op_insert(
 
 
 OP_FUNCS = {"synonym": op_synonym, "swap": op_swap, "delete": op_delete, "insert": op_insert}
-
-
-@dataclass(frozen=True)
-class OpParams:
-    enabled: bool
-    rate: float  # share of a row's lowercase words the op changes
-
-    def __post_init__(self) -> None:
-        check_values(self, {"rate": (not self.enabled or 0.0 < self.rate <= 1.0, "in (0, 1]")})
-
-
-@dataclass(frozen=True)
-class OpsParams:
-    synonym: OpParams
-    swap: OpParams
-    delete: OpParams
-    insert: OpParams
-
-
-@dataclass(frozen=True)
-class AugmentParams:
-    """The `augment:` section of params.yaml (stages/params.py parses it)."""
-
-    n_aug: int
-    seed: int
-    ops: OpsParams
-    synonym_model: str
-    synonym_top_k: int
-    synonym_min_similarity: float
-
-    def __post_init__(self) -> None:
-        check_values(
-            self,
-            {
-                "n_aug": (self.n_aug >= 0, ">= 0"),
-                "synonym_top_k": (self.synonym_top_k >= 1, ">= 1"),
-                "synonym_min_similarity": (-1 <= self.synonym_min_similarity <= 1, "in [-1, 1]"),
-            },
-        )
 
 
 def enabled_ops(ops: OpsParams) -> dict[str, float]:

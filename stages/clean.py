@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import html
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal
 
 import polars as pl
 
@@ -36,12 +34,12 @@ from stages.common import (
     write_json,
     write_table,
 )
-from stages.params import check_values, load_section
+from stages.params import load_section
+from stages.sections import CleanParams
 
 log = get_logger("clean")
 
 
-URL_MODES = ("remove", "keep", "token")
 URL_PATTERN = r"(?i)\b(?:https?://|www\.)\S+"
 # Only real HTML tag names: `<TXN.N>` and `<IBM>`-style ticker symbols stay as they are.
 HTML_TAG_PATTERN = r"(?i)</?(?:a|b|i|u|p|br|em|strong|font|img|span|div|sup|sub)(?:\s[^<>]*)?/?>"
@@ -91,24 +89,6 @@ def strip_html_tags(text: pl.Expr) -> pl.Expr:
 
 def backslash_breaks(text: pl.Expr) -> pl.Expr:
     return text.str.replace_all(BACKSLASH_PATTERN, " ")
-
-
-@dataclass(frozen=True)
-class CleanParams:
-    """The `clean:` section of params.yaml (stages/params.py parses it)."""
-
-    urls: Literal[URL_MODES]
-    min_chars: int
-    max_chars: int
-
-    def __post_init__(self) -> None:
-        check_values(
-            self,
-            {
-                "min_chars": (self.min_chars >= 0, ">= 0"),
-                "max_chars": (self.max_chars >= self.min_chars, ">= clean.min_chars"),
-            },
-        )
 
 
 def replace_urls(text: pl.Expr, mode: str) -> pl.Expr:

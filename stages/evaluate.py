@@ -34,8 +34,9 @@ from stages.modeling import (
     resolve_precision,
     resolve_quantization,
 )
-from stages.params import check_values, load_section
+from stages.params import load_section
 from stages.processed import read_processed, split_train_val
+from stages.sections import EvaluateParams
 from stages.train_params import TrainParams
 
 log = get_logger("evaluate")
@@ -239,16 +240,6 @@ def error_rows(
         .sort(["confidence", "id"], descending=[True, False])
         .select("id", "label", "predicted", "confidence", "p_label", "text")
     )
-
-
-@dataclass(frozen=True)
-class EvaluateParams:
-    """The `evaluate:` section of params.yaml (stages/params.py parses it)."""
-
-    batch_size: int  # texts per inference batch
-
-    def __post_init__(self) -> None:
-        check_values(self, {"batch_size": (self.batch_size >= 1, ">= 1")})
 
 
 @dataclass(frozen=True)

@@ -47,10 +47,10 @@ from newsclf.predict import META_FILE, OnnxClassifier, read_meta
 from stages import paths
 from stages.card import card_context, write_card
 from stages.common import StageError, get_logger, load_labels, require_file, run_main, write_json
-from stages.ingest import IngestParams
 from stages.modeling import load_merged_model, resolve_base_model
-from stages.params import check_values, load_section
+from stages.params import load_section
 from stages.processed import read_processed
+from stages.sections import ExportParams, IngestParams, ParityParams
 from stages.train_params import TrainParams
 
 FP32_FILE = "model.onnx"
@@ -371,45 +371,6 @@ def onnx_logits(
     ids = classifier.encode(texts).ids
     with tqdm(total=len(ids), desc=desc, unit="text") as bar:
         return classifier.logits(ids, batch_size, on_batch=bar.update, by_length=by_length)
-
-
-@dataclass(frozen=True)
-class ParityParams:
-    n_texts: int  # test texts the parity check runs on
-    max_abs_logit_diff: float  # fp32 bound: a breach fails the stage
-    min_int8_agreement: float  # int8 bound: a miss makes predict default to fp32
-
-    def __post_init__(self) -> None:
-        check_values(
-            self,
-            {
-                "n_texts": (self.n_texts >= 1, ">= 1"),
-                "max_abs_logit_diff": (self.max_abs_logit_diff > 0, "> 0"),
-                "min_int8_agreement": (0 <= self.min_int8_agreement <= 1, "in [0, 1]"),
-            },
-        )
-
-
-@dataclass(frozen=True)
-class ExportParams:
-    """The `export:` section of params.yaml (stages/params.py parses it)."""
-
-    opset: int
-    quantize: bool
-    int8_calibration_texts: int
-    int8_max_fp32_nodes: int
-    batch_size: int
-    parity: ParityParams
-
-    def __post_init__(self) -> None:
-        check_values(
-            self,
-            {
-                "int8_calibration_texts": (self.int8_calibration_texts >= 1, ">= 1"),
-                "int8_max_fp32_nodes": (self.int8_max_fp32_nodes >= 0, ">= 0"),
-                "batch_size": (self.batch_size >= 1, ">= 1"),
-            },
-        )
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,8 @@ from stages.common import (
     write_json,
     write_table,
 )
-from stages.params import check_values, load_section
+from stages.params import load_section
+from stages.sections import IngestParams
 
 log = get_logger("ingest")
 
@@ -109,21 +110,6 @@ class Source:
 
 
 SOURCE_KEYS = ("path", "split", "text", "label")
-
-
-@dataclass(frozen=True)
-class IngestParams:
-    """The `ingest:` section of params.yaml; each source entry is checked by `parse_sources`."""
-
-    sources: tuple[dict, ...]
-    max_rejected_share: float
-    fold_label_case: bool
-
-    def __post_init__(self) -> None:
-        check_values(
-            self,
-            {"max_rejected_share": (0 <= self.max_rejected_share <= 1, "between 0 and 1")},
-        )
 
 
 def parse_sources(entries: list[dict]) -> list[Source]:

@@ -12,9 +12,6 @@ similarity-weighted k-nearest-neighbour vote) ranks the flips markedly better (d
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 import numpy as np
 import polars as pl
 from cleanlab.count import compute_confident_joint, estimate_latent
@@ -36,20 +33,10 @@ from stages.common import (
     write_json,
     write_table,
 )
-from stages.modeling import PRECISION_MODES, resolve_base_model, resolve_precision
-from stages.params import check_values, load_section
+from stages.modeling import resolve_base_model, resolve_precision
+from stages.params import load_section
+from stages.sections import LabelIssuesParams
 
-MODELS: tuple[str, ...] = ("tfidf_lr", "embedding_lr", "embedding_knn")
-ACTIONS: tuple[str, ...] = ("flag", "drop", "relabel")
-FILTERS: tuple[str, ...] = (
-    "prune_by_noise_rate",
-    "prune_by_class",
-    "both",
-    "confident_learning",
-    "predicted_neq_given",
-    "low_normalized_margin",
-    "low_self_confidence",
-)
 # Model settings picked on the bench (10% injected flips) and kept out of params on purpose: they
 # are properties of the detector, not choices a user is expected to tune per run.
 TFIDF_C = 4.0  # sparse word features need weaker regularisation than sklearn's default C=1
@@ -65,30 +52,6 @@ EMBED_BATCH = 64
 TOP_SUSPECTS = 30
 
 log = get_logger("label_issues")
-
-
-@dataclass(frozen=True)
-class LabelIssuesParams:
-    """The `label_issues:` section of params.yaml (stages/params.py parses it)."""
-
-    models: tuple[Literal[MODELS], ...]
-    embedding_model: str
-    precision: Literal[PRECISION_MODES]
-    folds: int
-    seed: int
-    filter_by: Literal[FILTERS]
-    action: Literal[ACTIONS]
-    relabel_min_confidence: float
-
-    def __post_init__(self) -> None:
-        check_values(
-            self,
-            {
-                "models": (len(self.models) > 0, f"one or more of {list(MODELS)}"),
-                "folds": (self.folds >= 2, ">= 2"),
-                "relabel_min_confidence": (0.0 <= self.relabel_min_confidence <= 1.0, "in [0, 1]"),
-            },
-        )
 
 
 def validate_train(labels: np.ndarray, folds: int, label_names: tuple[str, ...]) -> None:

@@ -19,9 +19,8 @@ from typing import Any
 import torch
 
 from stages.common import StageError, get_logger
+from stages.sections import PRECISION_MODES, QUANTIZATION_MODES
 
-QUANTIZATION_MODES = ("auto", "none", "4bit", "8bit")
-PRECISION_MODES = ("auto", "fp32", "bf16")
 KBIT = ("4bit", "8bit")
 # What `quantization: auto` means per device. On CPU, measured (bench/bench_quant.py,
 # docs/train_evaluate.md): QLoRA trained no faster than bf16 LoRA, and its shipped (merged) model

@@ -39,7 +39,8 @@ from stages.common import (  # noqa: E402
     require_file,
     run_main,
 )
-from stages.params import check_values, load_section
+from stages.params import load_section
+from stages.sections import ReportParams
 
 JSON_INPUTS = {
     "ingest": paths.INGEST_REPORT,
@@ -348,16 +349,6 @@ def render_html(
         suspects=suspects,
         **table_rows(reports, steps),
     )
-
-
-@dataclass(frozen=True)
-class ReportParams:
-    """The `report:` section of params.yaml (stages/params.py parses it)."""
-
-    top_suspects: int  # label suspects listed on the page
-
-    def __post_init__(self) -> None:
-        check_values(self, {"top_suspects": (self.top_suspects >= 0, ">= 0")})
 
 
 def main() -> None:

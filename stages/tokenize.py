@@ -18,7 +18,6 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -38,7 +37,8 @@ from stages.common import (
     write_csv,
     write_json,
 )
-from stages.params import check_values, load_section
+from stages.params import load_section
+from stages.sections import TokenizeParams
 
 log = get_logger("tokenize")
 
@@ -230,23 +230,6 @@ def length_histogram(table: pl.DataFrame) -> pl.DataFrame:
         (start + HISTOGRAM_BIN - 1).cast(pl.String).str.zfill(3),
     )
     return table.group_by(label.alias("n_tokens")).len("rows").sort("n_tokens")
-
-
-@dataclass(frozen=True)
-class TokenizeParams:
-    """The `tokenize:` section of params.yaml (stages/params.py parses it)."""
-
-    n_process: int  # spaCy worker processes (the output does not depend on it)
-    batch_size: int  # rows per chunk sent to a worker
-
-    def __post_init__(self) -> None:
-        check_values(
-            self,
-            {
-                "n_process": (self.n_process >= 1, ">= 1"),
-                "batch_size": (self.batch_size >= 1, ">= 1"),
-            },
-        )
 
 
 def main() -> None:

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from stages.modeling import PRECISION_MODES, QUANTIZATION_MODES
 from stages.params import check_values
+from stages.sections import PRECISION_MODES, QUANTIZATION_MODES
 
 # transformers' learning-rate schedules that take no extra arguments.
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
@@ -42,8 +42,8 @@ class LoraParams:
 class TrainParams:
     """The `train:` section of params.yaml (no defaults here: params.yaml has them)."""
 
-    # How dvc.yaml starts the stage: `python` (one process) or a multi-process launcher such as
-    # `torchrun --standalone --nproc_per_node 2` (README, "Several processes"). Read by DVC only.
+    # What runs the training: `auto` (stages/train.py `launch_plan`), `python` (this process) or a
+    # multi-process launcher command such as `torchrun --standalone --nproc_per_node 2`.
     launcher: str
     base_model: str
     max_train_samples: int | None
@@ -70,7 +70,7 @@ class TrainParams:
             {
                 "launcher": (self.launcher.strip() != "", "a command"),
                 "epochs": (self.epochs > 0, "> 0"),
-                "batch_size": (self.batch_size > 0, "> 0"),
+                "batch_size": (self.batch_size > 0, "> 0 (rows per optimizer step, all processes)"),
                 "learning_rate": (self.learning_rate > 0, "> 0"),
                 "warmup_ratio": (0 <= self.warmup_ratio < 1, "in [0, 1)"),
                 "weight_decay": (self.weight_decay >= 0, ">= 0"),

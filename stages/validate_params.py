@@ -14,16 +14,19 @@ from typing import Any
 import yaml
 
 from stages import paths
-from stages.augment import AugmentParams
-from stages.clean import CleanParams
 from stages.common import PARAMS_FILE, StageError, get_logger, parse_labels, run_main, write_json
-from stages.evaluate import EvaluateParams
-from stages.export import ExportParams
-from stages.ingest import IngestParams, parse_sources
-from stages.label_issues import LabelIssuesParams
+from stages.ingest import parse_sources
 from stages.params import parse_section
-from stages.report import ReportParams
-from stages.tokenize import TokenizeParams
+from stages.sections import (
+    AugmentParams,
+    CleanParams,
+    EvaluateParams,
+    ExportParams,
+    IngestParams,
+    LabelIssuesParams,
+    ReportParams,
+    TokenizeParams,
+)
 from stages.train_params import TrainParams
 
 log = get_logger("validate_params")

@@ -186,6 +186,9 @@ def tiny_pipeline_params(model_dir: Path) -> dict[str, object]:
         "train.base_model": str(model_dir),
         "train.epochs": 1,
         "train.batch_size": 8,
+        # One process: a launcher's start-up would cost more than the tiny run it splits
+        # (test_multiprocess.py runs `auto`).
+        "train.launcher": "python",
         "train.max_length": 32,
         "train.val_fraction": 0.2,
         # QLoRA end to end: a 4-bit base in train, its adapter merged into fp32 by evaluate and

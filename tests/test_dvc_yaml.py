@@ -120,9 +120,9 @@ def test_code_deps_outside_stages_are_imported(stage: str) -> None:
             assert any(f"from {module} import" in s for s in sources), (stage, dep)
 
 
-def test_the_model_artifact_names_the_exported_folder_and_params_classes() -> None:
-    # DVC does not interpolate params into `artifacts:`; this keeps the copies in step.
+def test_the_model_artifact_is_the_exported_folder_with_its_card() -> None:
     artifact = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["artifacts"]["text-classifier"]
     assert artifact["path"] == str(paths.ONNX) and artifact["type"] == "model"
-    assert artifact["labels"] == PARAMS["labels"]
-    assert artifact["meta"]["base_model"] == PARAMS["train"]["base_model"]
+    # Classes and base model travel inside the folder (DVC would not interpolate params here).
+    assert artifact["meta"]["card"] == str(paths.ONNX / "README.md")
+    assert artifact["meta"]["classes_and_base_model"] == str(paths.ONNX / "newsclf_onnx.json")

@@ -16,6 +16,7 @@ from stages import label_issues as li
 from stages import paths
 from stages.common import StageError
 from stages.params import parse_section
+from stages.sections import FILTERS, MODELS
 from tests.pipeline_fixture import AG_NEWS_LABELS as LABEL_NAMES
 
 # Words that only one class uses, so a small, clean corpus is easy to learn and a flipped label
@@ -99,7 +100,7 @@ def test_each_model_alone_gives_probabilities() -> None:
     clean, emb = corpus()
     train = clean.filter(pl.col("split") == "train")
     labels = train["label"].to_numpy()
-    for model in li.MODELS:
+    for model in MODELS:
         probs = li.out_of_fold_probs(
             train["text"].to_list(), labels, emb, [model], 4, 0, LABEL_NAMES
         )
@@ -134,7 +135,7 @@ def scored() -> tuple[pl.DataFrame, np.ndarray]:
     train = clean.filter(pl.col("split") == "train")
     labels = train["label"].to_numpy()
     return train, li.out_of_fold_probs(
-        train["text"].to_list(), labels, emb, list(li.MODELS), 4, 0, LABEL_NAMES
+        train["text"].to_list(), labels, emb, list(MODELS), 4, 0, LABEL_NAMES
     )
 
 
@@ -175,7 +176,7 @@ def test_relabel_threshold_splits_issues(scored) -> None:
     assert (kept["suggested_confidence"] < cut).all()
 
 
-@pytest.mark.parametrize("filter_by", li.FILTERS)
+@pytest.mark.parametrize("filter_by", FILTERS)
 def test_every_filter_finds_the_flips(scored, filter_by: str) -> None:
     train, probs = scored
     table = li.score_issues(train, probs, filter_by, "flag", 0.0)

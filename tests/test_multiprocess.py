@@ -1,7 +1,7 @@
 """`train` under the real multi-process launcher: 2 processes over gloo on CPU match 1 process.
 
-Runs `torchrun --standalone --nproc_per_node 2 -m stages.train` as dvc.yaml would with
-`train.launcher` set, in a scratch project with a tiny dropout-free BERT (dropout masks differ from
+Runs `python -m stages.train` as dvc.yaml does, with `train.launcher` a torchrun command or `auto`
+(2 processes on a 2-core machine), in a scratch project with a tiny dropout-free BERT (dropout masks differ from
 process to process, so without it the two runs could not be compared step by step).
 """
 
@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO_ROOT, make_news_rows
+from tests.pipeline_fixture import set_params
 
 pytestmark = pytest.mark.slow
 
@@ -40,14 +41,15 @@ def dropout_free_bert(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: P
     return out
 
 
-def make_train_project(root: Path, base: Path, per_process_batch: int, quantization: str) -> Path:
+def make_train_project(root: Path, base: Path, launcher: str, quantization: str) -> Path:
     """params.yaml (the repo's, fitted to the tiny model) and data/processed/train.parquet."""
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     params["train"].update(
+        launcher=launcher,
         base_model=str(base),
         val_fraction=0.2,
         epochs=2,
-        batch_size=per_process_batch,
+        batch_size=GLOBAL_BATCH,
         learning_rate=0.05,
         max_length=16,
         checkpoint_steps=2,
@@ -67,16 +69,16 @@ def make_train_project(root: Path, base: Path, per_process_batch: int, quantizat
     return root
 
 
-def start_train(project: Path, n_processes: int) -> subprocess.Popen:
-    """`python -m stages.train`, or torchrun with `n_processes` (the launcher dvc.yaml would run)."""
-    if n_processes == 1:
-        cmd = [sys.executable, "-m", "stages.train"]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-        cmd += ["--nproc_per_node", str(n_processes), "-m", "stages.train"]
+def start_train(project: Path) -> subprocess.Popen:
+    """`python -m stages.train`, as dvc.yaml runs it: `train.launcher` decides the processes."""
     env = os.environ | {"PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
-        cmd, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "stages.train"],
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -99,10 +101,12 @@ def log_history(project: Path) -> list[dict]:
 def test_two_processes_train_as_one_does_and_resume(
     quantization, dropout_free_bert, tmp_path: Path
 ) -> None:
-    one = make_train_project(tmp_path / "one", dropout_free_bert, GLOBAL_BATCH, quantization)
-    two = make_train_project(tmp_path / "two", dropout_free_bert, GLOBAL_BATCH // 2, quantization)
+    one = make_train_project(tmp_path / "one", dropout_free_bert, "python", quantization)
+    # torchrun as a launcher command; each of its 2 processes takes half of every step's rows.
+    torchrun = f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node 2"
+    two = make_train_project(tmp_path / "two", dropout_free_bert, torchrun, quantization)
     # Side by side: each process has one thread, and the machine two cores.
-    single_run, double_run = start_train(one, 1), start_train(two, 2)
+    single_run, double_run = start_train(one), start_train(two)
     single, double = finish(single_run), finish(double_run)
 
     lines = train_log(double)
@@ -124,9 +128,12 @@ def test_two_processes_train_as_one_does_and_resume(
     first_eval, last_eval = (e["eval_loss"] for e in reference if "eval_loss" in e)
     assert last_eval < first_eval - 0.01, "the run must learn, or equal losses prove nothing"
 
-    # A second 2-process run resumes from the 2-process checkpoint and keeps the adapter.
+    # A second run with `launcher: auto` on this 2-core machine starts 2 processes itself,
+    # resumes from the 2-process checkpoint and keeps the adapter.
     adapter = (two / "models" / "adapter" / "adapter_model.safetensors").read_bytes()
-    again = train_log(finish(start_train(two, 2)))
+    set_params(two, {"train.launcher": "auto"})
+    again = train_log(finish(start_train(two)))
+    assert any("train.launcher=auto: 2 data-parallel processes" in line for line in again), again
     assert any("resuming from models/checkpoints/checkpoint-8" in line for line in again), again
     assert (two / "models" / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
 

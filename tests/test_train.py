@@ -511,3 +511,37 @@ def test_saved_adapter_does_not_depend_on_where_the_base_lives(tiny_bert_dir, tm
     for path in (tmp_path / "adapter").iterdir():
         if path.suffix in (".json", ".md"):
             assert str(tiny_bert_dir) not in path.read_text(), path.name
+
+
+@pytest.mark.parametrize(
+    ("launcher", "batch", "cores", "gpus", "processes", "said"),
+    [
+        ("auto", 32, 2, 0, 2, "2 data-parallel processes through torchrun, one per core"),
+        ("auto", 32, 1, 0, 1, "one process (1 core(s))"),
+        ("auto", 30, 4, 0, 3, "3 divides train.batch_size=30"),  # the most cores that divide it
+        ("auto", 32, 8, 2, 2, "one per GPU"),
+        ("python", 32, 8, 0, 1, "one process"),
+        ("torchrun --nproc_per_node 4", 32, 2, 0, None, "launcher `torchrun --nproc_per_node 4`"),
+    ],
+)
+def test_launch_plan(launcher, batch, cores, gpus, processes, said) -> None:
+    from stages.train import launch_plan
+
+    plan = launch_plan(launcher, batch, cores, gpus)
+    assert said in plan.said
+    if processes == 1:
+        assert plan.command is None
+    elif processes is None:
+        assert plan.command == ["torchrun", "--nproc_per_node", "4"]
+    else:
+        assert plan.command[-1] == f"--nproc_per_node={processes}"
+
+
+def test_each_process_takes_its_share_of_the_batch(monkeypatch) -> None:
+    from stages.train import per_process_batch
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert per_process_batch(32) == 16
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(StageError, match="train.batch_size=32: not divisible by the 3 processes"):
+        per_process_batch(32)
