@@ -35,10 +35,12 @@ def cpu_name() -> str:
 
 
 def timed(cmd: list[str], cwd: Path, max_s: float) -> tuple[float, dict[str, float], str]:
-    """Run `cmd`; its wall time, the seconds from each `Running stage` line to the next (or to
-    the end), and its output."""
+    """Run `cmd` in the clone `cwd` with its own .venv first on PATH (stages call `python`); its
+    wall time, the seconds from each `Running stage` line to the next (or to the end), and its
+    output."""
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
-    env["PATH"] = ":".join(p for p in env["PATH"].split(":") if ".venv" not in p)
+    path = [p for p in env["PATH"].split(":") if ".venv" not in p]
+    env["PATH"] = ":".join([str(cwd / ".venv" / "bin"), *path])
     start = time.perf_counter()
     proc = subprocess.Popen(
         cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -97,12 +99,20 @@ def main() -> None:
     parser.add_argument("--before", required=True, help="git revision before the change")
     parser.add_argument("--after", default="HEAD")
     parser.add_argument("--max-seconds", type=float, default=3600.0, help="per command")
+    parser.add_argument(
+        "--only", choices=("before", "after"), help="run one revision, kept beside the JSON's other"
+    )
     args = parser.parse_args()
     repo = Path.cwd()
-    result = {"cpu": cpu_name()}
+    result = json.loads(OUT_FILE.read_text()) if args.only and OUT_FILE.exists() else {}
+    result["cpu"] = cpu_name()
     for name, rev in (("before", args.before), ("after", args.after)):
-        result[name] = run_revision(repo, rev, args.max_seconds)
-        write_json(result, OUT_FILE)  # what has run so far survives a stop
+        if args.only in (None, name):
+            result[name] = run_revision(repo, rev, args.max_seconds)
+            write_json(result, OUT_FILE)  # what has run so far survives a stop
+    if "before" not in result or "after" not in result:
+        print(json.dumps(result, indent=1))
+        return
     print(result["cpu"])
     print(f"{'':>22} {'before':>10} {'after':>10}")
     for label, key in (
