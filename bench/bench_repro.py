@@ -14,24 +14,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import subprocess
 import time
 from pathlib import Path
 
+from bench import cpu_name
 from stages.common import write_json
 
 OUT_FILE = Path("reports/bench_repro.json")
 SMALL_EXPERIMENT = ["-S", "train.max_train_samples=400", "-S", "train.epochs=1"]
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
 def timed(cmd: list[str], cwd: Path, max_s: float) -> tuple[float, dict[str, float], str]:

@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import socket
 import subprocess
 import sys
@@ -30,19 +28,13 @@ import numpy as np
 import polars as pl
 import psutil
 
+from bench import cpu_name
 from newsclf.predict import OnnxClassifier
 from stages import paths
 from stages.common import write_json
 
 OUT_FILE = Path("reports/bench_serve.json")
 OUT_FILE_FP32 = Path("reports/bench_serve_fp32.json")  # the --precision fp32 run
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
 def free_port() -> int:

@@ -170,7 +170,9 @@ def refuse(status: int, message: str, limit: str | None = None) -> JSONResponse:
 def load(config: ServeConfig) -> tuple[OnnxClassifier, dict]:
     """The classifier and what /metadata answers (model file hashed once, here)."""
     meta = read_meta(config.model_dir)
-    classifier = OnnxClassifier(config.model_dir, config.precision, threads=config.threads)
+    classifier = OnnxClassifier(
+        config.model_dir, config.precision, threads=config.threads, meta=meta
+    )
     model_file = config.model_dir / meta["models"][classifier.precision]
     digest = hashlib.sha256()
     with model_file.open("rb") as f:

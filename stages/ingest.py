@@ -732,7 +732,9 @@ class IngestedSource:
         return self.read.candidates.height
 
 
-def check_every_row_once(read: SourceRead, kept: pl.DataFrame, rejected: pl.DataFrame, path: Path):
+def check_every_row_once(
+    read: SourceRead, kept: pl.DataFrame, rejected: pl.DataFrame, path: Path
+) -> None:
     """Each row candidate's number is in exactly one of kept and rejected."""
     out = pl.concat([kept["row"], rejected["row"]])
     if out.len() != read.candidates.height or not out.sort().equals(read.candidates["row"].sort()):

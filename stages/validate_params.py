@@ -58,14 +58,12 @@ def params_problems(params: Any) -> list[str]:
     missing = [key for key in TOP_LEVEL if key not in params]
     if missing:
         problems.append(f"{PARAMS_FILE}: missing section(s) {missing}")
-    checks = {"labels": lambda: parse_labels(params["labels"])}
-    for section, cls in SECTIONS.items():
-        checks[section] = lambda s=section, c=cls: parse_section(params[s], c, s)
-    for section, check in checks.items():
-        if section not in params:
-            continue
+    for section in (key for key in TOP_LEVEL if key in params):
         try:
-            parsed = check()
+            if section == "labels":
+                parse_labels(params["labels"])
+                continue
+            parsed = parse_section(params[section], SECTIONS[section], section)
             if section == "ingest":
                 parse_sources(list(parsed.sources))
         except StageError as err:

@@ -4,6 +4,7 @@ a client that leaves breaks nothing, and a shutdown finishes the requests in fli
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 import os
@@ -85,8 +86,6 @@ def test_health_and_metadata(model_dir: Path, client) -> None:
     assert meta["labels"] == classifier.labels
     assert meta["precision"] == classifier.precision
     assert meta["max_length"] == EXPORT_MAX_LENGTH
-    import hashlib
-
     model_file = model_dir / meta["model_file"]
     assert meta["model_sha256"] == hashlib.sha256(model_file.read_bytes()).hexdigest()
 
