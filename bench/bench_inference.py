@@ -35,9 +35,10 @@ from newsclf.predict import CUDA_PROVIDER, OnnxClassifier, default_providers, pa
 from stages import paths
 from stages.common import StageError, load_labels, read_table, write_json
 from stages.export import ExportParams, export_folder, int8_plan, parity_texts
-from stages.modeling import label_kwargs, resolve_base_model
+from stages.modeling import prepare_tokenizer, resolve_base_model
 from stages.params import load_section
 from stages.processed import read_processed
+from stages.train import build_peft_model
 from stages.train_params import TrainParams
 
 # Test texts the export's fp32 parity check runs on here (the stage checks export.parity.n_texts).
@@ -48,29 +49,22 @@ HEADLINE = "Stocks rally as the central bank holds interest rates steady"
 
 
 def fresh_adapter(base_model: str, label_names: tuple[str, ...], out: Path) -> Path:
-    """A LoRA-wrapped base with random (non-zero) LoRA weights, saved as train saves one."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    """A LoRA-wrapped base (params.yaml's `train.lora`, resolved for the base) with random
+    (non-zero) LoRA weights, saved with its tokenizer as train saves them."""
+    from transformers import AutoTokenizer
 
-    lora = load_section("train", TrainParams).lora
-    model = AutoModelForSequenceClassification.from_pretrained(
-        base_model, **label_kwargs(label_names)
+    params = load_section("train", TrainParams)
+    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(base_model), base_model)
+    peft_model = build_peft_model(
+        base_model, params, "none", "fp32", label_names, pad_token_id=tokenizer.pad_token_id
     )
-    config = LoraConfig(
-        task_type="SEQ_CLS",
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        target_modules=list(lora.target_modules),
-        modules_to_save=list(lora.modules_to_save),
-    )
-    peft_model = get_peft_model(model, config)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:  # zero at init: perturb so the merge changes the weights
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.01)
     peft_model.save_pretrained(str(out), safe_serialization=True)
-    AutoTokenizer.from_pretrained(base_model).save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
     return out
 
 

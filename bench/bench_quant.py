@@ -48,6 +48,8 @@ from typing import Any
 
 import torch
 
+from stages.modeling import native_bf16
+
 OUT_FILE = Path("reports/bench_quant.json")
 GIB = 1024**3
 # name: (label, train.quantization, train.precision)
@@ -234,18 +236,35 @@ def make_large_model(folder: Path) -> None:
 
 
 def run_large(mode: str, model_dir: Path, steps: int, batch: int, seq_len: int) -> dict[str, Any]:
-    """`steps` LoRA optimizer steps on random tokens; memory and time per step."""
+    """`steps` LoRA optimizer steps on random tokens; memory and time per step. The model folder
+    may hold any supported family (bench_families runs a Qwen2-0.5B-shaped decoder here)."""
+    from transformers import AutoTokenizer
+
     from stages.common import load_labels
-    from stages.modeling import compute_dtype
+    from stages.modeling import compute_dtype, prepare_tokenizer
     from stages.params import load_section
     from stages.train import build_peft_model
     from stages.train_params import TrainParams
 
     base_mode, checkpointing = mode.removesuffix("+gc"), mode.endswith("+gc")
     label, quantization, precision = MODES[base_mode]
-    params = replace(load_section("train", TrainParams), activation_checkpointing=checkpointing)
+    if precision == "bf16" and not native_bf16(torch.cuda.is_available())[0]:
+        precision = "fp32"  # QLoRA's compute dtype where bf16 would be emulated
+    params = replace(
+        load_section("train", TrainParams),
+        base_model=str(model_dir),
+        activation_checkpointing=checkpointing,
+    )
     label_names = load_labels()
-    model = build_peft_model(str(model_dir), params, quantization, precision, label_names)
+    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(model_dir), str(model_dir))
+    model = build_peft_model(
+        str(model_dir),
+        params,
+        quantization,
+        precision,
+        label_names,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     if checkpointing:
         label += " + activation checkpointing"
     # Loading a 4-bit base reads fp32 tensors and frees them once quantized; glibc keeps freed heap
@@ -263,6 +282,7 @@ def run_large(mode: str, model_dir: Path, steps: int, batch: int, seq_len: int) 
     )
     generator = torch.Generator(device=device).manual_seed(0)
     vocab = model.config.vocab_size
+    trainable, total = model.get_nb_trainable_parameters()
     model.train()
     seconds = []
     for _ in range(steps):
@@ -289,6 +309,7 @@ def run_large(mode: str, model_dir: Path, steps: int, batch: int, seq_len: int) 
         "batch_size": batch,
         "seq_len": seq_len,
         "footprint_gib": round(footprint / GIB, 4),
+        "trainable_share": round(trainable / total, 5),
         "peak_rss_loading_gib": load_peak,
         "peak_rss_training_gib": training_peak_rss_gib(),
         **gpu_peak_memory(),
@@ -366,7 +387,7 @@ def child(args: argparse.Namespace) -> None:
     elif args.child == "speed":
         record = run_speed(args.data, args.speed_rounds, 32)
     else:
-        record = run_large(args.mode, args.model_dir, args.large_steps, 8, 128)
+        record = run_large(args.mode, args.model_dir, args.large_steps, args.large_batch, 128)
     args.out.write_text(json.dumps(record) + "\n")
 
 
@@ -483,6 +504,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("data/processed"))
     parser.add_argument("--parts", nargs="+", choices=("minilm", "large", "speed"))
     parser.add_argument("--large-steps", type=int, default=5)
+    parser.add_argument("--large-batch", type=int, default=8, help="rows per step of `large`")
     parser.add_argument("--speed-rounds", type=int, default=20)
     parser.add_argument("--jobs", type=int, default=1 if torch.cuda.is_available() else 2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per child")

@@ -159,7 +159,7 @@ class OnnxClassifier:
         return precision
 
     def encode(self, texts: Sequence[str]) -> Encoded:
-        """Token ids with special tokens, cut to max_length keeping the final [SEP]-like token."""
+        """Token ids with special tokens, cut to max_length keeping the closing special tokens."""
         encodings = self.tokenizer.encode_batch(list(texts))
         ids, n_tokens = [], []
         for enc in encodings:
@@ -167,8 +167,11 @@ class OnnxClassifier:
             n_tokens.append(len(seq))
             if len(seq) > self.max_length:
                 # Same result as the HF tokenizer's truncation=True: head of the text plus the
-                # closing special token, so the model sees a well-formed sequence.
-                seq = seq[: self.max_length - 1] + seq[-1:]
+                # special tokens the template closes it with (`[SEP]`, `</s>`; none for GPT-2 or
+                # Llama), so the model sees a well-formed sequence.
+                mask = enc.special_tokens_mask
+                closing = next((i for i, special in enumerate(reversed(mask)) if not special), 0)
+                seq = seq[: self.max_length - closing] + seq[len(seq) - closing :]
             ids.append(seq)
         return Encoded(ids=ids, n_tokens=n_tokens)
 

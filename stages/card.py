@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from stages.families import LoraChoice
 from stages.train_params import TrainParams
 
 TEMPLATE = Path(__file__).parent / "templates" / "model_card.md.j2"
@@ -44,6 +45,7 @@ def card_context(
     reports: dict[str, dict],
     export_report: dict,
     train_params: TrainParams,
+    lora: LoraChoice,
     labels: tuple[str, ...],
     sources: list[dict],
     models: dict[str, str],
@@ -60,6 +62,8 @@ def card_context(
         "labels": list(labels),
         "files": models,
         "train": asdict(train_params),
+        # What `train.lora` resolved to for the base (its `auto` values spelled out).
+        "lora": {"targets": lora.peft_targets, "saved": list(lora.modules_to_save)},
         "train_params": flat(asdict(train_params)),
         "resolved": flat(reports["resolved"]),
         "steps": reports["train"]["step"],

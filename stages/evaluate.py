@@ -28,11 +28,13 @@ from stages import paths
 from stages.common import StageError, get_logger, load_labels, run_main, write_csv, write_json
 from stages.modeling import (
     KBIT,
+    base_family,
     load_as_trained,
     load_merged_model,
+    require_adapter,
     resolve_base_model,
-    resolve_precision,
     resolve_quantization,
+    training_precision,
 )
 from stages.params import load_section
 from stages.processed import read_processed, split_train_val
@@ -46,10 +48,14 @@ def load_classifier(adapter_dir: Path, base_model: str, label_names: tuple[str, 
     """The shipped model (adapter merged into a fresh fp32 base) and the adapter's tokenizer."""
     from transformers import AutoTokenizer
 
-    model = load_merged_model(adapter_dir, resolve_base_model(base_model), label_names)
+    require_adapter(adapter_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
+    model = load_merged_model(
+        adapter_dir, resolve_base_model(base_model), label_names, tokenizer.pad_token_id
+    )
     if torch.cuda.is_available():
         model = model.to("cuda")
-    return model, AutoTokenizer.from_pretrained(str(adapter_dir))
+    return model, tokenizer
 
 
 def predict_proba(
@@ -103,9 +109,16 @@ def as_trained_proba(
     quantization = resolve_quantization(params.quantization, cuda)
     if quantization not in KBIT:
         return quantization, None
-    precision = resolve_precision(params.precision, cuda)
+    base_path = resolve_base_model(params.base_model)
+    model_type, family = base_family(base_path, params.base_model)
+    precision = training_precision(params.precision, quantization, family, model_type, cuda)
     model = load_as_trained(
-        adapter_dir, resolve_base_model(params.base_model), label_names, quantization, precision
+        adapter_dir,
+        base_path,
+        label_names,
+        quantization,
+        precision,
+        tokenizer.pad_token_id,
     )
     probs = predict_proba(
         model,

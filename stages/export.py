@@ -6,11 +6,12 @@ the `dvc artifacts` entry hands on — `reports/export.json` (parity, accuracy, 
 kept fp32 and why) and `reports/export_speed.json` (ONNX Runtime texts/s over the accuracy runs,
 tokenization included).
 
-Exporter choice: the TorchScript exporter (`dynamo=False`). The torch.export-based default needs
-the `onnxscript` package (not a dependency of this project) and offers nothing a BERT encoder
-needs; the TorchScript trace of a BERT is mature, its graph is the one ONNX Runtime's transformer
-optimizer fuses (Attention, SkipLayerNorm, BiasGelu) and that dynamic int8 quantisation then
-turns into integer kernels. Which nodes stay fp32 in the int8 model is measured on train texts for
+Exporter choice: the TorchScript exporter (`dynamo=False`), for every supported family
+(stages/families.py). The torch.export-based default needs the `onnxscript` package (not a
+dependency of this project) and offered nothing the families need: each traces, passes the parity
+check on mixed-length batches (tests/test_families.py), and gives the graph ONNX Runtime's
+transformer optimizer fuses (for BERT-like encoders Attention, SkipLayerNorm, BiasGelu; layer and
+RMS norms for the others), which dynamic int8 quantisation then turns into integer kernels. Which nodes stay fp32 in the int8 model is measured on train texts for
 the model at hand (`choose_fp32_nodes`); an int8 model that still misses the parity bound is kept
 but marked, and predict defaults to fp32 — only a broken fp32 export fails the stage.
 
@@ -47,7 +48,8 @@ from newsclf.predict import META_FILE, OnnxClassifier, read_meta
 from stages import paths
 from stages.card import card_context, write_card
 from stages.common import StageError, get_logger, load_labels, require_file, run_main, write_json
-from stages.modeling import load_merged_model, resolve_base_model
+from stages.families import Family, family_of
+from stages.modeling import load_merged_model, lora_choice, require_adapter, resolve_base_model
 from stages.params import load_section
 from stages.processed import read_processed
 from stages.sections import ExportParams, IngestParams, ParityParams
@@ -65,7 +67,8 @@ log = get_logger("export")
 
 
 class LogitsOnly(torch.nn.Module):
-    """(input_ids, attention_mask) -> logits, the graph's whole interface.
+    """(input_ids, attention_mask) -> logits, the graph's whole interface, for the families whose
+    attention is traced by `trace_attention` (stages/families.py `attention_in_trace`).
 
     The additive mask is built here rather than by transformers' mask utilities, whose Python
     branches on the mask's contents would be frozen by the trace at the example's shape.
@@ -80,6 +83,20 @@ class LogitsOnly(torch.nn.Module):
         keep = attention_mask[:, None, None, :].to(torch.float32)
         additive = (1.0 - keep) * torch.finfo(torch.float32).min
         return self.model(input_ids=input_ids, attention_mask=additive).logits
+
+
+class LogitsFromMask(torch.nn.Module):
+    """(input_ids, attention_mask) -> logits, the model building its own masks from the 0/1 mask
+    (relative positions, causal and sliding-window masks): the other families. Under a trace
+    transformers' mask functions take their general path, never a shortcut for an all-ones mask,
+    and the parity check on mixed-length batches shows the graph generalises."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
 def trace_attention(
@@ -103,18 +120,24 @@ def trace_attention(
 
 
 def export_onnx(
-    model: torch.nn.Module, example: dict[str, np.ndarray], path: Path, opset: int
+    model: torch.nn.Module,
+    example: dict[str, np.ndarray],
+    path: Path,
+    opset: int,
+    family: Family,
 ) -> None:
     """Trace `model` to ONNX with dynamic batch and sequence axes."""
     from transformers import AttentionInterface
 
-    if getattr(model.config, "model_type", None) != "bert":
-        # The scaling in trace_attention and the optimizer's model_type assume a BERT encoder.
-        raise StageError(f"export supports BERT-family base models, not {model.config.model_type}")
-    AttentionInterface.register(TRACE_ATTENTION, trace_attention)
     previous = model.config._attn_implementation
-    model.set_attn_implementation(TRACE_ATTENTION)
-    wrapper = LogitsOnly(model).eval()
+    if family.attention_in_trace:
+        AttentionInterface.register(TRACE_ATTENTION, trace_attention)
+        model.set_attn_implementation(TRACE_ATTENTION)
+        wrapper: torch.nn.Module = LogitsOnly(model).eval()
+    else:
+        # Eager attention traces to plain ops; SDPA's kernel choice would be frozen at the example.
+        model.set_attn_implementation("eager")
+        wrapper = LogitsFromMask(model).eval()
     args = tuple(torch.from_numpy(example[name]) for name in INPUT_NAMES)
     axes = {name: {0: "batch", 1: "sequence"} for name in INPUT_NAMES}
     axes["logits"] = {0: "batch"}
@@ -138,18 +161,26 @@ def export_onnx(
         model.set_attn_implementation(previous)
 
 
-def optimize_onnx(src: Path, dst: Path, num_heads: int, hidden_size: int) -> None:
-    """Fuse the BERT graph (attention, layer norms, GELU) with ONNX Runtime's offline optimizer."""
+def optimize_onnx(
+    src: Path, dst: Path, family: Family, num_heads: int, hidden_size: int
+) -> dict[str, Any]:
+    """Fuse the graph (attention, layer norms, GELU) with ONNX Runtime's offline optimizer for the
+    family's model type. Returns the optimizer's model type and the fused operators' counts."""
     from onnxruntime.transformers.optimizer import optimize_model
 
     optimized = optimize_model(
-        str(src), model_type="bert", num_heads=num_heads, hidden_size=hidden_size, opt_level=0
+        str(src),
+        model_type=family.ort_model_type,
+        num_heads=num_heads,
+        hidden_size=hidden_size,
+        opt_level=0,
     )
     fused = {op: n for op, n in optimized.get_fused_operator_statistics().items() if n}
-    log.info("fused operators: %s", fused)
-    if not fused.get("Attention"):
+    log.info("fused operators (%s optimizer): %s", family.ort_model_type, fused)
+    if family.ort_fuses_attention and not fused.get("Attention"):
         log.warning("attention was not fused: the ONNX models will run, but slower")
     optimized.save_model_to_file(str(dst))
+    return {"optimizer": family.ort_model_type, "operators": fused}
 
 
 def _skip_preprocess_hint(record: logging.LogRecord) -> bool:
@@ -405,6 +436,7 @@ class Built:
     tokenizer: Any
     meta: dict[str, Any]  # newsclf_onnx.json-to-be
     int8_choice: dict[str, Any] | None  # the fp32 nodes kept in the int8 graph, and why
+    fusions: dict[str, Any]  # ONNX Runtime's optimizer type and the operators it fused
 
 
 def build_onnx(
@@ -420,10 +452,12 @@ def build_onnx(
     graph whose fp32 nodes are chosen on the plan's calibration texts."""
     from transformers import AutoTokenizer
 
-    model = load_merged_model(adapter_dir, base_model, label_names)
+    require_adapter(adapter_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
     if not tokenizer.is_fast:
         raise StageError(f"{adapter_dir}: needs a fast tokenizer (tokenizer.json) for predict")
+    model = load_merged_model(adapter_dir, base_model, label_names, tokenizer.pad_token_id)
+    family = family_of(model.config.model_type, base_model)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
@@ -435,9 +469,15 @@ def build_onnx(
     )
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "raw.onnx"
-        export_onnx(model, {k: example[k].astype(np.int64) for k in INPUT_NAMES}, raw, opset)
-        optimize_onnx(
-            raw, out_dir / FP32_FILE, model.config.num_attention_heads, model.config.hidden_size
+        export_onnx(
+            model, {k: example[k].astype(np.int64) for k in INPUT_NAMES}, raw, opset, family
+        )
+        fusions = optimize_onnx(
+            raw,
+            out_dir / FP32_FILE,
+            family,
+            model.config.num_attention_heads,
+            model.config.hidden_size,
         )
     tokenizer.save_pretrained(str(out_dir))
     meta = onnx_meta(tokenizer, max_length, {"fp32": FP32_FILE}, label_names)
@@ -455,7 +495,7 @@ def build_onnx(
             int8.batch_size,
         )
         meta["models"]["int8"] = INT8_FILE
-    return Built(model, tokenizer, meta, choice)
+    return Built(model, tokenizer, meta, choice, fusions)
 
 
 @dataclass
@@ -606,6 +646,7 @@ def run(
     report: dict[str, Any] = {
         "opset": params.opset,
         "exporter": "torchscript",
+        "fusions": exported.built.fusions,
         "max_length": max_length,
         "parity": {
             "n_texts": len(sample),
@@ -646,12 +687,13 @@ def main() -> None:
     log.info("labels %s; params %s", list(label_names), params)
     test = read_processed(paths.TEST, "test", label_names)
     train = read_processed(paths.TRAIN, "train", label_names) if params.quantize else None
+    base_path = resolve_base_model(train_params.base_model)
     report, speed = run(
         test,
         train,
         params,
         label_names,
-        resolve_base_model(train_params.base_model),
+        base_path,
         train_params.max_length,
         base_model_name=train_params.base_model,
     )
@@ -662,6 +704,7 @@ def main() -> None:
             run_reports(),
             report,
             train_params,
+            lora_choice(base_path, train_params.base_model, train_params.lora),
             label_names,
             load_section("ingest", IngestParams).sources,
             read_meta(paths.ONNX)["models"],

