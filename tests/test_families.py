@@ -119,46 +119,63 @@ def test_family_trains_exports_and_predicts(model_type: str, family_base, tmp_pa
     assert int8.logits(ids).shape == (len(texts), len(AG_NEWS_LABELS))
 
 
+@pytest.mark.parametrize("quantization", ["4bit", "8bit"])
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_a_kbit_base_keeps_the_head_and_saved_modules_unquantized(
+    model_type: str, quantization: str, family_base
+) -> None:
+    import bitsandbytes as bnb
+    from transformers import AutoTokenizer
+
+    from stages.modeling import load_base_model, prepare_tokenizer
+    from tests.conftest import machine_precision
+
+    base = family_base(model_type)
+    family = FAMILIES[model_type]
+    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(base), str(base))
+    model = load_base_model(
+        str(base),
+        AG_NEWS_LABELS,
+        quantization,
+        machine_precision(),
+        family.modules_to_save,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    quantized = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    names = [name for name, _ in model.named_modules()]
+    roots = [n for n in names for m in family.modules_to_save if n == m or n.endswith(f".{m}")]
+    assert family.head in roots
+    in_full = [
+        name
+        for name, module in model.named_modules()
+        if any(name == r or name.startswith(f"{r}.") for r in roots)
+    ]
+    assert in_full and not [n for n in in_full if isinstance(model.get_submodule(n), quantized)]
+    assert any(isinstance(m, quantized) for m in model.modules())
+
+
 @pytest.mark.parametrize("model_type", ["roberta", "qwen2", "deberta-v2"])
-def test_qlora_keeps_the_head_and_saved_modules_unquantized(
+def test_qlora_trains_an_encoder_a_decoder_and_deberta(
     model_type: str, family_base, tmp_path: Path
 ) -> None:
     """QLoRA on this CPU with `precision: auto`, for an encoder besides BERT, a decoder, and
     DeBERTa, which `auto` trains in fp32 on a k-bit base (`Family.bf16_on_kbit`)."""
     from dataclasses import replace
 
-    import bitsandbytes as bnb
     import torch
     from transformers import AutoTokenizer
 
-    from stages.modeling import load_base_model, prepare_tokenizer
+    from stages.modeling import prepare_tokenizer
     from stages.train import build_peft_model
     from tests.conftest import machine_precision
 
     base = family_base(model_type)
-    family = FAMILIES[model_type]
-    precision = machine_precision() if family.bf16_on_kbit else "fp32"
-    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(base), str(base))
-    model = load_base_model(
-        str(base),
-        AG_NEWS_LABELS,
-        "4bit",
-        precision,
-        family.modules_to_save,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    kept = [
-        name
-        for name, module in model.named_modules()
-        if any(name == m or name.startswith(f"{m}.") for m in family.modules_to_save)
-        and isinstance(module, bnb.nn.Linear4bit)
-    ]
-    assert kept == []
-    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    precision = machine_precision() if FAMILIES[model_type].bf16_on_kbit else "fp32"
     _, result = train_tiny(base, tmp_path, "4bit", "auto")
     assert (result.quantization, result.precision) == ("4bit", precision)
     assert result.global_step > 0
     # QLoRA's recipe: the frozen input embedding in the compute dtype.
+    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(base), str(base))
     params = tiny_train_params(base)
     peft_model = build_peft_model(
         str(base),
