@@ -33,8 +33,12 @@ from newsclf.predict import OnnxClassifier
 from stages import paths
 from stages.common import write_json
 
-OUT_FILE = Path("reports/bench_serve.json")
-OUT_FILE_FP32 = Path("reports/bench_serve_fp32.json")  # the --precision fp32 run
+# One report per --precision: `auto` (what `newsclf serve` picks by default), fp32, int8.
+OUT_FILES = {
+    "auto": Path("reports/bench_serve.json"),
+    "fp32": Path("reports/bench_serve_fp32.json"),
+    "int8": Path("reports/bench_serve_int8.json"),
+}
 
 
 def free_port() -> int:
@@ -202,7 +206,7 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(timeout=60)
-    out_file = OUT_FILE_FP32 if args.precision == "fp32" else OUT_FILE
+    out_file = OUT_FILES[args.precision]
     write_json(result, out_file)
     print(f"{result['cpu']}; offline {result['offline_texts_per_s']} texts/s")
     print(
