@@ -84,9 +84,12 @@ def export_tiny(adapter: Path, base: Path, out: Path):
 
 
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))
-def test_family_trains_exports_and_predicts(model_type: str, family_base, tmp_path: Path) -> None:
+def test_family_trains_exports_and_predicts(
+    model_type: str, family_base, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     import json
 
+    from newsclf.cli import main
     from newsclf.predict import OnnxClassifier
     from stages.families import resolve_lora
 
@@ -117,6 +120,16 @@ def test_family_trains_exports_and_predicts(model_type: str, family_base, tmp_pa
     assert ids == tokenizer(texts, truncation=True, max_length=MAX_LENGTH)["input_ids"]
     int8 = OnnxClassifier(tmp_path / "onnx", precision="int8")
     assert int8.logits(ids).shape == (len(texts), len(AG_NEWS_LABELS))
+    # `newsclf predict` on the folder: the fp32 graph's labels, in the texts' order.
+    capsys.readouterr()  # what training and export printed
+    assert (
+        main(
+            ["predict", "--model", str(tmp_path / "onnx"), "--precision", "fp32", "--json", *texts]
+        )
+        == 0
+    )
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [row["label"] for row in rows] == [p.label for p in classifier.predictions(batched)]
 
 
 @pytest.mark.parametrize("quantization", ["4bit", "8bit"])
