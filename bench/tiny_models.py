@@ -25,6 +25,29 @@ SPECIALS = {
     "bos": (("<unk>", "<s>", "</s>"), "<s> $A"),
     "none": (("<|endoftext|>",), None),
 }
+# The tokenizer attributes each style sets (what transformers reads as pad, EOS, ...).
+TOKEN_ROLES = {
+    "cls_sep": {
+        "pad_token": "[PAD]",
+        "unk_token": "[UNK]",
+        "cls_token": "[CLS]",
+        "sep_token": "[SEP]",
+        "mask_token": "[MASK]",
+    },
+    "s_s": {
+        "bos_token": "<s>",
+        "pad_token": "<pad>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "cls_token": "<s>",
+        "sep_token": "</s>",
+        "mask_token": "<mask>",
+    },
+    "t5": {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"},
+    "bos": {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"},
+    "none": {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"},
+}
+# The style of each model type's released tokenizers.
 STYLE = {
     "bert": "cls_sep",
     "distilbert": "cls_sep",
@@ -84,28 +107,7 @@ def build_tokenizer(style: str, texts: Iterable[str], vocab_size: int):
         tok.post_processor = processors.TemplateProcessing(
             single=template, pair=pairs, special_tokens=[(t, tok.token_to_id(t)) for t in used]
         )
-    names = {
-        "cls_sep": {
-            "pad_token": "[PAD]",
-            "unk_token": "[UNK]",
-            "cls_token": "[CLS]",
-            "sep_token": "[SEP]",
-            "mask_token": "[MASK]",
-        },
-        "s_s": {
-            "bos_token": "<s>",
-            "pad_token": "<pad>",
-            "eos_token": "</s>",
-            "unk_token": "<unk>",
-            "cls_token": "<s>",
-            "sep_token": "</s>",
-            "mask_token": "<mask>",
-        },
-        "t5": {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"},
-        "bos": {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"},
-        "none": {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"},
-    }[style]
-    return PreTrainedTokenizerFast(tokenizer_object=tok, **names)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **TOKEN_ROLES[style])
 
 
 def build_config(model_type: str, tokenizer, layers: int, hidden: int, heads: int):
