@@ -221,3 +221,23 @@ def test_an_unsupported_model_type_stops_train_naming_it(tmp_path: Path) -> None
     message = str(err.value)
     assert "train.base_model" in message and "'bloom'" in message
     assert "qwen2" in message and "modernbert" in message
+
+
+def test_all_linear_and_explicit_lists_pass_through(family_base) -> None:
+    """`all-linear` goes to PEFT as it is (every Linear but the head); an explicit
+    `modules_to_save` list gets the family's head added."""
+    from dataclasses import replace
+
+    from stages.families import resolve_lora
+    from stages.train import build_peft_model
+
+    choice = resolve_lora("qwen2", FAMILIES["qwen2"], "all-linear", ("norm",))
+    assert choice.peft_targets == "all-linear"
+    assert choice.modules_to_save == ("score", "norm")
+    base = family_base("distilbert")
+    params = tiny_train_params(base)
+    lora = replace(params.lora, target_modules="all-linear", modules_to_save="auto")
+    params = replace(params, lora=lora)
+    model = build_peft_model(str(base), params, "none", "fp32", AG_NEWS_LABELS)
+    adapted = {name.split(".")[-2] for name, _ in model.named_modules() if name.endswith("lora_A")}
+    assert {"q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"} <= adapted
