@@ -11,8 +11,8 @@ Exporter choice: the TorchScript exporter (`dynamo=False`), for every supported 
 dependency of this project) and offered nothing the families need: each traces, passes the parity
 check on mixed-length batches (tests/test_families.py), and gives the graph ONNX Runtime's
 transformer optimizer fuses (for BERT-like encoders Attention, SkipLayerNorm, BiasGelu; layer and
-RMS norms for the others), which dynamic int8 quantisation then turns into integer kernels. Which nodes stay fp32 in the int8 model is measured on train texts for
-the model at hand (`choose_fp32_nodes`); an int8 model that still misses the parity bound is kept
+RMS norms for the others), which dynamic int8 quantisation then turns into integer kernels. Which
+nodes stay fp32 in the int8 model is measured on train texts for the model at hand (`choose_fp32_nodes`); an int8 model that still misses the parity bound is kept
 but marked, and predict defaults to fp32 — only a broken fp32 export fails the stage.
 
 A trace records one path through Python control flow, so the wrapper

@@ -21,7 +21,8 @@ bitsandbytes or the ONNX exporter could fail deep inside. Per family:
   matches (stages/export.py `trace_attention`), with the additive mask built outside the model;
   the others are traced as the library computes them, from the 0/1 mask.
 
-A module without torch imports: validate_params and the tests read it in a moment.
+A module without torch imports (PEFT is imported only to read its mapping): the model card and the
+docs test read the table without loading a model.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ from transformers import TrainerCallback
 
 from stages import paths
 from stages.common import StageError, get_logger, load_labels, run_main
-from stages.families import LoraChoice
+from stages.families import LoraChoice, resolve_lora
 from stages.modeling import (
     KBIT,
     base_family,
@@ -475,7 +475,6 @@ class RunSetup:
     quantization: str
     precision: str
     base_path: str
-    model_type: str
     lora: LoraChoice
     args: Any  # TrainingArguments
     tokenizer: Any
@@ -499,7 +498,7 @@ def set_up(
     base_path = resolve_base_model(params.base_model)
     # The base's family first: an unsupported one stops here, before any model is loaded.
     model_type, family = base_family(base_path, params.base_model)
-    lora = lora_choice(base_path, params.base_model, params.lora)
+    lora = resolve_lora(model_type, family, params.lora.target_modules, params.lora.modules_to_save)
     quantization = resolve_quantization(params.quantization, cuda)
     precision = training_precision(params.precision, quantization, family, model_type, cuda)
     args = training_arguments(params, checkpoint_dir, precision, cuda)
@@ -525,7 +524,6 @@ def set_up(
         quantization=quantization,
         precision=precision,
         base_path=base_path,
-        model_type=model_type,
         lora=lora,
         args=args,
         tokenizer=prepare_tokenizer(AutoTokenizer.from_pretrained(base_path), params.base_model),
