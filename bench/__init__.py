@@ -2,14 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import platform
-from pathlib import Path
+# The CPU model and core count, written beside every speed a bench reports.
+from stages.common import cpu_model as cpu_name
 
-
-def cpu_name() -> str:
-    """The CPU model and core count, written beside every speed a bench reports."""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+__all__ = ["cpu_name"]

@@ -106,7 +106,8 @@ def run_family(model_type: str, root: Path, train_texts, test_texts, steps: int)
 
     from bench.tiny_models import build
     from stages.common import load_labels
-    from stages.export import Int8Plan, calibration_texts, export_folder, parity_texts
+    from stages.evaluate import merged_logits
+    from stages.export import Int8Plan, calibration_texts, export_folder
     from stages.families import FAMILIES
     from stages.modeling import lora_choice, native_bf16, prepare_tokenizer, training_precision
     from stages.params import load_section
@@ -166,7 +167,8 @@ def run_family(model_type: str, root: Path, train_texts, test_texts, steps: int)
         export.opset,
         SEQ_LEN,
         plan,
-        parity_texts(test_texts, len(test_texts)),
+        test_texts,
+        merged_logits(adapter, str(base), labels, test_texts, SEQ_LEN, export.batch_size),
         export.parity,
         export.batch_size,
     )

@@ -34,6 +34,7 @@ import torch
 from newsclf.predict import CUDA_PROVIDER, OnnxClassifier, default_providers, pad_batch
 from stages import paths
 from stages.common import StageError, load_labels, read_table, write_json
+from stages.evaluate import merged_logits
 from stages.export import ExportParams, export_folder, int8_plan, parity_texts
 from stages.modeling import prepare_tokenizer, resolve_base_model
 from stages.params import load_section
@@ -153,6 +154,7 @@ def main() -> None:
         )
         onnx_dir = Path(tmp) / "onnx"
         int8 = int8_plan(read_processed(paths.TRAIN, "train", label_names), export)
+        parity = parity_texts(test["text"].to_list(), PARITY_TEXTS)
         model = export_folder(
             adapter,
             base_model,
@@ -161,7 +163,8 @@ def main() -> None:
             export.opset,
             max_length,
             int8,
-            parity_texts(test["text"].to_list(), PARITY_TEXTS),
+            parity,
+            merged_logits(adapter, base_model, label_names, parity, max_length, export.batch_size),
             export.parity,
             export.batch_size,
         ).built.model

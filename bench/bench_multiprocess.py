@@ -30,7 +30,7 @@ import torch
 import yaml
 
 from stages.common import PARAMS_FILE, load_labels
-from stages.evaluate import EvaluateParams, compute_metrics, load_classifier, predict_proba
+from stages.evaluate import EvaluateParams, compute_metrics, merged_logits, probabilities
 from stages.params import load_section, parse_section
 from stages.processed import read_processed
 from stages.train_params import TrainParams
@@ -93,15 +93,15 @@ def run(name: str, seed: int, test: pl.DataFrame) -> dict[str, Any]:
         assert world and summary, done.stderr[-2000:]
         params = parse_section(train, TrainParams, "train")
         torch.set_num_threads(CORES)
-        model, tokenizer = load_classifier(
-            root / "models" / "adapter", params.base_model, LABEL_NAMES
-        )
-        probs = predict_proba(
-            model,
-            tokenizer,
-            test["text"].to_list(),
-            params.max_length,
-            load_section("evaluate", EvaluateParams).batch_size,
+        probs = probabilities(
+            merged_logits(
+                root / "models" / "adapter",
+                params.base_model,
+                LABEL_NAMES,
+                test["text"].to_list(),
+                params.max_length,
+                load_section("evaluate", EvaluateParams).batch_size,
+            )
         )
     metrics = compute_metrics(probs, test["label"].to_list(), LABEL_NAMES)
     return {

@@ -29,7 +29,7 @@ import yaml
 
 from bench.training import load_bench_data, train_in
 from stages.common import load_params
-from stages.evaluate import EvaluateParams, compute_metrics, load_classifier, predict_proba
+from stages.evaluate import EvaluateParams, compute_metrics, merged_logits, probabilities
 from stages.params import load_section, parse_section
 from stages.train_params import TrainParams
 
@@ -66,9 +66,15 @@ def run(name: str, overrides: list[str], data_dir: Path, eval_batch: int) -> dic
         t0, c0 = time.perf_counter(), _cpu_seconds()
         result, adapter_dir = train_in(Path(tmp), data, params)
         t1, c1 = time.perf_counter(), _cpu_seconds()
-        model, tokenizer = load_classifier(adapter_dir, params.base_model, data.label_names)
-        probs = predict_proba(
-            model, tokenizer, test["text"].to_list(), params.max_length, eval_batch
+        probs = probabilities(
+            merged_logits(
+                adapter_dir,
+                params.base_model,
+                data.label_names,
+                test["text"].to_list(),
+                params.max_length,
+                eval_batch,
+            )
         )
         t2, c2 = time.perf_counter(), _cpu_seconds()
     metrics = compute_metrics(probs, test["label"].to_list(), data.label_names)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import platform
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +32,20 @@ SPLITS: tuple[str, ...] = ("train", "test")
 
 class StageError(Exception):
     """A fault the user can fix (bad input, missing file, bad param): reported in one clear line."""
+
+
+def cpu_model() -> str:
+    """The CPU's model name and core count: beside every speed quoted, and in train's resolved.yaml."""
+    cpuinfo = Path("/proc/cpuinfo")
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []:
+        if line.startswith("model name"):
+            return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity, where the OS reports one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def get_logger(name: str) -> logging.Logger:

@@ -9,8 +9,10 @@ module (`metrics/newsclf_metrics`, loaded by local path: nothing is fetched from
 accuracy of a TF-IDF + logistic-regression baseline trained on exactly the rows `train` trained on.
 
 Writes `reports/metrics.json`, `reports/plots/confusion.csv` (one row per test example, for DVC's
-`confusion` template), `reports/plots/roc.csv` (one-vs-rest ROC curve per class, a `class` column naming it) and
-`reports/errors.csv` (misclassified test rows, most confident first).
+`confusion` template), `reports/plots/roc.csv` (one-vs-rest ROC curve per class, a `class` column naming it),
+`reports/errors.csv` (misclassified test rows, most confident first) and
+`data/evaluated/test_logits.parquet` (the shipped model's logits per test row: `export` checks its
+ONNX graphs against them rather than scoring the PyTorch model again).
 """
 
 from __future__ import annotations
@@ -25,7 +27,15 @@ import torch
 from tqdm import tqdm
 
 from stages import paths
-from stages.common import StageError, get_logger, load_labels, run_main, write_csv, write_json
+from stages.common import (
+    StageError,
+    get_logger,
+    load_labels,
+    run_main,
+    write_csv,
+    write_json,
+    write_table,
+)
 from stages.modeling import (
     KBIT,
     base_family,
@@ -58,7 +68,7 @@ def load_classifier(adapter_dir: Path, base_model: str, label_names: tuple[str, 
     return model, tokenizer
 
 
-def predict_proba(
+def predict_logits(
     model,
     tokenizer,
     texts: list[str],
@@ -67,7 +77,7 @@ def predict_proba(
     precision: str = "fp32",
     desc: str = "scoring",
 ) -> np.ndarray:
-    """Class probabilities, one row per text, in input order.
+    """Logits (float32), one row per text, in input order.
 
     Texts are scored shortest first so each batch pads only to its own longest row; news texts vary
     from a dozen to hundreds of tokens, so this saves most of the padding a random order costs.
@@ -77,7 +87,7 @@ def predict_proba(
     ids = enc["input_ids"]
     order = np.argsort([len(x) for x in ids], kind="stable")
     device = next(model.parameters()).device
-    probs = np.zeros((len(texts), model.config.num_labels), dtype=np.float64)
+    logits = np.zeros((len(texts), model.config.num_labels), dtype=np.float32)
     mixed = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     with torch.inference_mode(), mixed:
         for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
@@ -89,22 +99,41 @@ def predict_proba(
                 },
                 return_tensors="pt",
             ).to(device)
-            logits = model(**batch).logits.float()
-            probs[rows] = torch.softmax(logits, dim=-1).cpu().numpy()
-    return probs
+            logits[rows] = model(**batch).logits.float().cpu().numpy()
+    return logits
+
+
+def probabilities(logits: np.ndarray) -> np.ndarray:
+    """Softmax of float32 logits, row by row, as float64 for the metrics."""
+    return torch.softmax(torch.from_numpy(logits), dim=-1).numpy().astype(np.float64)
+
+
+def merged_logits(
+    adapter_dir: Path,
+    base_model: str,
+    label_names: tuple[str, ...],
+    texts: list[str],
+    max_length: int,
+    batch_size: int,
+) -> np.ndarray:
+    """Logits of the shipped model (the adapter merged into its fp32 base) for `texts`: what
+    `evaluate` scores and writes for `export`'s parity check."""
+    model, tokenizer = load_classifier(adapter_dir, base_model, label_names)
+    return predict_logits(model, tokenizer, texts, max_length, batch_size, desc="merged fp32")
 
 
 def as_trained_proba(
     adapter_dir: Path,
     params: TrainParams,
     label_names: tuple[str, ...],
-    tokenizer,
     texts: list[str],
     batch_size: int,
 ) -> tuple[str, np.ndarray | None]:
     """The quantization the run trained with, and for a 4-/8-bit base the class probabilities of
     the adapter on that base, in the training precision (None for an unquantized base, whose
     merged model is the trained one)."""
+    from transformers import AutoTokenizer
+
     cuda = torch.cuda.is_available()
     quantization = resolve_quantization(params.quantization, cuda)
     if quantization not in KBIT:
@@ -112,6 +141,7 @@ def as_trained_proba(
     base_path = resolve_base_model(params.base_model)
     model_type, family = base_family(base_path, params.base_model)
     precision = training_precision(params.precision, quantization, family, model_type, cuda)
+    tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
     model = load_as_trained(
         adapter_dir,
         base_path,
@@ -120,7 +150,7 @@ def as_trained_proba(
         precision,
         tokenizer.pad_token_id,
     )
-    probs = predict_proba(
+    logits = predict_logits(
         model,
         tokenizer,
         texts,
@@ -129,7 +159,7 @@ def as_trained_proba(
         precision=precision,
         desc=f"as trained ({quantization})",
     )
-    return quantization, probs
+    return quantization, probabilities(logits)
 
 
 def baseline_proba(
@@ -207,6 +237,11 @@ def metrics_report(
     return _rounded(report)
 
 
+def logits_table(test_df: pl.DataFrame, logits: np.ndarray) -> pl.DataFrame:
+    """Each test row's id and its logits, in the test table's order."""
+    return pl.DataFrame({"id": test_df["id"], "logits": logits})
+
+
 def confusion_rows(
     labels: list[int], preds: np.ndarray, label_names: tuple[str, ...]
 ) -> pl.DataFrame:
@@ -260,6 +295,7 @@ class Evaluation:
     """What `evaluate` writes: the metrics report and the tables behind its plots."""
 
     report: dict[str, Any]
+    logits: pl.DataFrame  # the shipped model's logits per test row: export's parity reference
     confusion: pl.DataFrame
     roc: pl.DataFrame
     errors: pl.DataFrame
@@ -280,13 +316,14 @@ def run(
     texts = test_df["text"].to_list()
     max_length = train_params.max_length
 
-    model, tokenizer = load_classifier(adapter_dir, train_params.base_model, label_names)
-    probs = predict_proba(model, tokenizer, texts, max_length, batch_size, desc="merged fp32")
+    logits = merged_logits(
+        adapter_dir, train_params.base_model, label_names, texts, max_length, batch_size
+    )
+    probs = probabilities(logits)
     model_metrics = compute_metrics(probs, labels, label_names)
-    del model
 
     quantization, as_trained = as_trained_proba(
-        adapter_dir, train_params, label_names, tokenizer, texts, batch_size
+        adapter_dir, train_params, label_names, texts, batch_size
     )
     as_trained_metrics = (
         compute_metrics(as_trained, labels, label_names) if as_trained is not None else None
@@ -305,6 +342,7 @@ def run(
         report=metrics_report(
             model_metrics, baseline_metrics, train_rows.height, as_trained_metrics
         ),
+        logits=logits_table(test_df, logits),
         confusion=confusion_rows(labels, probs.argmax(axis=1), label_names),
         roc=roc_curves(labels, probs, label_names),
         errors=error_rows(test_df, probs, label_names),
@@ -329,6 +367,7 @@ def main() -> None:
     result = run(test_df, train_rows, train_params, label_names, params.batch_size)
     report = result.report
     write_json(report, paths.METRICS)
+    write_table(result.logits, paths.TEST_LOGITS)
     write_csv(result.confusion, paths.CONFUSION)
     write_csv(result.roc, paths.ROC)
     write_csv(result.errors, paths.ERRORS)

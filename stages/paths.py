@@ -47,6 +47,8 @@ METRICS = Path("reports/metrics.json")
 CONFUSION = Path("reports/plots/confusion.csv")
 ROC = Path("reports/plots/roc.csv")
 ERRORS = Path("reports/errors.csv")
+# The shipped model's PyTorch logits per test row: export checks its ONNX graphs against them.
+TEST_LOGITS = Path("data/evaluated/test_logits.parquet")
 
 ONNX = Path("models/onnx")
 EXPORT_REPORT = Path("reports/export.json")

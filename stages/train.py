@@ -43,7 +43,14 @@ import yaml
 from transformers import TrainerCallback
 
 from stages import paths
-from stages.common import StageError, get_logger, load_labels, run_main
+from stages.common import (
+    StageError,
+    available_cores,
+    cpu_model,
+    get_logger,
+    load_labels,
+    run_main,
+)
 from stages.families import LoraChoice, resolve_lora
 from stages.modeling import (
     KBIT,
@@ -618,9 +625,12 @@ def write_resolved(setup: RunSetup, path: Path) -> None:
     resolved = {
         "precision": setup.precision,
         "quantization": setup.quantization,
+        "launcher": launcher_name(),
         "world_size": setup.args.world_size,
         "per_process_batch": setup.args.per_device_train_batch_size,
+        "torch_threads": torch.get_num_threads(),
         "device": "cuda" if cuda else "cpu",
+        "processor": torch.cuda.get_device_name() if cuda else cpu_model(),
         "bf16_support": native_bf16(cuda)[1],
         "versions": {
             "torch": str(torch.__version__),
@@ -694,8 +704,12 @@ def launched() -> bool:
     return "LOCAL_RANK" in os.environ
 
 
-def available_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+def launcher_name() -> str:
+    """What started this process, for resolved.yaml: torch's elastic launcher (torchrun, and
+    accelerate's multi-process launch through it) sets TORCHELASTIC_RUN_ID."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        return "torchrun"
+    return "a launcher" if launched() else "python"
 
 
 def main() -> None:

@@ -197,6 +197,7 @@ EXPORT_MAX_LENGTH = 32
 def tiny_onnx(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """The export stage's folder for a random seed-0 LoRA adapter on the tiny BERT (fp32 + int8,
     every int8 node quantized), and the stage's Exported record (merged model, tokenizer)."""
+    from stages.evaluate import merged_logits
     from stages.export import Int8Plan, ParityParams, export_folder
     from tests.lora_fixture import make_adapter
     from tests.pipeline_fixture import AG_NEWS_LABELS
@@ -214,6 +215,7 @@ def tiny_onnx(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory):
         EXPORT_MAX_LENGTH,
         Int8Plan(texts * 4, min_agreement=0.0, max_fp32_nodes=4, batch_size=4),
         texts,
+        merged_logits(adapter, str(tiny_bert_dir), AG_NEWS_LABELS, texts, EXPORT_MAX_LENGTH, 4),
         ParityParams(n_texts=len(texts), max_abs_logit_diff=1e-4, min_int8_agreement=0.0),
         batch_size=4,
     )

@@ -12,7 +12,8 @@ from stages.evaluate import (
     baseline_proba,
     confusion_rows,
     error_rows,
-    predict_proba,
+    predict_logits,
+    probabilities,
     roc_curves,
 )
 from tests.pipeline_fixture import AG_NEWS_LABELS as LABEL_NAMES
@@ -67,7 +68,7 @@ def test_metric_module_auc_is_none_for_an_absent_class_and_rejects_bad_input(met
         metric.compute(predictions=[0, 3], references=[0, 1], prediction_scores=SCORES[:2])
 
 
-def test_predict_proba_sorted_batches_match_one_by_one_in_input_order(tiny_bert_dir):
+def test_predict_logits_sorted_batches_match_one_by_one_in_input_order(tiny_bert_dir):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -75,11 +76,11 @@ def test_predict_proba_sorted_batches_match_one_by_one_in_input_order(tiny_bert_
     model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
     texts = ["short", "a much longer text with many more words in it than the others", "mid size"]
-    batched = predict_proba(model, tokenizer, texts, max_length=32, batch_size=2)
-    single = np.vstack([predict_proba(model, tokenizer, [t], 32, 1) for t in texts])
-    assert batched.shape == (3, len(LABEL_NAMES))
-    np.testing.assert_allclose(batched.sum(axis=1), 1.0, atol=1e-6)
+    batched = predict_logits(model, tokenizer, texts, max_length=32, batch_size=2)
+    single = np.vstack([predict_logits(model, tokenizer, [t], 32, 1) for t in texts])
+    assert batched.shape == (3, len(LABEL_NAMES)) and batched.dtype == np.float32
     np.testing.assert_allclose(batched, single, atol=1e-5)
+    np.testing.assert_allclose(probabilities(batched).sum(axis=1), 1.0, atol=1e-6)
 
 
 def test_baseline_learns_the_topics_and_needs_every_label(news_rows):

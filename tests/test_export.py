@@ -12,19 +12,24 @@ from safetensors.torch import load_file, save_file
 
 from newsclf.predict import META_FILE, OnnxClassifier
 from stages.common import StageError
+from stages.evaluate import merged_logits, predict_logits
 from stages.export import (
     FP32_FILE,
     INT8_FILE,
     Int8Plan,
     ParityParams,
+    Trial,
+    agreement_trial,
     check_parity,
     export_folder,
     int8_candidates,
+    measure_sensitivities,
     onnx_logits,
     parity_texts,
     pick_fp32_nodes,
     quantize_int8,
-    torch_logits,
+    read_reference,
+    session_logits,
 )
 from stages.modeling import load_merged_model
 from tests.conftest import EXPORT_MAX_LENGTH as MAX_LENGTH
@@ -47,11 +52,31 @@ def exported(tiny_onnx):
     return out, result.built.model, result.built.tokenizer
 
 
-def export_to(adapter: Path, base: Path, out: Path, int8: Int8Plan | None, texts: list[str]):
-    """export_folder with the tiny settings; parity checked on `texts` (int8 bound 0.995)."""
+def export_to(
+    adapter: Path,
+    base: Path,
+    out: Path,
+    int8: Int8Plan | None,
+    texts: list[str],
+    reference: np.ndarray | None = None,
+):
+    """export_folder with the tiny settings, checked on `texts` against `reference` (default: the
+    adapter's own merged logits, as evaluate writes them); int8 bound 0.995."""
+    if reference is None:
+        reference = merged_logits(adapter, str(base), LABEL_NAMES, texts, MAX_LENGTH, 8)
     parity = ParityParams(n_texts=len(texts), max_abs_logit_diff=1e-4, min_int8_agreement=0.995)
     return export_folder(
-        adapter, str(base), LABEL_NAMES, out, 17, MAX_LENGTH, int8, texts, parity, batch_size=8
+        adapter,
+        str(base),
+        LABEL_NAMES,
+        out,
+        17,
+        MAX_LENGTH,
+        int8,
+        texts,
+        reference,
+        parity,
+        batch_size=8,
     )
 
 
@@ -80,7 +105,7 @@ def test_export_folder_is_self_contained(exported) -> None:
 
 def test_onnx_round_trip_matches_pytorch(exported) -> None:
     out, model, tokenizer = exported
-    reference = torch_logits(model, tokenizer, TEXTS, MAX_LENGTH, batch_size=4)
+    reference = predict_logits(model, tokenizer, TEXTS, MAX_LENGTH, batch_size=4)
     fp32 = onnx_logits(OnnxClassifier(out, "fp32"), TEXTS, 4, "fp32")
     int8 = onnx_logits(OnnxClassifier(out, "int8"), TEXTS, 4, "int8")
     assert reference.shape == fp32.shape == int8.shape == (len(TEXTS), len(LABEL_NAMES))
@@ -111,19 +136,35 @@ def test_predict_tokenizer_matches_transformers_truncation(exported) -> None:
 
 
 def test_parity_failure_fails_the_stage(adapter_dir: Path, tiny_bert_dir: Path, tmp_path: Path):
-    """Logits of another adapter's export do not pass as this model's."""
+    """Another adapter's export does not pass as this model's, and a reference of the wrong
+    shape is refused."""
     other = make_adapter(tiny_bert_dir, tmp_path / "other", seed=1)
-    built = export_to(other, tiny_bert_dir, tmp_path / "onnx", None, TEXTS).built
-    wrong = onnx_logits(OnnxClassifier(tmp_path / "onnx", "fp32"), TEXTS, 4, "other")
-    reference = torch_logits(
-        load_merged_model(adapter_dir, str(tiny_bert_dir), LABEL_NAMES),
-        built.tokenizer,
-        TEXTS,
-        MAX_LENGTH,
-        4,
-    )
+    reference = merged_logits(adapter_dir, str(tiny_bert_dir), LABEL_NAMES, TEXTS, MAX_LENGTH, 4)
     with pytest.raises(StageError, match="max_abs_logit_diff"):
-        check_parity(reference, wrong, None, max_abs_diff=1e-4, min_agreement=0.995)
+        export_to(other, tiny_bert_dir, tmp_path / "onnx", None, TEXTS, reference)
+    with pytest.raises(StageError, match="reference logits"):
+        export_to(adapter_dir, tiny_bert_dir, tmp_path / "onnx", None, TEXTS, reference[:-1])
+
+
+def test_mixed_length_batches_are_checked(adapter_dir: Path, tiny_bert_dir: Path, tmp_path: Path):
+    """Besides the by-length passes, the fp32 graph scores the texts in mixed-length batches (the
+    padded positions of its mask), checked against the same reference."""
+    exported = export_to(adapter_dir, tiny_bert_dir, tmp_path / "onnx", None, TEXTS)
+    assert exported.parity["n_mixed_length_texts"] == len(TEXTS)
+    assert exported.parity["fp32_mixed_length_max_abs_logit_diff"] <= 1e-4
+    assert set(exported.logits) == set(exported.seconds) == {"fp32"}
+
+
+def test_stale_reference_names_both_files(tmp_path: Path) -> None:
+    import polars as pl
+
+    test = pl.DataFrame({"id": ["a", "b"], "text": ["x", "y"]})
+    stale = tmp_path / "test_logits.parquet"
+    pl.DataFrame({"id": ["b", "a"], "logits": np.eye(2, dtype=np.float32)}).write_parquet(stale)
+    with pytest.raises(StageError, match="test_logits.parquet: its rows are not those of"):
+        read_reference(stale, test)
+    pl.DataFrame({"id": ["a", "b"], "logits": np.eye(2, dtype=np.float32)}).write_parquet(stale)
+    np.testing.assert_array_equal(read_reference(stale, test), np.eye(2, dtype=np.float32))
 
 
 def test_int8_agreement_below_bound_is_reported_not_fatal() -> None:
@@ -198,12 +239,7 @@ def near_tie_adapter(base_dir: Path, out: Path, texts: list[str]) -> Path:
     head_w[1] = head_w[0] + 1e-2 * torch.randn(head_w.shape[1], generator=generator)
     head_b[:] = torch.tensor([0.0, 0.0, -100.0, -100.0])
     save_file(weights, str(weights_file))
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(adapter))
-    logits = torch_logits(
-        load_merged_model(adapter, str(base_dir), LABEL_NAMES), tokenizer, texts, 32, 8
-    )
+    logits = merged_logits(adapter, str(base_dir), LABEL_NAMES, texts, 32, 8)
     head_b[1] = -float(np.median(logits[:, 1] - logits[:, 0]))
     save_file(weights, str(weights_file))
     return adapter
@@ -237,35 +273,59 @@ def test_pick_fp32_nodes_keeps_the_most_sensitive_until_the_bound() -> None:
     """The chooser's rule on agreement figures it is given (no ONNX Runtime: the same on every CPU)."""
     candidates = ["a", "b", "c", "d", "e"]
     sensitivity = {"a": 0.1, "b": 0.5, "c": 0.5, "d": 0.0, "e": 0.3}
-    # Agreement by the nodes kept: each kept node adds 0.02 to the agreement of quantising all.
-    gains = {"a": 0.02, "b": 0.02, "c": 0.02, "d": 0.02, "e": 0.02}
     measured: list[str] = []
 
-    def agreement_keeping(keep: list[str]) -> float:
-        return 0.95 + sum(gains[k] for k in keep)
+    def agreement_keeping(keep: list[str]) -> Trial:
+        # Each kept node adds 0.02 to the agreement of quantising all; a trial below 0.97 was
+        # stopped early (its figure is then the most it could reach).
+        agreement = 0.95 + 0.02 * len(keep)
+        return Trial(agreement, complete=agreement >= 0.97)
 
-    def sensitivity_of(name: str) -> float:
-        measured.append(name)
-        return sensitivity[name]
+    def sensitivities_of(nodes: list[str]) -> dict[str, float]:
+        measured.extend(nodes)
+        return {name: sensitivity[name] for name in nodes}
 
-    keep, steps, found = pick_fp32_nodes(candidates, agreement_keeping, sensitivity_of, 0.99, 8)
+    keep, steps, found = pick_fp32_nodes(candidates, agreement_keeping, sensitivities_of, 0.99, 8)
     assert keep == ["b", "c"]  # most sensitive first; the tie in candidate order
     assert steps == [
-        {"kept_fp32": 0, "agreement": 0.95},
+        {"kept_fp32": 0, "agreement_at_most": 0.95},
         {"kept_fp32": 1, "agreement": 0.97},
         {"kept_fp32": 2, "agreement": 0.99},
     ]
     assert found == sensitivity and measured == candidates
     # Capped: stops at max_nodes below the bound.
-    keep, steps, _ = pick_fp32_nodes(candidates, agreement_keeping, sensitivity.get, 0.995, 2)
+    keep, steps, _ = pick_fp32_nodes(candidates, agreement_keeping, sensitivities_of, 0.995, 2)
     assert keep == ["b", "c"] and steps[-1] == {"kept_fp32": 2, "agreement": 0.99}
+    # Never every candidate: ONNX Runtime would read the empty node list as all of them.
+    keep, _, _ = pick_fp32_nodes(
+        candidates, lambda keep: Trial(0.5, complete=True), sensitivities_of, 0.99, 8
+    )
+    assert len(keep) == len(candidates) - 1
     # Met with every node quantised, or no node allowed: nothing measured, nothing kept.
     for bound, cap in ((0.95, 8), (0.99, 0)):
         measured.clear()
         keep, steps, found = pick_fp32_nodes(
-            candidates, agreement_keeping, sensitivity_of, bound, cap
+            candidates, agreement_keeping, sensitivities_of, bound, cap
         )
         assert (keep, found, measured) == ([], {}, []) and len(steps) == 1
+
+
+def test_agreement_trial_stops_once_the_bound_is_out_of_reach(exported, tmp_path: Path) -> None:
+    """A trial decides pass or miss exactly as the full count does, scoring fewer texts when the
+    misses rule the bound out; the figure it gives then bounds the full agreement from above."""
+    out, _, _ = exported
+    classifier = OnnxClassifier(out, "fp32")
+    ids = classifier.encode(varied_texts(40)).ids
+    logits = session_logits(out / INT8_FILE, ids, 0, 4)
+    top1 = logits.argmax(1)
+    wrong = top1.copy()
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    wrong[order[:3]] = (wrong[order[:3]] + 1) % len(LABEL_NAMES)  # 3 misses in the first batch
+    assert agreement_trial(out / INT8_FILE, ids, top1, 0, 4, 0.995) == Trial(1.0, complete=True)
+    stopped = agreement_trial(out / INT8_FILE, ids, wrong, 0, 4, 0.99)
+    assert stopped == Trial(37 / 40, complete=False)
+    # At a bound 3 misses still meet, every text is scored and the figure is exact.
+    assert agreement_trial(out / INT8_FILE, ids, wrong, 0, 4, 0.9) == Trial(37 / 40, complete=True)
 
 
 def test_int8_nodes_are_chosen_by_sensitivity_on_the_outlier_model(
@@ -278,14 +338,16 @@ def test_int8_nodes_are_chosen_by_sensitivity_on_the_outlier_model(
     plan = Int8Plan(texts, min_agreement=0.995, max_fp32_nodes=8, batch_size=8)
     chosen = export_to(adapter, outlier_base, tmp_path / "onnx", plan, texts).built.int8_choice
     kept, steps, sensitivity = chosen["kept_fp32"], chosen["steps"], chosen["sensitivity"]
-    assert steps[0]["agreement"] < 0.995  # the near tie: quantising every node misses
+    assert "agreement" not in steps[0]  # the near tie: quantising every node misses ...
+    assert steps[0]["agreement_at_most"] < 0.995  # ... and that trial stopped once it was clear
     assert set(sensitivity) == set(int8_candidates(tmp_path / "onnx" / FP32_FILE))
     assert kept[0] == "Attention_1"  # ORT's name for layer 1's fused attention: the outlier's node
     ranked = sorted(sensitivity, key=lambda n: -sensitivity[n])
     assert min(sensitivity[n] for n in kept) >= sensitivity[ranked[len(kept)]]
     assert [s["kept_fp32"] for s in steps] == list(range(len(kept) + 1))
-    assert all(s["agreement"] < 0.995 for s in steps[:-1])
-    assert steps[-1]["agreement"] >= 0.995 or len(kept) == 8
+    figures = [s.get("agreement", s.get("agreement_at_most")) for s in steps]
+    assert all(f < 0.995 for f in figures[:-1])
+    assert steps[-1].get("agreement", 0) >= 0.995 or len(kept) == 8
 
 
 def test_stage_ships_fp32_when_int8_misses_the_bound(
@@ -318,8 +380,16 @@ def test_stage_ships_fp32_when_int8_misses_the_bound(
     train = rows.with_columns(split=pl.lit("train"), id="t" + pl.col("id"))
     monkeypatch.chdir(tmp_path)
 
+    reference = merged_logits(adapter, str(outlier_base), LABEL_NAMES, texts, MAX_LENGTH, 8)
     report, speed = export_stage.run(
-        rows, train, params, LABEL_NAMES, str(outlier_base), MAX_LENGTH, adapter_dir=adapter
+        rows,
+        reference,
+        train,
+        params,
+        LABEL_NAMES,
+        str(outlier_base),
+        MAX_LENGTH,
+        adapter_dir=adapter,
     )
     assert report["parity"]["int8_meets_bound"] is False
     assert report["int8"]["kept_fp32"] == [] and report["int8"]["n_calibration_texts"] == 50
@@ -333,3 +403,23 @@ def test_stage_ships_fp32_when_int8_misses_the_bound(
     assert OnnxClassifier("models/onnx", "int8").precision == "int8"
     assert cli(["predict", "--json", "Stocks rally today"]) == 0
     assert "using the fp32 model" in capsys.readouterr().err
+
+
+def test_sensitivities_are_the_same_in_one_process_or_two(
+    exported, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The probes run one per core, each on one ORT thread: their figures do not depend on how
+    many processes measured them."""
+    from stages import export as export_stage
+
+    out, _, _ = exported
+    fp32 = out / FP32_FILE
+    candidates = int8_candidates(fp32)
+    ids = OnnxClassifier(out, "fp32").encode(varied_texts(16)).ids
+    reference = session_logits(fp32, ids, 0, 8)
+    found = {}
+    for cores in (1, 2):
+        monkeypatch.setattr(export_stage, "available_cores", lambda cores=cores: cores)
+        found[cores] = measure_sensitivities(fp32, candidates[:3], candidates, ids, reference, 0, 8)
+    assert list(found[1]) == candidates[:3]
+    assert found[1] == found[2] and all(value > 0 for value in found[1].values())

@@ -66,6 +66,7 @@ def train_tiny(base: Path, root: Path, quantization: str = "none", precision: st
 
 
 def export_tiny(adapter: Path, base: Path, out: Path):
+    from stages.evaluate import merged_logits
     from stages.export import Int8Plan, ParityParams, export_folder
 
     texts = list(EXPORT_TEXTS)
@@ -78,6 +79,7 @@ def export_tiny(adapter: Path, base: Path, out: Path):
         MAX_LENGTH,
         Int8Plan(texts * 2, min_agreement=0.0, max_fp32_nodes=1, batch_size=4),
         texts,
+        merged_logits(adapter, str(base), AG_NEWS_LABELS, texts, MAX_LENGTH, 4),
         ParityParams(n_texts=len(texts), max_abs_logit_diff=1e-4, min_int8_agreement=0.0),
         batch_size=4,
     )
