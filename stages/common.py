@@ -35,7 +35,7 @@ class StageError(Exception):
 
 
 def cpu_model() -> str:
-    """The CPU's model name and core count: beside every speed quoted, and in train's resolved.yaml."""
+    """The CPU's model name and core count: beside every quoted speed, and in resolved.yaml."""
     cpuinfo = Path("/proc/cpuinfo")
     for line in cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []:
         if line.startswith("model name"):

@@ -12,8 +12,9 @@ dependency of this project) and offered nothing the families need: each traces, 
 check on mixed-length batches (tests/test_families.py), and gives the graph ONNX Runtime's
 transformer optimizer fuses (for BERT-like encoders Attention, SkipLayerNorm, BiasGelu; layer and
 RMS norms for the others), which dynamic int8 quantisation then turns into integer kernels. Which
-nodes stay fp32 in the int8 model is measured on train texts for the model at hand (`choose_fp32_nodes`); an int8 model that still misses the parity bound is kept
-but marked, and predict defaults to fp32 — only a broken fp32 export fails the stage.
+nodes stay fp32 in the int8 model is measured on train texts for the model at hand
+(`choose_fp32_nodes`); an int8 model that still misses the parity bound is kept but marked, and
+predict defaults to fp32 — only a broken fp32 export fails the stage.
 
 A trace records one path through Python control flow, so the wrapper
 below builds the attention mask itself (no data-dependent branch to freeze), and the stage proves
@@ -401,7 +402,7 @@ def measure_sensitivities(
                     values.append(probe_sensitivity(*job))
                     bar.update()
             else:
-                # spawn: the parent holds torch's OpenMP pool, which a forked child must not inherit.
+                # spawn: a forked child must not inherit the parent's torch OpenMP pool.
                 context = multiprocessing.get_context("spawn")
                 with ProcessPoolExecutor(workers, mp_context=context) as pool:
                     futures = [pool.submit(probe_sensitivity, *job) for job in jobs]
@@ -424,7 +425,8 @@ def choose_fp32_nodes(
     of the model at hand; the int8 model with that choice is left at `int8_path` (the last trial
     is the final model). Agreement is top-1 agreement with fp32 on all calibration texts (a trial
     that cannot reach `min_agreement` stops early: `agreement_trial`); a node's sensitivity is the
-    mean squared logit error when only it is quantised, on the first SENSITIVITY_TEXTS of them. Returns the choice with its measurements (for export.json)."""
+    mean squared logit error when only it is quantised, on the first SENSITIVITY_TEXTS of them.
+    Returns the choice with its measurements (for export.json)."""
     reference = session_logits(fp32_path, calibration_ids, pad_id, batch_size)
     candidates = int8_candidates(fp32_path)
     probe = calibration_ids[:SENSITIVITY_TEXTS]
@@ -621,8 +623,7 @@ class Exported:
 
     built: Built
     parity: dict[str, Any]
-    classifiers: dict[str, OnnxClassifier]  # "fp32" (and "int8"), as predict runs them
-    logits: dict[str, np.ndarray]
+    logits: dict[str, np.ndarray]  # "fp32" (and "int8")
     seconds: dict[str, float]
 
 
@@ -692,9 +693,7 @@ def export_folder(
                 parity.min_int8_agreement,
             )
     write_json(meta, out_dir / META_FILE)
-    return Exported(
-        built, checked | {"n_mixed_length_texts": len(mixed)}, classifiers, logits, seconds
-    )
+    return Exported(built, checked | {"n_mixed_length_texts": len(mixed)}, logits, seconds)
 
 
 def file_mb(path: Path) -> float:
@@ -722,7 +721,7 @@ def int8_plan(train: pl.DataFrame | None, params: ExportParams) -> Int8Plan | No
     )
 
 
-def test_scores(
+def accuracy_and_speed(
     exported: Exported, labels: np.ndarray, batch_size: int
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Accuracy of each graph on the test rows it scored, and its texts/s (tokenization
@@ -763,9 +762,9 @@ def run(
     """Export the adapter in `adapter_dir` merged into its fp32 base to `out_dir` (ONNX fp32, and
     int8 calibrated on `train` when `params.quantize`), check parity against `reference` (the
     merged PyTorch model's logits of the `test` rows) and score accuracy on `test`, from the same
-    ONNX passes. `base_model_name` is the base as `train.base_model` names it (default: `base_model`), which
-    the folder's metadata records. Returns the export report and the speed report (timings, kept
-    apart: they vary per run)."""
+    ONNX passes. `base_model_name` is the base as `train.base_model` names it (default:
+    `base_model`), which the folder's metadata records. Returns the export report and the speed
+    report (timings, kept apart: they vary per run)."""
     if test.is_empty():
         raise StageError(f"{paths.TEST}: no rows")
     exported = export_folder(
@@ -781,7 +780,7 @@ def run(
         params.parity,
         params.batch_size,
     )
-    accuracy, speed = test_scores(exported, test["label"].to_numpy(), params.batch_size)
+    accuracy, speed = accuracy_and_speed(exported, test["label"].to_numpy(), params.batch_size)
     meta = exported.built.meta
     meta["base_model"] = base_model_name or base_model
     meta["test_accuracy"] = {name: accuracy[f"onnx_{name}"] for name in meta["models"]} | {
