@@ -39,6 +39,7 @@ from stages.common import (
 from stages.modeling import (
     KBIT,
     base_family,
+    linears_on_onednn,
     load_as_trained,
     load_merged_model,
     require_adapter,
@@ -55,7 +56,8 @@ log = get_logger("evaluate")
 
 
 def load_classifier(adapter_dir: Path, base_model: str, label_names: tuple[str, ...]):
-    """The shipped model (adapter merged into a fresh fp32 base) and the adapter's tokenizer."""
+    """The shipped model (adapter merged into a fresh fp32 base) and the adapter's tokenizer;
+    on a CPU its linear layers run on oneDNN (`linears_on_onednn`)."""
     from transformers import AutoTokenizer
 
     require_adapter(adapter_dir)
@@ -64,8 +66,8 @@ def load_classifier(adapter_dir: Path, base_model: str, label_names: tuple[str, 
         adapter_dir, resolve_base_model(base_model), label_names, tokenizer.pad_token_id
     )
     if torch.cuda.is_available():
-        model = model.to("cuda")
-    return model, tokenizer
+        return model.to("cuda"), tokenizer
+    return linears_on_onednn(model), tokenizer
 
 
 def predict_logits(

@@ -3,7 +3,7 @@
 Writes `models/onnx/` (model.onnx, model.int8.onnx, tokenizer files, newsclf_onnx.json and the
 model card README.md, stages/card.py) — the folder `newsclf predict` and `newsclf serve` read and
 the `dvc artifacts` entry hands on — `reports/export.json` (parity, accuracy, sizes, the int8 nodes
-kept fp32 and why) and `reports/export_speed.json` (ONNX Runtime texts/s over the accuracy runs,
+kept fp32 and why) and `reports/export_speed.json` (ONNX Runtime texts/s over the parity passes,
 tokenization included).
 
 Exporter choice: the TorchScript exporter (`dynamo=False`), for every supported family
@@ -312,34 +312,39 @@ def pick_fp32_nodes(
     max_nodes: int,
 ) -> tuple[list[str], list[dict[str, Any]], dict[str, float]]:
     """The chooser's rule, on measurements it is given: the nodes kept fp32, each trial's
-    agreement, and each candidate's sensitivity (measured only when needed).
+    agreement in the order tried, and each candidate's sensitivity (measured only when needed).
 
     If quantising every candidate (`agreement_keeping([])`) reaches `min_agreement`, none is kept.
-    Otherwise every candidate's sensitivity is measured, and the most sensitive nodes (ties in
-    candidate order) are kept fp32 one by one until the agreement is met or `max_nodes` are kept
-    (at most all but one: ONNX Runtime reads an empty node list as every node). A step records
-    `agreement`, or `agreement_at_most` for a trial stopped once it could not reach the bound.
+    Otherwise every candidate's sensitivity is measured and the most sensitive nodes (ties in
+    candidate order) are kept fp32: the most allowed first (`max_nodes`, at most all but one: ONNX
+    Runtime reads an empty node list as every node), kept if even they miss the bound; if they
+    meet it, the fewest that meet it, by bisection on their number (the agreement grows with the
+    nodes kept, as a rule: the count found meets the bound and one fewer missed it, when tried). A
+    step records `agreement`, or `agreement_at_most` for a trial stopped once it could not reach
+    the bound.
     """
+    steps: list[dict[str, Any]] = []
 
-    def step(kept: int, trial: Trial) -> dict[str, Any]:
+    def meets(kept: list[str]) -> bool:
+        trial = agreement_keeping(kept)
         key = "agreement" if trial.complete else "agreement_at_most"
-        return {"kept_fp32": kept, key: round(trial.agreement, 6)}
+        steps.append({"kept_fp32": len(kept), key: round(trial.agreement, 6)})
+        return trial.agreement >= min_agreement
 
-    first = agreement_keeping([])
-    steps = [step(0, first)]
-    sensitivity: dict[str, float] = {}
-    keep: list[str] = []
     cap = min(max_nodes, len(candidates) - 1)
-    if first.agreement < min_agreement and cap > 0:
-        sensitivity = sensitivities_of(candidates)
-        ranked = sorted(candidates, key=lambda c: (-sensitivity[c], candidates.index(c)))
-        for name in ranked[:cap]:
-            keep.append(name)
-            trial = agreement_keeping(keep)
-            steps.append(step(len(keep), trial))
-            if trial.agreement >= min_agreement:
-                break
-    return keep, steps, sensitivity
+    if meets([]) or cap < 1:
+        return [], steps, {}
+    sensitivity = sensitivities_of(candidates)
+    ranked = sorted(candidates, key=lambda c: (-sensitivity[c], candidates.index(c)))
+    low, high = 1, cap  # the count kept lies in [low, high]; `high` meets the bound or is the cap
+    if meets(ranked[:cap]):
+        while low < high:
+            middle = (low + high) // 2
+            if meets(ranked[:middle]):
+                high = middle
+            else:
+                low = middle + 1
+    return ranked[:high], steps, sensitivity
 
 
 def probe_sensitivity(
@@ -422,8 +427,7 @@ def choose_fp32_nodes(
     batch_size: int,
 ) -> dict[str, Any]:
     """The nodes to leave fp32 in the int8 model, chosen by `pick_fp32_nodes` on calibration texts
-    of the model at hand; the int8 model with that choice is left at `int8_path` (the last trial
-    is the final model). Agreement is top-1 agreement with fp32 on all calibration texts (a trial
+    of the model at hand; the int8 model with that choice is left at `int8_path`. Agreement is top-1 agreement with fp32 on all calibration texts (a trial
     that cannot reach `min_agreement` stops early: `agreement_trial`); a node's sensitivity is the
     mean squared logit error when only it is quantised, on the first SENSITIVITY_TEXTS of them.
     Returns the choice with its measurements (for export.json)."""
@@ -431,8 +435,11 @@ def choose_fp32_nodes(
     candidates = int8_candidates(fp32_path)
     probe = calibration_ids[:SENSITIVITY_TEXTS]
 
+    quantized: list[list[str]] = []  # what int8_path holds: the last trial's choice
+
     def agreement_keeping(keep: list[str]) -> Trial:
         quantize_int8(fp32_path, int8_path, keep)
+        quantized[:] = [keep]
         return agreement_trial(
             int8_path, calibration_ids, reference.argmax(1), pad_id, batch_size, min_agreement
         )
@@ -445,6 +452,8 @@ def choose_fp32_nodes(
     keep, steps, sensitivity = pick_fp32_nodes(
         candidates, agreement_keeping, sensitivities_of, min_agreement, max_nodes
     )
+    if quantized != [keep]:  # the bisection's last trial was another count
+        quantize_int8(fp32_path, int8_path, keep)
     log.info(
         "int8: %d of %d nodes kept fp32 %s; calibration agreement %s",
         len(keep),
@@ -493,7 +502,7 @@ def check_parity(
     max_abs_diff: float,
     min_agreement: float,
 ) -> dict[str, Any]:
-    """Compare ONNX logits with PyTorch's.
+    """Compare ONNX logits with PyTorch's, row for row.
 
     A broken fp32 export (logits off by more than `max_abs_diff`) raises StageError: the graph is
     wrong. int8 is a lossy optimisation: an agreement below `min_agreement` is reported
@@ -506,11 +515,19 @@ def check_parity(
             f" > export.parity.max_abs_logit_diff={max_abs_diff}"
         )
     if int8 is not None:
-        agreement = float((reference.argmax(1) == int8.argmax(1)).mean())
-        result["int8_top1_agreement"] = agreement
-        result["int8_max_abs_logit_diff"] = float(np.abs(reference - int8).max())
-        result["int8_meets_bound"] = agreement >= min_agreement
+        result |= int8_parity(reference, int8, min_agreement)
     return result
+
+
+def int8_parity(reference: np.ndarray, int8: np.ndarray, min_agreement: float) -> dict[str, Any]:
+    """The int8 graph's top-1 agreement with PyTorch, its largest logit difference, and whether
+    the agreement meets `min_agreement`."""
+    agreement = float((reference.argmax(1) == int8.argmax(1)).mean())
+    return {
+        "int8_top1_agreement": agreement,
+        "int8_max_abs_logit_diff": float(np.abs(reference - int8).max()),
+        "int8_meets_bound": agreement >= min_agreement,
+    }
 
 
 def onnx_logits(
@@ -618,13 +635,23 @@ def build_onnx(
 
 @dataclass
 class Exported:
-    """An exported folder whose fp32 graph passed parity: its parity figures, and each graph's
-    logits of the texts checked, with the seconds they took (tokenization included)."""
+    """An exported folder whose fp32 graph passed parity: its parity figures, the int8 graph's
+    logits of every text (None without int8), and each graph's timed pass (tokenization
+    included) as (texts, seconds)."""
 
     built: Built
     parity: dict[str, Any]
-    logits: dict[str, np.ndarray]  # "fp32" (and "int8")
-    seconds: dict[str, float]
+    int8_logits: np.ndarray | None
+    timed: dict[str, tuple[int, float]]  # "fp32" (the parity texts by length), "int8" (all)
+
+
+def timed_logits(
+    classifier: OnnxClassifier, texts: list[str], batch_size: int, desc: str
+) -> tuple[np.ndarray, float]:
+    """`onnx_logits` batched by length, and the seconds it took."""
+    start = time.perf_counter()
+    logits = onnx_logits(classifier, texts, batch_size, desc)
+    return logits, time.perf_counter() - start
 
 
 def export_folder(
@@ -640,12 +667,13 @@ def export_folder(
     parity: ParityParams,
     batch_size: int,
 ) -> Exported:
-    """Build the graphs, score `texts` through each as predict runs them (batched by length) and
-    check them against `reference`, the merged PyTorch model's logits of `texts`; the fp32 graph
-    also scores `parity.n_texts` of them in mixed-length batches, so padded positions are checked.
-    Writes `newsclf_onnx.json`, marking an int8 graph that missed its bound (`run` completes it
-    with the base model and test accuracy). A broken fp32 graph raises StageError before the
-    folder is usable."""
+    """Build the graphs and check them against `reference`, the merged PyTorch model's logits of
+    `texts`: the fp32 graph on `parity.n_texts` of them spread over the length range, scored
+    batched by length (as predict runs them) and again in mixed-length batches (the padded
+    positions of its mask); the int8 graph on every text, batched by length. Writes
+    `newsclf_onnx.json`, marking an int8 graph that missed its bound (`run` completes it with the
+    base model and test accuracy). A broken fp32 graph raises StageError before the folder is
+    usable."""
     if reference.shape != (len(texts), len(label_names)):
         raise StageError(
             f"parity: {reference.shape[0]} reference logits of width {reference.shape[1]} for "
@@ -654,31 +682,28 @@ def export_folder(
     built = build_onnx(adapter_dir, base_model, label_names, out_dir, opset, max_length, int8)
     meta = built.meta
     classifiers = {name: OnnxClassifier(out_dir, name, meta=meta) for name in meta["models"]}
-    logits: dict[str, np.ndarray] = {}
-    seconds: dict[str, float] = {}
-    for name, classifier in classifiers.items():
-        start = time.perf_counter()
-        logits[name] = onnx_logits(classifier, texts, batch_size, f"test {name}")
-        seconds[name] = time.perf_counter() - start
-    checked = check_parity(
-        reference,
-        logits["fp32"],
-        logits.get("int8"),
-        parity.max_abs_logit_diff,
-        parity.min_int8_agreement,
+    sample = spread_by_length([len(text) for text in texts], parity.n_texts)
+    sample_texts = [texts[i] for i in sample]
+    fp32, fp32_seconds = timed_logits(classifiers["fp32"], sample_texts, batch_size, "parity fp32")
+    checked = check_parity(reference[sample], fp32, None, parity.max_abs_logit_diff, 0.0)
+    mixed = onnx_logits(
+        classifiers["fp32"], sample_texts, batch_size, "parity fp32, mixed lengths", by_length=False
     )
-    mixed = spread_by_length([len(text) for text in texts], parity.n_texts)
-    mixed_logits = onnx_logits(
-        classifiers["fp32"], [texts[i] for i in mixed], batch_size, "parity fp32", by_length=False
-    )
-    mixed_diff = check_parity(reference[mixed], mixed_logits, None, parity.max_abs_logit_diff, 0.0)[
+    mixed_diff = check_parity(reference[sample], mixed, None, parity.max_abs_logit_diff, 0.0)[
         "fp32_max_abs_logit_diff"
     ]
     checked["fp32_mixed_length_max_abs_logit_diff"] = mixed_diff
-    # The headline figure covers every pass.
+    # The headline figure covers both passes.
     checked["fp32_max_abs_logit_diff"] = max(checked["fp32_max_abs_logit_diff"], mixed_diff)
-    log.info("fp32 parity passed: %s", checked)
+    log.info("fp32 parity passed on %d test texts: %s", len(sample), checked)
+    timed = {"fp32": (len(sample), fp32_seconds)}
+    int8_logits = None
     if "int8" in classifiers:
+        int8_logits, int8_seconds = timed_logits(
+            classifiers["int8"], texts, batch_size, "test int8"
+        )
+        timed["int8"] = (len(texts), int8_seconds)
+        checked |= int8_parity(reference, int8_logits, parity.min_int8_agreement)
         meta["int8_parity"] = {
             "top1_agreement": round(checked["int8_top1_agreement"], 6),
             "min_agreement": parity.min_int8_agreement,
@@ -693,7 +718,8 @@ def export_folder(
                 parity.min_int8_agreement,
             )
     write_json(meta, out_dir / META_FILE)
-    return Exported(built, checked | {"n_mixed_length_texts": len(mixed)}, logits, seconds)
+    counts = {"n_texts": len(sample)} | ({"n_int8_texts": len(texts)} if "int8" in timed else {})
+    return Exported(built, counts | checked, int8_logits, timed)
 
 
 def file_mb(path: Path) -> float:
@@ -722,17 +748,22 @@ def int8_plan(train: pl.DataFrame | None, params: ExportParams) -> Int8Plan | No
 
 
 def accuracy_and_speed(
-    exported: Exported, labels: np.ndarray, batch_size: int
+    exported: Exported, reference: np.ndarray, labels: np.ndarray, batch_size: int
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Accuracy of each graph on the test rows it scored, and its texts/s (tokenization
-    included)."""
-    accuracy: dict[str, Any] = {"n_texts": len(labels)}
-    speed: dict[str, Any] = {"batch_size": batch_size, "n_texts": len(labels)}
-    for name, logits in exported.logits.items():
-        speed[f"{name}_texts_per_s"] = round(len(labels) / exported.seconds[name], 1)
-        accuracy[f"onnx_{name}"] = round(float((logits.argmax(1) == labels).mean()), 6)
-    if "int8" in exported.logits:
-        accuracy["int8_drop_pt"] = round(100 * (accuracy["onnx_fp32"] - accuracy["onnx_int8"]), 4)
+    """Test accuracy per graph — fp32: the merged model's, from the PyTorch logits its graph
+    reproduces (parity); int8: the int8 graph's own — and each graph's texts/s over its timed
+    pass (tokenization included)."""
+    accuracy: dict[str, Any] = {
+        "n_texts": len(labels),
+        "fp32": round(float((reference.argmax(1) == labels).mean()), 6),
+    }
+    speed: dict[str, Any] = {"batch_size": batch_size}
+    for name, (n_texts, seconds) in exported.timed.items():
+        speed[f"{name}_texts_per_s"] = round(n_texts / seconds, 1)
+        speed[f"{name}_n_texts"] = n_texts
+    if exported.int8_logits is not None:
+        accuracy["int8"] = round(float((exported.int8_logits.argmax(1) == labels).mean()), 6)
+        accuracy["int8_drop_pt"] = round(100 * (accuracy["fp32"] - accuracy["int8"]), 4)
     return accuracy, speed
 
 
@@ -761,8 +792,8 @@ def run(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Export the adapter in `adapter_dir` merged into its fp32 base to `out_dir` (ONNX fp32, and
     int8 calibrated on `train` when `params.quantize`), check parity against `reference` (the
-    merged PyTorch model's logits of the `test` rows) and score accuracy on `test`, from the same
-    ONNX passes. `base_model_name` is the base as `train.base_model` names it (default:
+    merged PyTorch model's logits of the `test` rows) and score accuracy on `test`: the fp32
+    model's from `reference`, the int8 graph's from its parity pass. `base_model_name` is the base as `train.base_model` names it (default:
     `base_model`), which the folder's metadata records. Returns the export report and the speed
     report (timings, kept apart: they vary per run)."""
     if test.is_empty():
@@ -780,10 +811,12 @@ def run(
         params.parity,
         params.batch_size,
     )
-    accuracy, speed = accuracy_and_speed(exported, test["label"].to_numpy(), params.batch_size)
+    accuracy, speed = accuracy_and_speed(
+        exported, reference, test["label"].to_numpy(), params.batch_size
+    )
     meta = exported.built.meta
     meta["base_model"] = base_model_name or base_model
-    meta["test_accuracy"] = {name: accuracy[f"onnx_{name}"] for name in meta["models"]} | {
+    meta["test_accuracy"] = {name: accuracy[name] for name in meta["models"]} | {
         "n_texts": accuracy["n_texts"]
     }
     write_json(meta, out_dir / META_FILE)
@@ -794,8 +827,7 @@ def run(
         "fusions": exported.built.fusions,
         "max_length": max_length,
         "parity": {
-            "n_texts": test.height,
-            **{k: round(v, 8) if isinstance(v, float) else v for k, v in exported.parity.items()},
+            k: round(v, 8) if isinstance(v, float) else v for k, v in exported.parity.items()
         },
         "accuracy": accuracy,
         "size_mb": sizes,

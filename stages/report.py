@@ -315,7 +315,7 @@ def table_rows(reports: dict[str, dict[str, Any]], steps: Sequence[FunnelStep]) 
             (
                 name,
                 export["size_mb"][name],
-                export["accuracy"][f"onnx_{name}"],
+                export["accuracy"][name],
                 speed[f"{name}_texts_per_s"],
             )
             for name in export["size_mb"]

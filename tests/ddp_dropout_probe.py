@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from transformers import TrainingArguments
 
-from stages.train import OwnDropoutPerRank
+from stages.train_callbacks import OwnDropoutPerRank
 
 
 def same_on_every_rank(values: torch.Tensor, world_size: int) -> bool:

@@ -99,9 +99,12 @@ def check_model_card(project: Path) -> None:
         f"| macro-F1 | {metrics['macro_f1']} |",
         f"| baseline accuracy (TF-IDF + logistic regression) | {metrics['baseline_accuracy']} |",
         f"{ingest['rows_in']} rows in, {ingest['kept']} kept, {ingest['rejected']} rejected",
-        f"on {export['parity']['n_texts']} test texts ({export['parity']['n_mixed_length_texts']}\n"
-        f"of them also in mixed-length batches): largest logit difference "
+        f"on {export['parity']['n_texts']} test texts spread over the length\n"
+        "range, batched by length and in mixed-length batches: largest logit difference "
         f"{export['parity']['fp32_max_abs_logit_diff']}",
+        f"Test accuracy of the fp32 graph: {metrics['accuracy']} (the merged PyTorch model's",
+        f"Test accuracy of the int8 graph: {export['accuracy']['int8']} (its own, on the "
+        f"{metrics['n_test']} test rows)",
         f"`train.seed` | `{params['train']['seed']}`",
         f"`train.lora.r` | `{params['train']['lora']['r']}`",
     ):

@@ -150,9 +150,73 @@ def test_mixed_length_batches_are_checked(adapter_dir: Path, tiny_bert_dir: Path
     """Besides the by-length passes, the fp32 graph scores the texts in mixed-length batches (the
     padded positions of its mask), checked against the same reference."""
     exported = export_to(adapter_dir, tiny_bert_dir, tmp_path / "onnx", None, TEXTS)
-    assert exported.parity["n_mixed_length_texts"] == len(TEXTS)
+    assert exported.parity["n_texts"] == len(TEXTS)
     assert exported.parity["fp32_mixed_length_max_abs_logit_diff"] <= 1e-4
-    assert set(exported.logits) == set(exported.seconds) == {"fp32"}
+    assert exported.int8_logits is None and set(exported.timed) == {"fp32"}
+
+
+def test_fp32_is_checked_on_the_parity_texts_and_int8_on_every_text(
+    adapter_dir: Path, tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    """The fp32 graph is compared with PyTorch on `parity.n_texts` texts spread over the length
+    range; the int8 graph scores every text, and the accuracies come from those logits."""
+    from stages.export import accuracy_and_speed
+
+    texts = varied_texts(30)
+    reference = merged_logits(adapter_dir, str(tiny_bert_dir), LABEL_NAMES, texts, MAX_LENGTH, 8)
+    parity = ParityParams(n_texts=10, max_abs_logit_diff=1e-4, min_int8_agreement=0.0)
+    plan = Int8Plan(texts, min_agreement=0.0, max_fp32_nodes=4, batch_size=8)
+    exported = export_folder(
+        adapter_dir, str(tiny_bert_dir), LABEL_NAMES, tmp_path / "onnx", 17, MAX_LENGTH, plan,
+        texts, reference, parity, batch_size=8,
+    )  # fmt: skip
+    assert exported.parity["n_texts"] == 10 and exported.parity["n_int8_texts"] == 30
+    assert {name: n for name, (n, _) in exported.timed.items()} == {"fp32": 10, "int8": 30}
+    int8 = session_logits(tmp_path / "onnx" / INT8_FILE, OnnxClassifier(tmp_path / "onnx", "fp32").encode(texts).ids, 0, 8)  # fmt: skip
+    np.testing.assert_allclose(exported.int8_logits, int8, atol=1e-6)
+    labels = np.arange(len(texts)) % len(LABEL_NAMES)
+    accuracy, speed = accuracy_and_speed(exported, reference, labels, 8)
+    assert accuracy["fp32"] == round(float((reference.argmax(1) == labels).mean()), 6)
+    assert accuracy["int8"] == round(float((int8.argmax(1) == labels).mean()), 6)
+    assert accuracy["int8_drop_pt"] == round(100 * (accuracy["fp32"] - accuracy["int8"]), 4)
+    assert speed["fp32_n_texts"] == 10 and speed["int8_n_texts"] == 30
+    # A reference that is wrong on the parity texts fails the fp32 check.
+    wrong = reference.copy()
+    wrong[:, 0] += 1.0
+    with pytest.raises(StageError, match="max_abs_logit_diff"):
+        export_folder(
+            adapter_dir, str(tiny_bert_dir), LABEL_NAMES, tmp_path / "onnx2", 17, MAX_LENGTH,
+            None, texts, wrong, parity, batch_size=8,
+        )  # fmt: skip
+
+
+def test_evaluate_scores_with_onednn_linears_as_the_dense_model_does(
+    adapter_dir: Path, tiny_bert_dir: Path
+) -> None:
+    """evaluate's merged model runs its linear layers on oneDNN: the same logits as the plain
+    model, every plain nn.Linear swapped, and a subclass (as bitsandbytes' layers are) kept."""
+    from torch.utils.mkldnn import MkldnnLinear
+
+    from stages.evaluate import load_classifier
+    from stages.modeling import linears_on_onednn
+
+    model, tokenizer = load_classifier(adapter_dir, str(tiny_bert_dir), LABEL_NAMES)
+    assert not any(type(m) is torch.nn.Linear for m in model.modules())
+    assert any(isinstance(m, MkldnnLinear) for m in model.modules())
+    dense = load_merged_model(adapter_dir, str(tiny_bert_dir), LABEL_NAMES)
+    texts = varied_texts(20)
+    np.testing.assert_allclose(
+        predict_logits(model, tokenizer, texts, MAX_LENGTH, 4),
+        predict_logits(dense, tokenizer, texts, MAX_LENGTH, 4),
+        atol=1e-5,
+    )
+
+    class Quantized(torch.nn.Linear):
+        pass
+
+    holder = torch.nn.Sequential(Quantized(4, 4), torch.nn.Linear(4, 4))
+    linears_on_onednn(holder)
+    assert type(holder[0]) is Quantized and isinstance(holder[1], MkldnnLinear)
 
 
 def test_stale_reference_names_both_files(tmp_path: Path) -> None:
@@ -287,15 +351,17 @@ def test_pick_fp32_nodes_keeps_the_most_sensitive_until_the_bound() -> None:
 
     keep, steps, found = pick_fp32_nodes(candidates, agreement_keeping, sensitivities_of, 0.99, 8)
     assert keep == ["b", "c"]  # most sensitive first; the tie in candidate order
+    # The cap (all but one of 5) first, then bisection down to the fewest that meet the bound.
     assert steps == [
         {"kept_fp32": 0, "agreement_at_most": 0.95},
-        {"kept_fp32": 1, "agreement": 0.97},
+        {"kept_fp32": 4, "agreement": 1.03},
         {"kept_fp32": 2, "agreement": 0.99},
+        {"kept_fp32": 1, "agreement": 0.97},
     ]
     assert found == sensitivity and measured == candidates
-    # Capped: stops at max_nodes below the bound.
+    # Capped: the cap misses the bound, so it is kept after that one trial.
     keep, steps, _ = pick_fp32_nodes(candidates, agreement_keeping, sensitivities_of, 0.995, 2)
-    assert keep == ["b", "c"] and steps[-1] == {"kept_fp32": 2, "agreement": 0.99}
+    assert keep == ["b", "c"] and steps[1:] == [{"kept_fp32": 2, "agreement": 0.99}]
     # Never every candidate: ONNX Runtime would read the empty node list as all of them.
     keep, _, _ = pick_fp32_nodes(
         candidates, lambda keep: Trial(0.5, complete=True), sensitivities_of, 0.99, 8
@@ -344,10 +410,18 @@ def test_int8_nodes_are_chosen_by_sensitivity_on_the_outlier_model(
     assert kept[0] == "Attention_1"  # ORT's name for layer 1's fused attention: the outlier's node
     ranked = sorted(sensitivity, key=lambda n: -sensitivity[n])
     assert min(sensitivity[n] for n in kept) >= sensitivity[ranked[len(kept)]]
-    assert [s["kept_fp32"] for s in steps] == list(range(len(kept) + 1))
-    figures = [s.get("agreement", s.get("agreement_at_most")) for s in steps]
-    assert all(f < 0.995 for f in figures[:-1])
-    assert steps[-1].get("agreement", 0) >= 0.995 or len(kept) == 8
+    figures = {s["kept_fp32"]: s.get("agreement", s.get("agreement_at_most")) for s in steps}
+    cap = min(8, len(sensitivity) - 1)
+    assert steps[1]["kept_fp32"] == cap  # the cap is tried first, and kept if it misses
+    # What is kept meets the bound, and one node fewer (when tried) missed it.
+    assert figures[len(kept)] >= 0.995 or len(kept) == cap
+    assert figures.get(len(kept) - 1, 0.0) < 0.995
+    # The int8 graph written is the chosen one, whichever count was tried last.
+    import onnx
+
+    ops = {n.name: n.op_type for n in onnx.load(str(tmp_path / "onnx" / INT8_FILE)).graph.node}
+    assert all(ops.get(name) in ("MatMul", "Attention") for name in kept)
+    assert not any(ops.get(name) in ("MatMul", "Attention") for name in ranked[len(kept) :])
 
 
 def test_stage_ships_fp32_when_int8_misses_the_bound(

@@ -110,15 +110,15 @@ def test_each_model_alone_gives_probabilities() -> None:
 
 
 def test_knn_in_chunks_equals_one_pass() -> None:
-    # A chunk budget of a few rows must give exactly the votes of one pass over all rows (the
-    # budget is what keeps 120k rows in bounded memory).
+    # A chunk budget of a few rows must give the votes of one pass over all rows, up to float32
+    # rounding of the similarities (the budget is what keeps 120k rows in bounded memory).
     rng = np.random.default_rng(3)
     e_train = rng.normal(size=(300, 8)).astype(np.float32)
     e_test = rng.normal(size=(97, 8)).astype(np.float32)
     y_train = rng.integers(0, 4, 300)
     one_pass = li._knn_proba(e_train, y_train, e_test, 4, chunk_bytes=10**9)
     chunked = li._knn_proba(e_train, y_train, e_test, 4, chunk_bytes=300 * 16 * 7)
-    np.testing.assert_allclose(chunked, one_pass, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(chunked, one_pass, rtol=0, atol=1e-5)
     np.testing.assert_allclose(chunked.sum(axis=1), 1.0)
 
 

@@ -82,19 +82,21 @@ def reports_fixture() -> dict[str, dict]:
             "opset": 17,
             "parity": {
                 "n_texts": 16,
+                "n_int8_texts": 20,
                 "fp32_max_abs_logit_diff": 1e-6,
                 "int8_top1_agreement": 0.99,
                 "int8_meets_bound": False,
             },
             "int8": {"candidates": 24, "kept_fp32": ["Attention_0"]},
-            "accuracy": {"n_texts": 20, "onnx_fp32": 0.85, "onnx_int8": 0.85},
+            "accuracy": {"n_texts": 20, "fp32": 0.85, "int8": 0.85},
             "size_mb": {"fp32": 1.5, "int8": 0.9},
         },
         "export_speed": {
             "batch_size": 64,
-            "n_texts": 20,
             "fp32_texts_per_s": 100.0,
+            "fp32_n_texts": 16,
             "int8_texts_per_s": 200.0,
+            "int8_n_texts": 20,
         },
     }
 
