@@ -684,14 +684,15 @@ def export_folder(
     classifiers = {name: OnnxClassifier(out_dir, name, meta=meta) for name in meta["models"]}
     sample = spread_by_length([len(text) for text in texts], parity.n_texts)
     sample_texts = [texts[i] for i in sample]
-    fp32, fp32_seconds = timed_logits(classifiers["fp32"], sample_texts, batch_size, "parity fp32")
-    checked = check_parity(reference[sample], fp32, None, parity.max_abs_logit_diff, 0.0)
+    # Mixed lengths first: it also warms the session, so the timed pass measures steady scoring.
     mixed = onnx_logits(
         classifiers["fp32"], sample_texts, batch_size, "parity fp32, mixed lengths", by_length=False
     )
     mixed_diff = check_parity(reference[sample], mixed, None, parity.max_abs_logit_diff, 0.0)[
         "fp32_max_abs_logit_diff"
     ]
+    fp32, fp32_seconds = timed_logits(classifiers["fp32"], sample_texts, batch_size, "parity fp32")
+    checked = check_parity(reference[sample], fp32, None, parity.max_abs_logit_diff, 0.0)
     checked["fp32_mixed_length_max_abs_logit_diff"] = mixed_diff
     # The headline figure covers both passes.
     checked["fp32_max_abs_logit_diff"] = max(checked["fp32_max_abs_logit_diff"], mixed_diff)
