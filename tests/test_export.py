@@ -20,9 +20,10 @@ from stages.export import (
     ParityParams,
     Trial,
     agreement_trial,
-    check_parity,
     export_folder,
+    fp32_parity,
     int8_candidates,
+    int8_parity,
     measure_sensitivities,
     onnx_logits,
     parity_texts,
@@ -111,9 +112,8 @@ def test_onnx_round_trip_matches_pytorch(exported) -> None:
     assert reference.shape == fp32.shape == int8.shape == (len(TEXTS), len(LABEL_NAMES))
     # The random LoRA and head make logits far from zero, so a wrong graph cannot pass by chance.
     assert np.abs(reference).max() > 0.1
-    result = check_parity(reference, fp32, int8, max_abs_diff=1e-4, min_agreement=0.0)
-    assert result["fp32_max_abs_logit_diff"] <= 1e-4
-    assert 0.0 <= result["int8_top1_agreement"] <= 1.0
+    assert fp32_parity(reference, fp32, max_abs_diff=1e-4) <= 1e-4
+    assert 0.0 <= int8_parity(reference, int8, min_agreement=0.0)["int8_top1_agreement"] <= 1.0
 
 
 def test_dynamic_axes_batch_and_sequence(exported) -> None:
@@ -234,9 +234,9 @@ def test_stale_reference_names_both_files(tmp_path: Path) -> None:
 def test_int8_agreement_below_bound_is_reported_not_fatal() -> None:
     reference = np.eye(4, dtype=np.float32)
     flipped = reference[:, ::-1].copy()
-    result = check_parity(reference, reference, flipped, max_abs_diff=1e-4, min_agreement=0.995)
+    result = int8_parity(reference, flipped, min_agreement=0.995)
     assert result["int8_top1_agreement"] == 0.0 and result["int8_meets_bound"] is False
-    ok = check_parity(reference, reference, reference, max_abs_diff=1e-4, min_agreement=0.995)
+    ok = int8_parity(reference, reference, min_agreement=0.995)
     assert ok["int8_meets_bound"] is True
 
 
