@@ -225,6 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-body-bytes", type=int, default=2_000_000, help="request body size (bytes)"
     )
     p.add_argument(
+        "--body-timeout-s",
+        type=float,
+        default=10.0,
+        help="a request body not received in full within this many seconds is answered 408",
+    )
+    p.add_argument(
         "--graceful-s",
         type=float,
         default=30.0,
@@ -252,6 +258,8 @@ def serve(args: argparse.Namespace) -> int:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1")
     if args.max_wait_ms < 0:
         raise InputError("--max-wait-ms must be 0 or more")
+    if args.body_timeout_s <= 0:
+        raise InputError("--body-timeout-s must be more than 0")
     read_meta(args.model)  # a missing model folder fails here, before the server starts
     config = ServeConfig(
         model_dir=args.model,
@@ -260,10 +268,9 @@ def serve(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
         ort_batch=args.batch_size,
-        limits=Limits(args.max_texts, args.max_chars, args.max_body_bytes),
+        limits=Limits(args.max_texts, args.max_chars, args.max_body_bytes, args.body_timeout_s),
     )
-    run_server(config, args.host, args.port, args.graceful_s)
-    return 0
+    return run_server(config, args.host, args.port, args.graceful_s)
 
 
 def print_preset(args: argparse.Namespace) -> int:

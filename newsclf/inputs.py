@@ -44,6 +44,20 @@ class Source:
 
 
 def from_arguments(texts: Sequence[str]) -> Source:
+    """Texts given as arguments; one that is not UTF-8 (Python keeps its bytes as surrogate
+    escapes) is an InputError naming the argument and the byte."""
+    for number, text in enumerate(texts, start=1):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            char = text[err.start]
+            # Python keeps an undecodable byte B of an argument as the surrogate U+DC00+B.
+            is_byte = "\udc80" <= char <= "\udcff"
+            what = f"byte 0x{ord(char) - 0xDC00:02x}" if is_byte else f"lone surrogate {char!r}"
+            raise InputError(
+                f"argument {number}: not UTF-8 text ({what} at character {err.start}); "
+                "check the shell's locale or pass the text in a UTF-8 file with --file"
+            ) from None
     items = [Item(n, text) for n, text in enumerate(texts, start=1)]
     return Source("arguments", "argument", iter([items]), len(items))
 

@@ -12,8 +12,11 @@ texts are waiting or `max_wait_ms` have passed since the first, then tokenizes t
 scores them off the event loop in ONNX Runtime calls of `ort_batch` texts grouped by length (as
 `predict` does), so throughput under concurrency approaches that of offline batches. Each text
 carries its own future, so an answer can never reach another request, and a client that leaves
-only drops its own. Limits answer with a 4xx that names the limit. Like `newsclf predict`, this
-imports neither torch nor transformers.
+only drops its own. A batch that fails is scored again text by text, so a text the tokenizer or
+the graph refuses fails its own request (a 422 naming it) and no other. Limits answer with a 4xx
+that names the limit. The model is loaded and scores a probe text before /health turns ready; a
+model that cannot do that stops the server with the file and the fault in its log and a non-zero
+exit. Like `newsclf predict`, this imports neither torch nor transformers.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ import asyncio
 import contextlib
 import hashlib
 import json
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,10 +36,19 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from newsclf.predict import OnnxClassifier, read_meta
+from newsclf.predict import OnnxClassifier, PredictError, read_meta
 
 MAX_SHOWN_CHARS = 40  # of a refused text, in an error
 CLIENT_CLOSED_REQUEST = 499  # logged for a client gone mid-body (nginx's code; never sent)
+# Scored once at load (the model must answer it before /health turns ready), and again when a
+# text fails alone: if the probe still scores, the fault is the text's.
+PROBE_TEXT = "newsclf probe: the model loads and scores this text."
+
+log = logging.getLogger("newsclf.serve")
+
+
+class TextFault(Exception):
+    """A text that failed when scored alone while the model scores other texts: its own fault."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +58,7 @@ class Limits:
     max_texts: int
     max_chars: int
     max_body_bytes: int
+    body_timeout_s: float = 10.0  # from the headers to the body's last byte
 
 
 @dataclass(frozen=True)
@@ -77,8 +91,24 @@ def score(classifier: OnnxClassifier, texts: list[str], ort_batch: int) -> list[
     of similar length (runs in a worker thread). Texts of concurrent requests come in any length
     order: one call over all of them would pad each to the longest, about halving throughput."""
     encoded = classifier.encode(texts)
+    for i, ids in enumerate(encoded.ids):
+        if not ids:  # a graph cannot take an empty sequence (a tokenizer without special tokens)
+            raise TextFault(f"text {i} of the batch has no tokens")
     logits = classifier.logits(encoded.ids, ort_batch)
     return [Scored(row, cut) for row, cut in zip(logits, encoded.truncated, strict=True)]
+
+
+def score_alone(classifier: OnnxClassifier, text: str) -> Scored | Exception:
+    """One text scored on its own after its batch failed: its result, a TextFault when the model
+    still scores the probe text (so the fault is this text's), or the error itself otherwise."""
+    try:
+        return score(classifier, [text], 1)[0]
+    except Exception as err:
+        try:
+            score(classifier, [PROBE_TEXT], 1)
+        except Exception:
+            return err  # the model fails on any text: a fault of the server, not of the text
+        return err if isinstance(err, TextFault) else TextFault(f"{type(err).__name__}: {err}")
 
 
 class MicroBatcher:
@@ -92,13 +122,14 @@ class MicroBatcher:
         self.queue: asyncio.Queue[Waiting] = asyncio.Queue()
         self.batches = 0  # ONNX Runtime calls made, for /metadata's stats
 
-    async def score(self, texts: list[str]) -> list[Scored]:
-        """These texts scored, in their order, once their batches have run."""
+    async def score(self, texts: list[str]) -> list[Scored | Exception]:
+        """These texts scored, in their order, once their batches have run; a text that failed
+        has its exception in its place."""
         loop = asyncio.get_running_loop()
         waiting = [Waiting(text, loop.create_future()) for text in texts]
         for item in waiting:
             self.queue.put_nowait(item)
-        return await asyncio.gather(*(item.future for item in waiting))
+        return await asyncio.gather(*(item.future for item in waiting), return_exceptions=True)
 
     async def _collect(self) -> list[Waiting]:
         """The next batch: the first waiting text, then more until the batch is full or the wait
@@ -127,14 +158,17 @@ class MicroBatcher:
             results = await asyncio.to_thread(
                 score, self.classifier, [item.text for item in batch], self.ort_batch
             )
-        except Exception as err:  # answer each waiting request with the fault
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(err)
-            return
-        self.batches += 1
+            self.batches += 1
+        except Exception:  # one text may have failed them all: each is tried on its own
+            results = [
+                await asyncio.to_thread(score_alone, self.classifier, item.text) for item in batch
+            ]
         for item, result in zip(batch, results, strict=True):
-            if not item.future.done():
+            if item.future.done():
+                continue
+            if isinstance(result, Exception):
+                item.future.set_exception(result)
+            else:
                 item.future.set_result(result)
 
     async def run(self) -> None:
@@ -174,6 +208,10 @@ def load(config: ServeConfig) -> tuple[OnnxClassifier, dict]:
         config.model_dir, config.precision, threads=config.threads, meta=meta
     )
     model_file = config.model_dir / meta["models"][classifier.precision]
+    try:
+        score(classifier, [PROBE_TEXT], 1)
+    except Exception as err:
+        raise PredictError(f"{model_file}: loads but cannot score a text ({err})") from err
     digest = hashlib.sha256()
     with model_file.open("rb") as f:
         while block := f.read(1 << 20):
@@ -211,6 +249,14 @@ def check_texts(payload: object, limits: Limits) -> list[str] | JSONResponse:
             return refuse(422, f"texts[{i}] must be a string, got {type(text).__name__}")
         if not text.strip():
             return refuse(422, f"texts[{i}] is empty")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:  # JSON's \ud800 escapes decode to lone surrogates
+            return refuse(
+                422,
+                f"texts[{i}] is not valid Unicode: {text[err.start]!r} at character {err.start} "
+                "is a lone UTF-16 surrogate",
+            )
         if len(text) > limits.max_chars:
             return refuse(
                 413,
@@ -221,8 +267,9 @@ def check_texts(payload: object, limits: Limits) -> list[str] | JSONResponse:
     return texts
 
 
-async def read_body(request: Request, limit: int) -> bytes | JSONResponse:
-    """The request body, or a 413 as soon as it is known to be over `limit` bytes."""
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes | JSONResponse:
+    """The request body, or a 413 as soon as it is known to be over `limit` bytes, or a 408 when
+    it has not all arrived within `timeout_s` (a stalled client holds no connection for ever)."""
     too_big = refuse(
         413, f"request body over the limit of {limit} bytes", f"max_body_bytes={limit}"
     )
@@ -230,18 +277,43 @@ async def read_body(request: Request, limit: int) -> bytes | JSONResponse:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         return too_big
     body = bytearray()
-    async for chunk in request.stream():
+    chunks = request.stream()
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        remaining = deadline - asyncio.get_running_loop().time()
+        try:
+            chunk = await asyncio.wait_for(chunks.__anext__(), max(remaining, 0))
+        except StopAsyncIteration:
+            return bytes(body)
+        except TimeoutError:
+            return refuse(
+                408,
+                f"request body not received within {timeout_s:g} s ({len(body)} bytes came)",
+                f"body_timeout_s={timeout_s:g}",
+            )
         body += chunk
         if len(body) > limit:
             return too_big
-    return bytes(body)
 
 
-def create_app(config: ServeConfig) -> Starlette:
+def create_app(
+    config: ServeConfig, on_load_failure: Callable[[str], None] | None = None
+) -> Starlette:
+    """The app; `on_load_failure(message)` is called when the model cannot be loaded (the
+    server then stops: `serve`)."""
     state: dict[str, Served] = {}
+    failed: dict[str, str] = {}
 
     async def load_model() -> None:
-        classifier, metadata = await asyncio.to_thread(load, config)
+        try:
+            classifier, metadata = await asyncio.to_thread(load, config)
+        except Exception as err:  # a corrupt or foreign file: say which, and stop
+            message = str(err) if isinstance(err, PredictError) else f"{type(err).__name__}: {err}"
+            failed["error"] = message
+            log.error("newsclf serve: the model could not be loaded: %s", message)
+            if on_load_failure is not None:
+                on_load_failure(message)
+            return
         batcher = MicroBatcher(
             classifier, config.max_batch, config.max_wait_ms / 1000, config.ort_batch
         )
@@ -258,23 +330,30 @@ def create_app(config: ServeConfig) -> Starlette:
         for task in state["served"].tasks if "served" in state else []:
             task.cancel()
 
+    def not_ready() -> JSONResponse:
+        if failed:
+            return JSONResponse({"status": "failed", "error": failed["error"]}, status_code=503)
+        return JSONResponse({"status": "loading"}, status_code=503)
+
     async def health(request: Request) -> JSONResponse:
         if "served" not in state:
-            return JSONResponse({"status": "loading"}, status_code=503)
+            return not_ready()
         return JSONResponse({"status": "ok"})
 
     async def metadata(request: Request) -> JSONResponse:
         if "served" not in state:
-            return JSONResponse({"status": "loading"}, status_code=503)
+            return not_ready()
         served = state["served"]
         return JSONResponse(served.metadata | {"batches_scored": served.batcher.batches})
 
     async def predict(request: Request) -> JSONResponse:
         if "served" not in state:
-            return JSONResponse({"status": "loading"}, status_code=503)
+            return not_ready()
         served = state["served"]
         try:
-            body = await read_body(request, config.limits.max_body_bytes)
+            body = await read_body(
+                request, config.limits.max_body_bytes, config.limits.body_timeout_s
+            )
         except ClientDisconnect:  # gone mid-body: nothing to answer, nothing else affected
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         if isinstance(body, JSONResponse):
@@ -287,6 +366,20 @@ def create_app(config: ServeConfig) -> Starlette:
         if isinstance(texts, JSONResponse):
             return texts
         scored = await served.batcher.score(texts)
+        faults = [(i, r) for i, r in enumerate(scored) if isinstance(r, TextFault)]
+        if faults:  # the request's own texts failed: the first is named, nothing is scored
+            index, fault = faults[0]
+            more = (
+                f" ({len(faults) - 1} more text(s) of this request too)" if len(faults) > 1 else ""
+            )
+            return refuse(
+                422,
+                f"texts[{index}] cannot be scored: {fault}{more}; "
+                f"the text: {texts[index][:MAX_SHOWN_CHARS]!r}",
+            )
+        for result in scored:
+            if isinstance(result, Exception):  # the server's fault: a 500
+                raise result
         predictions = served.classifier.predictions(np.stack([s.logits for s in scored]))
         return JSONResponse(
             {
@@ -305,13 +398,23 @@ def create_app(config: ServeConfig) -> Starlette:
     return Starlette(routes=routes, lifespan=lifespan)
 
 
-def serve(config: ServeConfig, host: str, port: int, graceful_s: float) -> None:
+def serve(config: ServeConfig, host: str, port: int, graceful_s: float) -> int:
+    """Run the server until a signal stops it (0), or the model fails to load (1)."""
     import uvicorn
 
-    uvicorn.run(
-        create_app(config),
-        host=host,
-        port=port,
-        log_level="info",
-        timeout_graceful_shutdown=graceful_s,
+    failures: list[str] = []
+    server: uvicorn.Server | None = None
+
+    def stop_on_failure(message: str) -> None:
+        failures.append(message)
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(config, on_load_failure=stop_on_failure)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host=host, port=port, log_level="info", timeout_graceful_shutdown=graceful_s
+        )
     )
+    server.run()
+    return 1 if failures else 0

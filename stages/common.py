@@ -19,6 +19,9 @@ import polars as pl
 import yaml
 
 PARAMS_FILE = Path("params.yaml")
+# The exit status of a launched rank (torchrun) that stopped on a StageError: stages/launch.py
+# then ends quietly, since rank 0 has logged the one line that says what to fix.
+RANK_STAGE_ERROR = 3
 
 # The data contract: every table between stages carries at least these columns.
 CONTRACT_SCHEMA: dict[str, pl.DataType] = {
@@ -152,9 +155,13 @@ def write_json(obj: Any, path: str | Path) -> None:
 
 
 def run_main(main: Callable[[], None], name: str) -> None:
-    """Run a stage's `main`, turning a StageError into one clear line and exit status 1."""
+    """Run a stage's `main`, turning a StageError into one clear line and exit status 1. Under a
+    launcher every rank meets the same fault in the same inputs: rank 0 alone says it, and each
+    exits RANK_STAGE_ERROR (stages/launch.py)."""
     try:
         main()
     except StageError as err:
-        get_logger(name).error("%s", err)
-        sys.exit(1)
+        rank = os.environ.get("RANK")
+        if rank in (None, "0"):
+            get_logger(name).error("%s", err)
+        sys.exit(1 if rank is None else RANK_STAGE_ERROR)

@@ -26,7 +26,7 @@ import codecs
 import csv
 import json
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import polars as pl
@@ -89,6 +89,13 @@ class Source:
     split: str
     text: tuple[str, ...] | None = None
     label: str | None = None
+    # What its row ids and rejected rows call it: the file name, or where two sources share one,
+    # the path under data/raw/ (set by parse_sources).
+    key: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.key or self.path.name
 
     @property
     def format(self) -> str:
@@ -112,12 +119,26 @@ class Source:
 SOURCE_KEYS = ("path", "split", "text", "label")
 
 
+def check_under_raw(path: Path, where: str) -> None:
+    """A source must lie under data/raw/, the folder dvc.yaml declares as ingest's dependency:
+    DVC would not see a file elsewhere change, and would skip ingest with stale rows."""
+    parts = path.parts
+    if path.is_absolute() or ".." in parts or parts[: len(paths.RAW.parts)] != paths.RAW.parts:
+        raise StageError(
+            f"{where}.path {str(path)!r}: outside {paths.RAW}/, the folder dvc.yaml declares as "
+            f"the ingest stage's dependency, so `dvc repro` would not see the file change; move "
+            f"or link it under {paths.RAW}/ and list it by that path"
+        )
+
+
 def parse_sources(entries: list[dict]) -> list[Source]:
-    """Validate the `ingest.sources` param: each entry `{path, split[, text, label]}`, file names
-    unique; a CSV names both `text` and `label` (header layout) or neither (original layout)."""
+    """Validate the `ingest.sources` param: each entry `{path, split[, text, label]}` a file under
+    data/raw/, listed once; a CSV names both `text` and `label` (header layout) or neither
+    (original layout). Sources are keyed by file name, or by their path under data/raw/ where two
+    share a name."""
     if not entries:
         raise StageError("params.yaml ingest.sources: empty; list at least one {path, split}")
-    sources, names = [], set()
+    sources, listed = [], set()
     for i, entry in enumerate(entries):
         where = f"params.yaml ingest.sources[{i}]"
         if (
@@ -126,6 +147,8 @@ def parse_sources(entries: list[dict]) -> list[Source]:
             or not set(entry) <= set(SOURCE_KEYS)
         ):
             raise StageError(f"{where}: expected {{path, split[, text, label]}}, got {entry!r}")
+        if not isinstance(entry["path"], str) or not entry["path"]:
+            raise StageError(f"{where}.path: a file path, got {entry['path']!r}")
         text = entry.get("text")
         if isinstance(text, str):
             text = [text]
@@ -141,6 +164,7 @@ def parse_sources(entries: list[dict]) -> list[Source]:
         if label is not None and (not isinstance(label, str) or not label):
             raise StageError(f"{where}.label: a column name, got {label!r}")
         source = Source(Path(entry["path"]), entry["split"], tuple(text) if text else None, label)
+        check_under_raw(source.path, where)
         if source.split not in SPLITS:
             raise StageError(f"{source.path}: split {source.split!r} is not one of {SPLITS}")
         if source.format == "csv" and (text is None) != (label is None):
@@ -148,11 +172,17 @@ def parse_sources(entries: list[dict]) -> list[Source]:
                 f"{where}: a .csv source names both `text` and `label` (a CSV with a header) or "
                 "neither (the original AG News layout)"
             )
-        if source.path.name in names:
-            raise StageError(f"{source.path}: a source named {source.path.name} is listed twice")
-        names.add(source.path.name)
+        if source.path in listed:
+            raise StageError(f"{where}.path {str(source.path)!r}: listed twice in ingest.sources")
+        listed.add(source.path)
         sources.append(source)
-    return sources
+    file_names = [source.path.name for source in sources]
+    return [
+        replace(source, key=source.path.relative_to(paths.RAW).as_posix())
+        if file_names.count(source.path.name) > 1
+        else source
+        for source in sources
+    ]
 
 
 def _printable(field: str) -> str:
@@ -212,6 +242,14 @@ def read_text_bytes(path: Path, kind: str) -> bytes:
             f"first {len(head)})"
         )
     return data.removeprefix(codecs.BOM_UTF8)
+
+
+def as_lf_lines(data: bytes) -> bytes:
+    """A file whose lines end in a bare CR (classic Mac OS, some exports) with those CRs read as
+    line ends: it has one line for each. CRLF and LF files are returned as they are."""
+    if b"\n" in data or b"\r" not in data:
+        return data
+    return data.replace(b"\r", b"\n")
 
 
 def count_lines(data: bytes) -> int:
@@ -405,7 +443,7 @@ def _check_field_counts(path: Path, candidates: pl.DataFrame, expected: str) -> 
 def _text_lines(path: Path) -> tuple[list[str], int]:
     """A CSV's physical lines (each with its \\n), decoded with surrogateescape so that
     undecodable bytes stay in their row (a row fault), and their number counted from the bytes."""
-    data = read_text_bytes(path, "CSV")
+    data = as_lf_lines(read_text_bytes(path, "CSV"))
     lines = data.decode("utf-8", errors="surrogateescape").split("\n")
     if lines[-1] == "":
         lines.pop()
@@ -463,6 +501,14 @@ def read_header_csv(
     if header_record.fault is not None:
         raise StageError(f"{path}: header row: {header_record.fault}")
     header = [name.strip() for name in header_record.fields]
+    repeated = {name: [i + 1 for i, h in enumerate(header) if h == name] for name in header}
+    repeated = {name: at for name, at in repeated.items() if len(at) > 1}
+    if repeated:
+        said = "; ".join(f"{name!r} in columns {at}" for name, at in repeated.items())
+        raise StageError(
+            f"{path}: header row (line {header_record.line}): duplicate column name(s): {said}; "
+            "rename them so that each column can be read"
+        )
     _missing_columns(path, source, header)
     text_at = [header.index(c) for c in source.text_columns]
     label_at = header.index(source.label_column)
@@ -516,11 +562,24 @@ def read_parquet_source(path: Path, source: Source) -> SourceRead:
     return SourceRead(candidates, metadata.num_rows, "row")
 
 
+class _JsonObject(dict):
+    """A JSON object that remembers the keys it was given more than once (json keeps the last)."""
+
+    repeated: list[str]
+
+
+def _object_keeping_repeats(pairs: list[tuple[str, object]]) -> _JsonObject:
+    obj = _JsonObject(pairs)
+    keys = [key for key, _ in pairs]
+    obj.repeated = sorted({key for key in keys if keys.count(key) > 1})
+    return obj
+
+
 def read_jsonl(path: Path, source: Source) -> SourceRead:
     """Row candidates of a JSON-lines file; a line that is not a JSON object is a row fault, a
     blank line is skipped (and counted)."""
     # Split as bytes: each line is decoded on its own, so an undecodable one is a row fault.
-    data = read_text_bytes(path, "JSON-lines")
+    data = as_lf_lines(read_text_bytes(path, "JSON-lines"))
     lines = data.split(b"\n")
     if lines[-1] == b"":
         lines.pop()
@@ -534,13 +593,16 @@ def read_jsonl(path: Path, source: Source) -> SourceRead:
         label = text = fault = None
         raw = line.decode("utf-8", "backslashreplace")
         try:
-            obj = json.loads(line.decode("utf-8"))
+            obj = json.loads(line.decode("utf-8"), object_pairs_hook=_object_keeping_repeats)
         except UnicodeDecodeError:
             fault = "undecodable bytes (not UTF-8)"
         except json.JSONDecodeError as err:
             fault = f"invalid JSON: {err.msg}"
         else:
-            if not isinstance(obj, dict):
+            repeated = obj.repeated if isinstance(obj, _JsonObject) else []
+            if repeated:
+                fault = f"field(s) {repeated} given twice in one object (which value is meant?)"
+            elif not isinstance(obj, dict):
                 fault = "not a JSON object"
             elif missing := [k for k in wanted if k not in obj]:
                 fault = f"missing field(s): {missing}"
@@ -670,7 +732,7 @@ def validate_rows(
             "label_fault"
         ),
     )
-    name = source.path.name
+    name = source.name
     kept = checked.filter(pl.col("reason").is_null()).select(
         pl.format("{}:{}", pl.lit(name), pl.col("row")).alias("id"),
         pl.lit(source.split).alias("split"),

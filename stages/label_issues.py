@@ -244,19 +244,46 @@ def score_issues(
     )
 
 
+# Per-class tables of the report (suggested-to counts, noise matrix rows) list every class up to
+# this many classes; beyond, each row keeps its REPORT_TOP_N largest non-zero entries, so that the
+# report grows linearly with the classes (500 classes: 12 MB as a full table, tracked in git).
+MAX_DENSE_CLASSES = 10
+REPORT_TOP_N = 5
+
+
+def report_row(values: dict[str, float | int], n_labels: int) -> dict[str, float | int]:
+    """A per-class row of the report: whole for a few classes, else its largest non-zero entries
+    (ties by label order), kept in label order."""
+    if n_labels <= MAX_DENSE_CLASSES:
+        return values
+    ranked = sorted((name for name, v in values.items() if v), key=lambda n: -values[n])
+    kept = set(ranked[:REPORT_TOP_N])
+    return {name: v for name, v in values.items() if name in kept}
+
+
 def noise_matrix(
     labels: np.ndarray, probs: np.ndarray, label_names: tuple[str, ...]
 ) -> dict[str, dict[str, float]]:
-    """cleanlab's estimate of P(given label | true label), as {true: {given: p}}."""
+    """cleanlab's estimate of P(given label | true label), as {true: {given: p}} (rows sparse
+    beyond MAX_DENSE_CLASSES classes: report_row)."""
     joint = compute_confident_joint(labels, probs)
     _, matrix, _ = estimate_latent(joint, labels)
     return {
-        true_name: {
-            given_name: round(float(matrix[given, true]), 4)
-            for given, given_name in enumerate(label_names)
-        }
+        true_name: report_row(
+            {
+                given_name: round(float(matrix[given, true]), 4)
+                for given, given_name in enumerate(label_names)
+            },
+            len(label_names),
+        )
         for true, true_name in enumerate(label_names)
     }
+
+
+def suggested_to(rows: pl.DataFrame, cls: int, label_names: tuple[str, ...]) -> dict[str, int]:
+    """How many of class `cls`'s flagged rows cleanlab suggests each other class for (one pass)."""
+    counts = dict(rows.filter("is_label_issue").group_by("suggested_label").len().iter_rows())
+    return {name: counts.get(s, 0) for s, name in enumerate(label_names) if s != cls}
 
 
 def build_report(table: pl.DataFrame, settings: dict, label_names: tuple[str, ...]) -> dict:
@@ -269,11 +296,7 @@ def build_report(table: pl.DataFrame, settings: dict, label_names: tuple[str, ..
         per_class[name] = {
             "rows": rows.height,
             "flagged": int(rows["is_label_issue"].sum()),
-            "suggested_to": {
-                other: int(((rows["suggested_label"] == s) & rows["is_label_issue"]).sum())
-                for s, other in enumerate(label_names)
-                if s != cls
-            },
+            "suggested_to": report_row(suggested_to(rows, cls, label_names), len(label_names)),
         }
     return {
         **settings,

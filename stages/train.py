@@ -41,8 +41,10 @@ import polars as pl
 import torch
 import yaml
 
-from stages import paths
+from stages import launch, paths
+from stages.base_model import base_model_problem
 from stages.common import (
+    RANK_STAGE_ERROR,
     StageError,
     available_cores,
     cpu_model,
@@ -587,7 +589,7 @@ def launch_plan(launcher: str, batch_size: int, cores: int, gpus: int) -> Launch
     n = max(k for k in range(1, devices + 1) if batch_size % k == 0)
     if n == 1:
         return LaunchPlan(None, f"one process ({devices} {what}(s))")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command = [sys.executable, "-m", launch.__name__, "--standalone"]  # torchrun (stages/launch.py)
     return LaunchPlan(
         [*command, f"--nproc_per_node={n}"],
         f"{n} data-parallel processes through torchrun, one per {what}"
@@ -612,6 +614,9 @@ def launcher_name() -> str:
 def main() -> None:
     params = load_section("train", TrainParams)
     if not launched():
+        # Checked here once, before any process starts (each would fail alike, inside torchrun).
+        if problem := base_model_problem(params.base_model, params.lora):
+            raise StageError(problem)
         plan = launch_plan(
             params.launcher, params.batch_size, available_cores(), torch.cuda.device_count()
         )
@@ -619,6 +624,8 @@ def main() -> None:
         if plan.command is not None:
             # The processes it starts run this module again, as launched ranks.
             done = subprocess.run([*plan.command, "-m", "stages.train"], check=False)
+            if done.returncode == RANK_STAGE_ERROR:  # rank 0 has said what was wrong, once
+                sys.exit(1)
             if done.returncode != 0:
                 raise StageError(f"train: {shlex.join(plan.command)} exited {done.returncode}")
             return

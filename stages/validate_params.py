@@ -2,8 +2,9 @@
 
 dvc.yaml runs this stage on the whole of params.yaml and makes every other stage depend on its
 output, so a params change runs it first: a refused value (a typo'd key, a wrong type, an unknown
-section) stops `dvc repro`, `dvc exp run` and `dvc queue` here, before DVC removes the outputs of
-any stage it would rerun. Its output names only the sections it checked, so it does not change when
+section, a source outside data/raw/, a base model that is not there or not supported, LoRA module
+names the base does not have) stops `dvc repro`, `dvc exp run` and `dvc queue` here, before DVC
+removes the outputs of any stage it would rerun. Its output names only the sections it checked, so it does not change when
 valid params do, and reruns nothing downstream by itself.
 """
 
@@ -14,6 +15,7 @@ from typing import Any
 import yaml
 
 from stages import paths
+from stages.base_model import base_model_problem
 from stages.common import PARAMS_FILE, StageError, get_logger, parse_labels, run_main, write_json
 from stages.ingest import parse_sources
 from stages.params import parse_section
@@ -66,6 +68,10 @@ def params_problems(params: Any) -> list[str]:
             parsed = parse_section(params[section], SECTIONS[section], section)
             if section == "ingest":
                 parse_sources(list(parsed.sources))
+            if section == "train" and (
+                problem := base_model_problem(parsed.base_model, parsed.lora)
+            ):
+                problems.append(problem)
         except StageError as err:
             problems.append(str(err))
     return problems

@@ -181,15 +181,93 @@ def test_parquet_with_wrong_columns_names_them(tmp_path: Path) -> None:
 
 def test_sources_param_is_validated() -> None:
     with pytest.raises(StageError, match="split 'dev' is not one of"):
-        parse_sources([{"path": "a.csv", "split": "dev"}])
-    with pytest.raises(StageError, match="listed twice"):
-        parse_sources([{"path": "x/a.csv", "split": "train"}, {"path": "y/a.csv", "split": "test"}])
+        parse_sources([{"path": "data/raw/a.csv", "split": "dev"}])
+    with pytest.raises(StageError, match=r"sources\[1\]\.path 'data/raw/x/a\.csv': listed twice"):
+        parse_sources(
+            [
+                {"path": "data/raw/x/a.csv", "split": "train"},
+                {"path": "data/raw/x/a.csv", "split": "test"},
+            ]
+        )
     with pytest.raises(StageError, match=r"expected \{path, split\[, text, label\]\}"):
         parse_sources([{"file": "a.csv"}])
     with pytest.raises(StageError, match=r"sources\[0\]: a \.csv source names both"):
-        parse_sources([{"path": "a.csv", "split": "train", "text": "body"}])
+        parse_sources([{"path": "data/raw/a.csv", "split": "train", "text": "body"}])
     with pytest.raises(StageError, match=r"sources\[0\]\.text: a column name or a list"):
-        parse_sources([{"path": "a.jsonl", "split": "train", "text": [], "label": "y"}])
+        parse_sources([{"path": "data/raw/a.jsonl", "split": "train", "text": [], "label": "y"}])
+    with pytest.raises(StageError, match=r"sources\[0\]\.path: a file path, got None"):
+        parse_sources([{"path": None, "split": "train"}])
+
+
+@pytest.mark.parametrize(
+    "path", ["data/elsewhere/train.csv", "/tmp/train.csv", "data/raw/../train.csv", "train.csv"]
+)
+def test_a_source_outside_the_declared_raw_folder_is_refused(path: str) -> None:
+    """dvc.yaml declares data/raw/ as ingest's dependency: DVC would not see a file elsewhere
+    change, and would skip ingest with the old rows."""
+    with pytest.raises(StageError) as refused:
+        parse_sources([{"path": path, "split": "train"}])
+    assert str(refused.value).startswith(
+        f"params.yaml ingest.sources[0].path {path!r}: outside data/raw/"
+    )
+
+
+def test_sources_sharing_a_file_name_are_told_apart_by_their_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    for folder, line in (("a", GOOD_CSV), ("b", b'"2","Cup final","Fans gather for the final."\n')):
+        (tmp_path / "data" / "raw" / folder).mkdir(parents=True)
+        write(tmp_path / "data" / "raw" / folder / "train.csv", line)
+    sources = parse_sources(
+        [
+            {"path": "data/raw/a/train.csv", "split": "train"},
+            {"path": "data/raw/b/train.csv", "split": "train"},
+            {"path": "data/raw/ag/test.csv", "split": "test"},
+        ]
+    )
+    assert [s.name for s in sources] == ["a/train.csv", "b/train.csv", "test.csv"]
+    kept = pl.concat([ingest_one(source)[0] for source in sources[:2]])
+    assert kept["id"].is_unique().all()
+    assert kept.filter(pl.col("source") == "b/train.csv")["id"].to_list() == ["b/train.csv:1"]
+
+
+def test_a_header_csv_with_a_column_name_twice_is_refused_naming_it(tmp_path: Path) -> None:
+    path = write(tmp_path / "dup.csv", b"text,text,label\nfirst half,second half,World\n")
+    with pytest.raises(StageError) as refused:
+        ingest_one(Source(path, "train", ("text",), "label"))
+    assert (
+        "dup.csv: header row (line 1): duplicate column name(s): 'text' in columns [1, 2]"
+        in str(refused.value)
+    )
+
+
+@pytest.mark.parametrize("kind", ["csv", "header-csv", "jsonl"])
+def test_cr_only_line_endings_are_read_as_lines(tmp_path: Path, kind: str) -> None:
+    """Classic Mac OS line ends (a bare CR): each CR ends a line, and line numbers count them."""
+    if kind == "csv":
+        data, source = GOOD_CSV.replace(b"\n", b"\r"), lambda p: Source(p, "train")
+    elif kind == "header-csv":
+        data = b"label,text\rWorld,Leaders meet for talks\rSports,The home side won\r"
+        source = lambda p: Source(p, "train", ("text",), "label")  # noqa: E731
+    else:
+        data = b'{"text": "Leaders meet", "label": 0}\r{"text": "The home side won", "label": 1}'
+        source = lambda p: Source(p, "train")  # noqa: E731
+    path = write(tmp_path / f"mac.{'jsonl' if kind == 'jsonl' else 'csv'}", data)
+    kept, rejected = ingest_one(source(path))
+    assert rejected.height == 0 and kept.height == data.count(b"\r") + (
+        not data.endswith(b"\r")
+    ) - (kind == "header-csv")
+    assert not any("\r" in text for text in kept["text"])
+
+
+def test_a_jsonl_object_with_a_field_twice_is_a_row_fault(tmp_path: Path) -> None:
+    data = b'{"text": "Leaders meet", "label": 0}\n{"text": "a", "text": "b", "label": 1}\n'
+    kept, rejected = ingest_one(Source(write(tmp_path / "twice.jsonl", data), "train"))
+    assert kept["text"].to_list() == ["Leaders meet"]
+    assert rejected["reason"].to_list() == [
+        "field(s) ['text'] given twice in one object (which value is meant?)"
+    ]
 
 
 def test_rows_in_equals_kept_plus_rejected_per_source(tmp_path: Path) -> None:
@@ -211,9 +289,13 @@ def test_rows_in_equals_kept_plus_rejected_per_source(tmp_path: Path) -> None:
 TICKETS = ("billing", "outage", "account")
 
 
-def test_header_csv_with_class_names_and_two_text_columns(tmp_path: Path) -> None:
+def test_header_csv_with_class_names_and_two_text_columns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # sources are listed relative to the repository root
+    (tmp_path / "data" / "raw").mkdir(parents=True)
     path = write(
-        tmp_path / "t.csv",
+        Path("data/raw/t.csv"),
         b"queue,subject,body,extra\n"
         b"billing,Invoice twice,I was charged twice,x\n"
         b'outage,"Site down, again",Nothing loads,y\n'

@@ -267,11 +267,14 @@ def test_label_names_differing_in_case_are_shown_with_the_match(tmp_path: Path) 
 
 def test_main_writes_the_rejected_rows_then_stops(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    Path("train.csv").write_text(header_csv([("nope", f"T {marker(i)}") for i in range(4)]))
-    Path("test.csv").write_text(header_csv(ticket_rows(3)))
+    Path("data/raw").mkdir(parents=True)
+    Path("data/raw/train.csv").write_text(
+        header_csv([("nope", f"T {marker(i)}") for i in range(4)])
+    )
+    Path("data/raw/test.csv").write_text(header_csv(ticket_rows(3)))
     sources = [
-        {"path": "train.csv", "split": "train", "text": "text", "label": "label"},
-        {"path": "test.csv", "split": "test", "text": "text", "label": "label"},
+        {"path": "data/raw/train.csv", "split": "train", "text": "text", "label": "label"},
+        {"path": "data/raw/test.csv", "split": "test", "text": "text", "label": "label"},
     ]
     Path("params.yaml").write_text(
         json.dumps(

@@ -109,6 +109,7 @@ def test_each_model_alone_gives_probabilities() -> None:
         assert (probs.argmax(axis=1) == labels).mean() > 0.85
 
 
+@pytest.mark.kernels
 def test_knn_in_chunks_equals_one_pass() -> None:
     # A chunk budget of a few rows must give the votes of one pass over all rows, up to float32
     # rounding of the similarities (the budget is what keeps 120k rows in bounded memory).
@@ -241,6 +242,7 @@ def test_embed_texts_is_normalised_and_independent_of_batching(tiny_bert_dir: Pa
     np.testing.assert_allclose(one, many, atol=1e-5)
 
 
+@pytest.mark.kernels
 def test_bf16_embeddings_stay_close_to_fp32(tiny_bert_dir: Path) -> None:
     texts = ["Stocks rise", "A much longer sentence about the championship final tonight", "Hi"]
     fp32 = li.embed_texts(texts, str(tiny_bert_dir), precision="fp32")
@@ -278,3 +280,44 @@ def test_main_writes_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     first = paths.LABEL_ISSUES.read_bytes()
     li.main()
     assert paths.LABEL_ISSUES.read_bytes() == first  # byte-identical on a rerun
+
+
+def test_the_report_grows_linearly_with_the_classes() -> None:
+    """At 500 classes every per-class table keeps its few largest entries (a full suggested-to
+    table was 500x499 counts, 12 MB in git); at 4 classes each row is whole, zeros included."""
+    rng = np.random.default_rng(0)
+    for n_classes in (4, 500):
+        names = tuple(f"class {i}" for i in range(n_classes))
+        n = 20 * n_classes
+        labels = np.arange(n) % n_classes
+        probs = rng.dirichlet(np.full(n_classes, 0.05), size=n)
+        believed = np.where(
+            np.arange(n) % 7 == 0, (labels + 1 + np.arange(n) % 3) % n_classes, labels
+        )
+        probs[np.arange(n), believed] += 1.0  # mostly the given label, one row in 7 another
+        probs /= probs.sum(axis=1, keepdims=True)
+        table = pl.DataFrame(
+            {
+                "label": labels,
+                "suggested_label": probs.argmax(axis=1),
+                "is_label_issue": probs[np.arange(n), labels] < 0.5,
+                "action": "flagged",
+            }
+        )
+        report = li.build_report(table, {}, names)
+        report["noise_matrix_given_by_true"] = li.noise_matrix(labels, probs, names)
+        rows = [c["suggested_to"] for c in report["per_class"].values()]
+        matrix = list(report["noise_matrix_given_by_true"].values())
+        if n_classes == 4:
+            assert all(len(row) == 3 for row in rows) and all(len(row) == 4 for row in matrix)
+            continue
+        assert max(len(row) for row in rows + matrix) <= li.REPORT_TOP_N
+        assert all(all(v > 0 for v in row.values()) for row in rows + matrix)
+        assert sum(len(row) for row in rows) > 0  # the flagged rows' suggestions are there
+        assert len(json.dumps(report)) < 400 * n_classes
+        # What is kept is the largest: no dropped count exceeds a kept one.
+        flagged = table.filter("is_label_issue")
+        cls = int(flagged["label"][0])
+        full = li.suggested_to(table.filter(pl.col("label") == cls), cls, names)
+        kept = report["per_class"][names[cls]]["suggested_to"]
+        assert min(kept.values()) >= max([v for k, v in full.items() if k not in kept] or [0])

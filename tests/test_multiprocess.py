@@ -97,42 +97,63 @@ def log_history(project: Path) -> list[dict]:
     return json.loads(state.read_text())["log_history"]
 
 
-@pytest.mark.parametrize("quantization", ["none", "4bit"])
-def test_two_processes_train_as_one_does_and_resume(
-    quantization, dropout_free_bert, tmp_path: Path
-) -> None:
-    one = make_train_project(tmp_path / "one", dropout_free_bert, "python", quantization)
+def test_two_processes_train_as_one_does_and_resume(dropout_free_bert, tmp_path: Path) -> None:
+    """For a full-precision and a 4-bit (QLoRA) base, 1 and 2 processes side by side; with them,
+    a 2-process `auto` run whose input is missing. All five start at once: each process has one
+    thread, and most of a tiny run is start-up."""
     # torchrun as a launcher command; each of its 2 processes takes half of every step's rows.
     torchrun = f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node 2"
-    two = make_train_project(tmp_path / "two", dropout_free_bert, torchrun, quantization)
-    # Side by side: each process has one thread, and the machine two cores.
-    single_run, double_run = start_train(one), start_train(two)
-    single, double = finish(single_run), finish(double_run)
+    projects = {
+        (quantization, launcher): make_train_project(
+            tmp_path / f"{quantization}-{name}", dropout_free_bert, launcher, quantization
+        )
+        for quantization in ("none", "4bit")
+        for name, launcher in (("one", "python"), ("two", torchrun))
+    }
+    faulty = make_train_project(tmp_path / "faulty", dropout_free_bert, "auto", "none")
+    (faulty / "data" / "processed" / "train.parquet").unlink()
+    runs = {key: start_train(project) for key, project in projects.items()}
+    faulty_run = start_train(faulty)
+    done = {key: finish(run) for key, run in runs.items()}
 
-    lines = train_log(double)
-    assert any(line.startswith("[train] INFO world size 2:") for line in lines), lines
-    assert any("world size 1: one process" in line for line in train_log(single))
-    # Rank 0 alone writes and reports: one "done", one adapter, one dvclive summary.
-    assert sum(" done: " in line for line in lines) == 1, lines
-    assert (two / "models" / "adapter" / "adapter_model.safetensors").is_file()
-    assert json.loads((two / "reports" / "train" / "metrics.json").read_text())["step"] == 8
+    # A fault in the ranks reaches the user once, without torchrun's report or traceback: rank 0
+    # says it in one line and the launcher ends with exit status 1.
+    _, stderr = faulty_run.communicate(timeout=300)
+    assert faulty_run.returncode == 1, stderr[-3000:]
+    assert [line for line in stderr.splitlines() if "ERROR" in line] == [
+        "[train] ERROR data/processed/train.parquet: not found; run `dvc repro` to build the "
+        "stages upstream"
+    ], stderr[-3000:]
+    assert "Traceback" not in stderr and "ChildFailedError" not in stderr
+    assert "train.launcher=auto: 2 data-parallel processes" in stderr
 
-    # Same global batch, same rows per step: the same losses, gradient norms and validation.
-    keys = ("loss", "grad_norm", "eval_loss", "eval_accuracy")
-    reference, distributed = log_history(one), log_history(two)
-    assert [e["step"] for e in distributed] == [e["step"] for e in reference]
-    for ref, dist in zip(reference, distributed, strict=True):
-        for key in keys:
-            if key in ref:
-                assert dist[key] == pytest.approx(ref[key], rel=1e-3), (dist["step"], key)
-    first_eval, last_eval = (e["eval_loss"] for e in reference if "eval_loss" in e)
-    assert last_eval < first_eval - 0.01, "the run must learn, or equal losses prove nothing"
+    for quantization in ("none", "4bit"):
+        one, two = projects[quantization, "python"], projects[quantization, torchrun]
+        lines = train_log(done[quantization, torchrun])
+        assert any(line.startswith("[train] INFO world size 2:") for line in lines), lines
+        assert any(
+            "world size 1: one process" in line for line in train_log(done[quantization, "python"])
+        )
+        # Rank 0 alone writes and reports: one "done", one adapter, one dvclive summary.
+        assert sum(" done: " in line for line in lines) == 1, lines
+        assert (two / "models" / "adapter" / "adapter_model.safetensors").is_file()
+        assert json.loads((two / "reports" / "train" / "metrics.json").read_text())["step"] == 8
+
+        # Same global batch, same rows per step: the same losses, gradient norms and validation.
+        keys = ("loss", "grad_norm", "eval_loss", "eval_accuracy")
+        reference, distributed = log_history(one), log_history(two)
+        assert [e["step"] for e in distributed] == [e["step"] for e in reference]
+        for ref, dist in zip(reference, distributed, strict=True):
+            for key in keys:
+                if key in ref:
+                    assert dist[key] == pytest.approx(ref[key], rel=1e-3), (dist["step"], key)
+        first_eval, last_eval = (e["eval_loss"] for e in reference if "eval_loss" in e)
+        assert last_eval < first_eval - 0.01, "the run must learn, or equal losses prove nothing"
 
     # A second run with `launcher: auto` on this 2-core machine starts 2 processes itself,
     # resumes from the 2-process checkpoint and keeps the adapter. Once: the launcher and resume
     # do not depend on the base's quantization (QLoRA resume: test_train.py).
-    if quantization != "none":
-        return
+    two = projects["none", torchrun]
     adapter = (two / "models" / "adapter" / "adapter_model.safetensors").read_bytes()
     set_params(two, {"train.launcher": "auto"})
     again = train_log(finish(start_train(two)))

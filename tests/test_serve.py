@@ -17,11 +17,12 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 from starlette.testclient import TestClient
 
 from newsclf.predict import OnnxClassifier
-from newsclf.serve import Limits, ServeConfig, create_app
+from newsclf.serve import Limits, MicroBatcher, ServeConfig, TextFault, create_app
 from tests.conftest import EXPORT_MAX_LENGTH
 
 TEXTS = [
@@ -107,6 +108,12 @@ def test_a_text_over_max_length_is_truncated_and_says_so(model_dir: Path, client
         (b'{"texts": ["ok", 3]}', 422, "texts[1] must be a string, got int", None),
         (b'{"texts": ["ok", "  "]}', 422, "texts[1] is empty", None),
         (
+            b'{"texts": ["ok", "abc \\ud800 def"]}',
+            422,
+            "texts[1] is not valid Unicode: '\\ud800' at character 4 is a lone UTF-16 surrogate",
+            None,
+        ),
+        (
             json.dumps({"texts": ["x"] * 9}).encode(),
             413,
             "9 texts in one request, over the limit of 8",
@@ -133,6 +140,91 @@ def test_bad_requests_get_a_4xx_that_names_the_fault(
     assert response.status_code == status
     assert says in response.json()["error"]
     assert response.json().get("limit") == limit
+
+
+class Refusing(OnnxClassifier):
+    """The tiny model, whose tokenizer refuses texts with TOKENIZER_FAULT and whose graph refuses
+    those with GRAPH_FAULT (as ONNX Runtime does an input it cannot run); `broken`: every call."""
+
+    TOKENIZER_FAULT, GRAPH_FAULT = "tokenizer-refuses-me", "graph-refuses-me"
+    GRAPH_FAULT_LENGTH = 27  # token count of GRAPH_FAULT_TEXT, which no other text here has
+    broken = False
+
+    def encode(self, texts):
+        if self.broken or any(self.TOKENIZER_FAULT in text for text in texts):
+            raise TypeError("TextEncodeInput must be Union[TextInputSequence, Tuple[...]]")
+        return super().encode(texts)
+
+    def logits(self, ids, batch_size=64, on_batch=None, by_length=True):
+        if any(len(seq) == self.GRAPH_FAULT_LENGTH for seq in ids):
+            raise RuntimeError("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Got invalid dimensions")
+        return super().logits(ids, batch_size, on_batch, by_length)
+
+
+GRAPH_FAULT_TEXT = " ".join(["graph-refuses-me"] + ["word"] * 20)
+
+
+def test_a_text_that_fails_fails_only_its_own_request(model_dir: Path) -> None:
+    """Good requests waiting beside texts the tokenizer or the graph refuses get their answers;
+    each refused text fails its own request with a TextFault (a 422); a model that fails on every
+    text fails them all with its own error (a 500)."""
+    import asyncio
+
+    classifier = Refusing(model_dir, "fp32")
+    assert len(classifier.encode([GRAPH_FAULT_TEXT]).ids[0]) == Refusing.GRAPH_FAULT_LENGTH
+    assert all(len(ids) != Refusing.GRAPH_FAULT_LENGTH for ids in classifier.encode(TEXTS).ids)
+    expected = offline(model_dir, TEXTS, "fp32")
+
+    async def requests(batcher: MicroBatcher, bodies: list[list[str]]) -> list[list]:
+        runner = asyncio.create_task(batcher.run())
+        try:
+            return await asyncio.gather(*(batcher.score(body) for body in bodies))
+        finally:
+            runner.cancel()
+
+    bad = [f"a {Refusing.TOKENIZER_FAULT} text", GRAPH_FAULT_TEXT]
+    bodies = [[TEXTS[i % 6], TEXTS[(i + 1) % 6]] for i in range(10)] + [
+        [TEXTS[0], bad[0]],
+        [bad[1]],
+    ]
+    batcher = MicroBatcher(classifier, max_batch=64, max_wait_s=0.2, ort_batch=4)
+    answers = asyncio.run(requests(batcher, bodies))
+    for body, answer in zip(bodies[:10], answers[:10], strict=True):
+        got = classifier.predictions(np.stack([scored.logits for scored in answer]))
+        want = [expected[TEXTS.index(text)] for text in body]
+        assert same_answers([{"label": p.label, "scores": p.scores} for p in got], want)
+    assert not isinstance(answers[10][0], Exception)  # the good text beside a bad one
+    assert isinstance(answers[10][1], TextFault) and "TypeError" in str(answers[10][1])
+    assert isinstance(answers[11][0], TextFault) and "INVALID_ARGUMENT" in str(answers[11][0])
+
+    Refusing.broken = True
+    try:
+        broken = MicroBatcher(classifier, max_batch=64, max_wait_s=0.2, ort_batch=4)
+        answers = asyncio.run(requests(broken, [[TEXTS[0]], [TEXTS[1], TEXTS[2]]]))
+    finally:
+        Refusing.broken = False
+    faults = [result for answer in answers for result in answer]
+    assert all(isinstance(f, TypeError) and not isinstance(f, TextFault) for f in faults)
+
+
+def test_the_refused_text_is_named_in_a_422(model_dir: Path, monkeypatch) -> None:
+    from newsclf import serve
+
+    monkeypatch.setattr(serve, "OnnxClassifier", Refusing)
+    config = ServeConfig(
+        model_dir, "fp32", None, max_batch=16, max_wait_ms=2, ort_batch=8, limits=LIMITS
+    )
+    with TestClient(create_app(config)) as test_client:
+        deadline = time.monotonic() + 60
+        while test_client.get("/health").status_code != 200:
+            assert time.monotonic() < deadline, "the model did not load"
+            time.sleep(0.05)
+        response = test_client.post("/predict", json={"texts": [TEXTS[0], GRAPH_FAULT_TEXT]})
+        assert response.status_code == 422
+        error = response.json()["error"]
+        assert error.startswith("texts[1] cannot be scored: RuntimeError: [ONNXRuntimeError]")
+        assert error.endswith(f"the text: {GRAPH_FAULT_TEXT[:40]!r}")
+        assert test_client.post("/predict", json={"texts": TEXTS[:2]}).status_code == 200
 
 
 # ---- a real server --------------------------------------------------------------------------------
@@ -220,6 +312,60 @@ def test_concurrent_requests_get_their_own_answers_and_a_leaving_client_breaks_n
     assert "Exception in ASGI application" not in log
     assert "Application shutdown complete" in log  # uvicorn then re-raises the SIGTERM
     assert "Uvicorn running on http://127.0.0.1:" in log  # loopback by default
+
+
+def test_a_model_that_cannot_load_stops_the_server_naming_the_file(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """A truncated graph: the server logs the file and ONNX Runtime's fault and exits 1, instead
+    of answering /health "loading" for ever."""
+    import shutil
+
+    broken = tmp_path / "onnx"
+    shutil.copytree(model_dir, broken)
+    for graph in broken.glob("*.onnx"):
+        graph.write_bytes(graph.read_bytes()[:5000])
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "newsclf.cli", "serve", "--model", str(broken), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=os.environ | {"PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        out, _ = server.communicate(timeout=60)
+    finally:
+        if server.poll() is None:
+            server.kill()
+    log = out.decode()
+    assert server.returncode == 1, log
+    assert f"the model could not be loaded: {broken}/model" in log
+    assert "ONNX Runtime cannot load it" in log
+
+
+def test_a_stalled_body_is_answered_408(model_dir: Path) -> None:
+    port = free_port()
+    server = start_server(model_dir, port, "--body-timeout-s", "1")
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as raw:
+            raw.sendall(
+                b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b'Content-Length: 100\r\n\r\n{"texts": ["half'
+            )
+            started = time.monotonic()
+            reply = b""
+            while b"}" not in reply and (chunk := raw.recv(4096)):
+                reply += chunk
+            waited = time.monotonic() - started
+            reply = reply.decode()
+        assert reply.startswith("HTTP/1.1 408"), reply
+        assert "request body not received within 1 s" in reply and "body_timeout_s=1" in reply
+        assert waited < 10
+        status, answer = request(port, "POST", "/predict", {"texts": TEXTS[:2]})
+        assert status == 200
+    finally:
+        log = stop(server)
+    assert "Traceback" not in log
 
 
 def test_shutdown_finishes_the_requests_in_flight(model_dir: Path) -> None:
