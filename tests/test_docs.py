@@ -1,13 +1,22 @@
-"""The README's params table and params.yaml name the same keys with the same defaults."""
+"""The docs agree with the code: the params table with params.yaml, the base-model table with
+stages/families.py; every relative link resolves; the README stays a ten-minute read."""
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from tests.pipeline_fixture import REPO_ROOT
+
+README = REPO_ROOT / "README.md"
+DOCS = REPO_ROOT / "docs"
+PARAMS_DOC, PARAMS_HEADING = DOCS / "params.md", "## Every key, its default and meaning"
+BASE_MODELS_DOC, BASE_MODELS_HEADING = DOCS / "base_models.md", "## Choosing a base model"
+README_MAX_LINES = 250
 
 # Rows whose default is described in words rather than spelled as a value.
 DESCRIBED = {"ingest.sources": "the four files of `data/raw/ag_news/`"}
@@ -39,10 +48,18 @@ def split_top_level(cell: str) -> list[str]:
     return [*parts, current.strip()]
 
 
-def readme_params() -> dict[str, str]:
-    """Dotted key -> the default as the README's params table spells it."""
-    text = (REPO_ROOT / "README.md").read_text()
-    table = text.split("\n## Params\n", 1)[1].split("\n## ", 1)[0]
+def section(path: Path, heading: str) -> str:
+    """The text under `heading` (a line of its own) up to the next heading of its level or above."""
+    text = path.read_text()
+    assert f"\n{heading}\n" in text, f"{path.relative_to(REPO_ROOT)}: no {heading!r}"
+    body = text.split(f"\n{heading}\n", 1)[1]
+    level = heading.split(" ", 1)[0]
+    return re.split(rf"\n#{{1,{len(level)}}} ", body, maxsplit=1)[0]
+
+
+def documented_params() -> dict[str, str]:
+    """Dotted key -> the default as docs/params.md's table spells it."""
+    table = section(PARAMS_DOC, PARAMS_HEADING)
     documented = {}
     for line in table.splitlines():
         if not line.startswith("| `"):
@@ -59,7 +76,7 @@ def readme_params() -> dict[str, str]:
             documented[keys[0]] = default_cell
             continue
         defaults = split_top_level(default_cell)
-        assert len(defaults) == len(keys), f"README params row {keys}: defaults {defaults}"
+        assert len(defaults) == len(keys), f"params table row {keys}: defaults {defaults}"
         documented |= {k: d.strip("`") for k, d in zip(keys, defaults, strict=True)}
     return documented
 
@@ -71,10 +88,10 @@ def same_value(documented: str, actual: Any) -> bool:
     return value == actual
 
 
-def test_readme_params_table_matches_params_yaml() -> None:
+def test_params_table_matches_params_yaml() -> None:
     params = leaf_keys(yaml.safe_load((REPO_ROOT / "params.yaml").read_text()))
-    documented = readme_params()
-    # `augment.ops.<op>.x` in the README stands for the key of every op.
+    documented = documented_params()
+    # `augment.ops.<op>.x` in the table stands for the key of every op.
     expanded = {}
     for key, default in documented.items():
         if "<op>" in key:
@@ -90,18 +107,18 @@ def test_readme_params_table_matches_params_yaml() -> None:
         for key, default in expanded.items()
         if key not in DESCRIBED and not same_value(default, params[key])
     }
-    assert not wrong, f"README default != params.yaml: {wrong}"
+    assert not wrong, f"docs/params.md default != params.yaml: {wrong}"
     sources = params["ingest.sources"]
     assert len(sources) == 4 and all(s["path"].startswith("data/raw/ag_news/") for s in sources)
 
 
-def test_readme_base_model_table_is_the_families_table() -> None:
-    """README's "Choosing a base model" lists every supported type once, with what `auto` gives."""
+def test_base_model_table_is_the_families_table() -> None:
+    """docs/base_models.md's "Choosing a base model" lists every supported type once, with what
+    `auto` gives."""
     from stages.families import FAMILIES, resolve_lora
 
-    readme = (REPO_ROOT / "README.md").read_text()
-    section = readme.split("## Choosing a base model", 1)[1].split("\n## ", 1)[0]
-    rows = [line.split("|")[1:-1] for line in section.splitlines() if line.startswith("| ")]
+    table = section(BASE_MODELS_DOC, BASE_MODELS_HEADING)
+    rows = [line.split("|")[1:-1] for line in table.splitlines() if line.startswith("| ")]
     listed = {}
     for kind, types, targets, saved, _ in rows[1:]:  # the header row first
         for model_type in re.findall(r"`([^`]+)`", types):
@@ -113,3 +130,65 @@ def test_readme_base_model_table_is_the_families_table() -> None:
         assert kind == family.kind, model_type
         assert re.findall(r"`([^`]+)`", targets) == [", ".join(choice.target_modules)], model_type
         assert re.findall(r"`([^`]+)`", saved) == [", ".join(choice.modules_to_save)], model_type
+
+
+# --- links and length ------------------------------------------------------------------------
+
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def doc_pages() -> list[Path]:
+    return [README, *sorted(DOCS.glob("*.md"))]
+
+
+def without_code_blocks(path: Path) -> str:
+    return re.sub(r"^```.*?^```", "", path.read_text(), flags=re.M | re.S)
+
+
+def prose(path: Path) -> str:
+    """The page without its fenced code blocks and inline code (neither holds links)."""
+    return re.sub(r"`[^`\n]*`", "", without_code_blocks(path))
+
+
+def links(path: Path) -> list[str]:
+    return LINK.findall(prose(path))
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lowercase, punctuation dropped, each space a hyphen."""
+    text = heading.replace("`", "").strip().lower()
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def anchors(path: Path) -> set[str]:
+    return {slug(h) for h in re.findall(r"^#{1,6} (.+)$", without_code_blocks(path), flags=re.M)}
+
+
+@pytest.mark.parametrize("page", doc_pages(), ids=lambda p: str(p.relative_to(REPO_ROOT)))
+def test_relative_links_point_at_files_that_exist(page: Path) -> None:
+    """Every relative link in README.md and docs/*.md names an existing file (and, where it names a
+    section of a Markdown page, a heading of that page)."""
+    broken = []
+    for target in links(page):
+        if re.match(r"[a-z]+:", target):  # http(s), mailto: not checked here
+            continue
+        file_part, _, anchor = target.partition("#")
+        resolved = (page.parent / file_part).resolve() if file_part else page
+        if not resolved.exists():
+            broken.append(target)
+        elif anchor and resolved.suffix == ".md" and anchor not in anchors(resolved):
+            broken.append(f"{target} (no such heading)")
+    assert not broken, f"{page.relative_to(REPO_ROOT)}: broken links {broken}"
+
+
+def test_readme_links_every_docs_page() -> None:
+    linked = {(README.parent / t.partition("#")[0]).resolve() for t in links(README)}
+    unlinked = [p.name for p in sorted(DOCS.glob("*.md")) if p.resolve() not in linked]
+    assert not unlinked, f"docs pages the README does not link: {unlinked}"
+
+
+def test_readme_is_a_ten_minute_read() -> None:
+    n = len(README.read_text().splitlines())
+    assert n <= README_MAX_LINES, (
+        f"README.md has {n} lines (at most {README_MAX_LINES}): move detail to docs/"
+    )
