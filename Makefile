@@ -7,7 +7,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 # `cpu` installs onnxruntime; GPU users run `make install EXTRAS=gpu,dev` after installing CUDA torch.
 EXTRAS ?= cpu,dev
 
-.PHONY: install repro test test-fast bench
+.PHONY: install repro test test-fast test-portable bench
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,15 @@ test-fast: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest -q -m "not e2e and not slow"
+
+# The kernel-dependent tests (marker `kernels`) as a CPU with AVX2 only (no AVX-512, VNNI or bf16)
+# computes them, from any x86-64 machine: PyTorch and oneDNN pinned to AVX2, the whole process
+# emulated as a Haswell by QEMU (Debian's qemu-user) so that ONNX Runtime takes its AVX2 kernels,
+# on one core so that the int8 probes stay in the emulated process. About 15-20x slower.
+test-portable: install
+	command -v qemu-x86_64 >/dev/null || { echo "needs qemu-x86_64: apt-get install qemu-user"; exit 1; }
+	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 taskset -c 0 qemu-x86_64 -cpu Haswell \
+		$(BIN)/python -m pytest -q -m kernels -p no:cacheprovider -n 0
 
 bench: install
 	$(BIN)/python -m bench.bench_data

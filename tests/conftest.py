@@ -10,6 +10,45 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# The modules whose tests clone the `tiny_pipeline` fixture: one xdist worker runs them all, so
+# that the whole tiny pipeline is built once (a `dvc repro` of every stage, ~50 s).
+TINY_PIPELINE_MODULES = ("test_e2e.py", "test_workflows.py", "test_remote.py")
+
+
+# Started first, one on each worker: the longest work units (the tiny pipeline's modules; the
+# multi-process training runs). Left to xdist's order (most tests first) they started last.
+FIRST_SCOPES = ("tiny_pipeline", "tests/test_multiprocess.py")
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist's `loadscope` (whole modules to a worker, so each module's fixtures are made
+    once), with the tiny pipeline's modules as one scope, and the longest scopes first. (xdist's
+    own `loadgroup` marks do not group under pytest 9: it renames node ids through an attribute
+    pytest 9 no longer reads.)"""
+    from collections import Counter
+
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModulesAndTinyPipeline(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "tiny_pipeline" if Path(module).name in TINY_PIPELINE_MODULES else module
+
+        def schedule(self) -> None:
+            if self.collection is None:  # the first call: order the work units
+                for node, collection in self.registered_collections.items():
+                    sizes = Counter(self._split_scope(nodeid) for nodeid in collection)
+
+                    def rank(nodeid: str, sizes=sizes) -> tuple:
+                        scope = self._split_scope(nodeid)
+                        first = FIRST_SCOPES.index(scope) if scope in FIRST_SCOPES else 2
+                        return first, -sizes[scope], scope
+
+                    self.registered_collections[node] = sorted(collection, key=rank)
+                self.config.option.loadscopereorder = False
+            super().schedule()
+
+    return ModulesAndTinyPipeline(config, log)
 
 
 def machine_precision() -> str:

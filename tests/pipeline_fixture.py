@@ -60,11 +60,12 @@ def tool_env() -> dict[str, str]:
     )
 
 
-def dvc(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+def dvc(cwd: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`dvc ARGS` in `cwd` with this interpreter; `env`: variables to set for it."""
     return subprocess.run(
         [sys.executable, "-m", "dvc", *args],
         cwd=cwd,
-        env=tool_env(),
+        env=tool_env() | (env or {}),
         capture_output=True,
         text=True,
         check=False,
@@ -202,14 +203,42 @@ def tiny_pipeline_params(model_dir: Path) -> dict[str, object]:
 
 
 def build_tiny_pipeline(root: Path, model_dir: Path) -> Path:
-    """`make_project` + synthetic sources + tiny params, then a full `dvc repro`, committed."""
+    """`make_project` + synthetic sources + tiny params, then a full `dvc repro`, committed; what
+    `dvc repro` printed is kept beside the project (REPRO_LOG), for the tests of what it ran."""
     project = make_project(root)
     add_synthetic_sources(project, train_per_class=12, test_per_class=5)
     set_params(project, tiny_pipeline_params(model_dir))
     result = dvc(project, "repro")
     assert result.returncode == 0, result.stdout + result.stderr
+    (project.parent / REPRO_LOG).write_text(result.stdout)
     commit_all(project, "pipeline run")
     return project
+
+
+REPRO_LOG = "repro_stdout.txt"  # beside a built tiny pipeline: its `dvc repro` output
+
+# Every stage's `main()` in dvc.yaml's order, as `dvc repro` runs them from scratch.
+_RUN_ALL_STAGES = """
+import importlib, yaml
+for name in yaml.safe_load(open("dvc.yaml"))["stages"]:
+    importlib.import_module(f"stages.{name}").main()
+"""
+
+
+def run_stages_in_one_process(project: Path) -> None:
+    """What `dvc repro` computes from scratch, in one fresh Python process from the project's
+    root: each stage's `main()` in dvc.yaml's order, the modules imported once instead of once per
+    stage (about 20 s less on the tiny pipeline). DVC's own part, running the stages as dvc.yaml
+    wires them, is what the tiny pipeline's `dvc repro` and the workflow tests exercise."""
+    result = subprocess.run(
+        [sys.executable, "-c", _RUN_ALL_STAGES],
+        cwd=project,
+        env=tool_env(),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr[-5000:]
 
 
 def clone(src: Path, dest: Path, with_outputs: bool, upto: str | None = None) -> Path:

@@ -1,7 +1,7 @@
 """End to end: the real `dvc repro` in a temporary copy of the repository, on a fixture it writes.
 
-The data stages run once per session (`tokenized_project`) and the whole pipeline once
-(`tiny_pipeline`); each test here checks a clone of them. That only a changed param's stages rerun
+The whole pipeline runs once per session (`tiny_pipeline`); each test here checks it or a clone.
+The data stages alone are in test_e2e_data.py. That only a changed param's stages rerun
 is checked by the experiments test (test_workflows.py).
 """
 
@@ -14,40 +14,31 @@ import polars as pl
 import pytest
 import yaml
 
-from tests.pipeline_fixture import clone, dvc, file_hashes
+from tests.pipeline_fixture import REPRO_LOG, dvc, stages_run
 
-pytestmark = pytest.mark.e2e
-
-
-def test_dvc_repro_tokenize_on_fixture(tmp_path: Path, tokenized_project: Path) -> None:
-    project = clone(tokenized_project, tmp_path / "repo", with_outputs=True, upto="tokenize")
-    ingest = json.loads((project / "reports" / "ingest.json").read_text())
-    assert ingest["rows_in"] == 8 == ingest["kept"] + ingest["rejected"]
-    rejected = pl.read_parquet(project / "data" / "interim" / "rejected.parquet")
-    assert rejected.select("source", "row", "reason").rows() == [
-        ("train.csv", 4, "label out of range: 9 (expected 1-4)")
-    ]
-
-    clean = pl.read_parquet(project / "data" / "interim" / "clean.parquet")
-    assert clean.height == 6  # one exact duplicate removed
-    texts = clean["text"].to_list()
-    assert "New chip unveiled Intel $2 billion plan for faster chips." in texts
-    assert "Team wins cup The home side won the final at today." in texts  # URL removed
-    assert all("\\" not in t for t in texts)
-
-    tokens = pl.read_parquet(project / "data" / "interim" / "tokens.parquet")
-    assert tokens["id"].to_list() == clean["id"].to_list()
-    assert (project / "reports" / "plots" / "token_lengths.csv").exists()
-
-    # A second repro changes nothing; a forced one rebuilds byte-identical outputs.
-    first = file_hashes(project, "data/interim")
-    assert "Stage 'tokenize' didn't change" in dvc(project, "repro", "tokenize").stdout
-    assert dvc(project, "repro", "--force", "tokenize").returncode == 0
-    assert file_hashes(project, "data/interim") == first
+pytestmark = pytest.mark.e2e  # on the worker that builds the tiny pipeline (tests/conftest.py)
 
 
 def test_dvc_repro_whole_pipeline_with_tiny_model(tiny_pipeline: Path) -> None:
     project = tiny_pipeline  # the whole pipeline has run there (conftest.py)
+    # From scratch, `dvc repro` ran every stage of dvc.yaml.
+    ran = stages_run((project.parent / REPRO_LOG).read_text())
+    assert (
+        ran
+        == set(yaml.safe_load((project / "dvc.yaml").read_text())["stages"])
+        == {
+            "validate_params",
+            "ingest",
+            "clean",
+            "tokenize",
+            "label_issues",
+            "augment",
+            "train",
+            "evaluate",
+            "export",
+            "report",
+        }
+    )
     interim, processed = project / "data" / "interim", project / "data" / "processed"
     clean = pl.read_parquet(interim / "clean.parquet")
     issues = pl.read_parquet(interim / "label_issues.parquet")

@@ -126,6 +126,7 @@ def test_parquet_and_csv_files(
         np.testing.assert_allclose(list(a["scores"].values()), list(b["scores"].values()), 1e-6)
 
 
+@pytest.mark.kernels
 def test_fp32_and_int8_both_selectable(model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for precision in ("fp32", "int8"):
         code, out, _ = run_cli(

@@ -25,14 +25,13 @@ from tests.pipeline_fixture import (
     tool_env,
 )
 
-pytestmark = pytest.mark.e2e
+pytestmark = pytest.mark.e2e  # on the worker that builds the tiny pipeline (tests/conftest.py)
 
 moto_server = pytest.importorskip("moto.server")
 boto3 = pytest.importorskip("boto3")
 
 BUCKET = "newsclf-test"
 CREDENTIALS = {"access_key_id": "testing", "secret_access_key": "not-a-real-secret"}
-STAGE_OUTPUTS = ("data/interim", "reports")
 ALL_OUTPUTS = ("data/interim", "data/processed", "models", "reports")
 
 
@@ -77,73 +76,57 @@ def add_s3_remote(root: Path, endpoint: str) -> None:
         assert result.returncode == 0, result.stderr
 
 
-def clone_with_s3(src: Path, dest: Path, endpoint: str) -> Path:
+def clone_with_s3(src: Path, dest: Path) -> Path:
+    """A clone of `src`, whose committed .dvc/config names the S3 remote: credentials are local,
+    so each clone writes its own .dvc/config.local (what `dvc remote modify --local` writes)."""
     git(src.parent, "clone", "-q", str(src), str(dest))
-    add_s3_remote(dest, endpoint)  # credentials are local: each clone sets its own
+    assert 'remote "s3"' in (dest / ".dvc" / "config").read_text()
+    lines = "".join(f"    {key} = {value}\n" for key, value in CREDENTIALS.items())
+    (dest / ".dvc" / "config.local").write_text(f"['remote \"s3\"']\n{lines}")
     return dest
 
 
-def test_push_and_pull_through_s3(tmp_path: Path, s3_endpoint, tokenized_project: Path) -> None:
-    endpoint, server = s3_endpoint
-    project = clone(tokenized_project, tmp_path / "repo", with_outputs=True, upto="tokenize")
-    add_s3_remote(project, endpoint)
-    assert CREDENTIALS["secret_access_key"] not in (project / ".dvc" / "config").read_text()
-    assert CREDENTIALS["secret_access_key"] in (project / ".dvc" / "config.local").read_text()
-
-    assert ".dvc/config.local" not in git(project, "ls-files")
-    pushed = dvc(project, "push")
-    assert pushed.returncode == 0, pushed.stdout + pushed.stderr
-    expected = file_hashes(project, *STAGE_OUTPUTS)
-
-    # dvc pull into a fresh clone restores every output, byte for byte.
-    fresh = clone_with_s3(project, tmp_path / "fresh", endpoint)
-    pulled = dvc(fresh, "pull", "--with-deps", "tokenize")  # the stages this test ran
-    assert pulled.returncode == 0, pulled.stdout + pulled.stderr
-    assert file_hashes(fresh, *STAGE_OUTPUTS) == expected
-
-    # With the server gone, push and pull fail with a clear error and leave the workspace alone.
-    server.stop()
-    set_params(project, {"clean.min_chars": 25})
-    assert dvc(project, "repro", "tokenize").returncode == 0
-    before = file_hashes(project, *STAGE_OUTPUTS, ".dvc/cache"), (project / "dvc.lock").read_text()
-    failed_push = dvc(project, "push", "--with-deps", "tokenize")
-    assert failed_push.returncode != 0
-    assert "ERROR" in failed_push.stderr
-    assert (
-        file_hashes(project, *STAGE_OUTPUTS, ".dvc/cache"),
-        (project / "dvc.lock").read_text(),
-    ) == before
-
-    offline = clone_with_s3(project, tmp_path / "offline", endpoint)
-    failed_pull = dvc(offline, "pull", "--with-deps", "tokenize")
-    assert failed_pull.returncode != 0
-    assert "ERROR" in failed_pull.stderr
-    assert not list((offline / "data" / "interim").glob("*.parquet"))  # nothing half-pulled
-    shutil.rmtree(offline)
-
-
-def test_repro_pull_restores_outputs_from_s3_instead_of_recomputing(
+def test_push_pull_repro_pull_and_the_artifact_through_s3(
     tmp_path: Path, s3_endpoint, tiny_pipeline: Path
 ) -> None:
-    endpoint, _ = s3_endpoint
+    """One push of the tiny pipeline (outputs and run-cache) serves every remote workflow: `dvc
+    pull` and `dvc repro --pull` into fresh clones, a partial `repro --pull`, the model as a DVC
+    artifact fetched from another directory; then, with the server gone, push and pull fail
+    clearly and change nothing."""
+    from dvc.api import artifacts_show
+
+    endpoint, server = s3_endpoint
     work = clone(tiny_pipeline, tmp_path / "work", with_outputs=True)
     add_s3_remote(work, endpoint)
+    assert CREDENTIALS["secret_access_key"] not in (work / ".dvc" / "config").read_text()
+    assert CREDENTIALS["secret_access_key"] in (work / ".dvc" / "config.local").read_text()
+    git(work, "add", ".dvc/config")  # the remote's address travels with the repository
+    git(work, "commit", "-qm", "S3 remote")
+    assert ".dvc/config.local" not in git(work, "ls-files")
     pushed = dvc(work, "push", "--run-cache")
     assert pushed.returncode == 0, pushed.stdout + pushed.stderr
     listed = s3_client(endpoint).list_objects_v2(Bucket=BUCKET, Prefix="cache/runs/")
     assert listed["KeyCount"] > 0  # the run-cache entries went up beside the outputs
+    expected = file_hashes(tiny_pipeline, *ALL_OUTPUTS)
 
-    # A fresh clone of the same commit: every stage's outputs come from the remote, none runs.
-    fresh = clone_with_s3(work, tmp_path / "fresh", endpoint)
+    # dvc pull into a fresh clone restores every output, byte for byte.
+    pulled_clone = clone_with_s3(work, tmp_path / "pulled")
+    pulled = dvc(pulled_clone, "pull")
+    assert pulled.returncode == 0, pulled.stdout + pulled.stderr
+    assert file_hashes(pulled_clone, *ALL_OUTPUTS) == expected
+
+    # `repro --pull` on a fresh clone of the same commit: every stage's outputs come from the
+    # remote, none runs.
+    fresh = clone_with_s3(work, tmp_path / "fresh")
     restored = dvc(fresh, "repro", "--pull")
     assert restored.returncode == 0, restored.stdout + restored.stderr
     assert stages_run(restored.stdout) == set()
-    assert file_hashes(fresh, *ALL_OUTPUTS) == file_hashes(tiny_pipeline, *ALL_OUTPUTS)
+    assert file_hashes(fresh, *ALL_OUTPUTS) == expected
     assert dvc(fresh, "status").stdout.strip() == "Data and pipelines are up to date."
 
     # A param of the last stage on another fresh clone: the unchanged upstream stages neither run
     # nor download anything they do not need; the inputs of the stage that reruns are pulled.
-    other = clone_with_s3(work, tmp_path / "other", endpoint)
+    other = clone_with_s3(work, tmp_path / "other")
     set_params(other, {"report.top_suspects": 5})
     rerun = dvc(other, "repro", "--pull", "--allow-missing")
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
@@ -152,26 +135,12 @@ def test_repro_pull_restores_outputs_from_s3_instead_of_recomputing(
     assert not (other / "data" / "interim" / "tokens.parquet").exists()
     assert not (other / "models" / "adapter").exists()
 
-
-def test_the_model_is_a_dvc_artifact_fetched_from_another_directory(
-    tmp_path: Path, s3_endpoint, tiny_pipeline: Path
-) -> None:
-    from dvc.api import artifacts_show
-
-    endpoint, _ = s3_endpoint
-    work = clone(tiny_pipeline, tmp_path / "work", with_outputs=True)
-    add_s3_remote(work, endpoint)
-    git(work, "add", ".dvc/config")  # the remote's address travels with the repository
-    git(work, "commit", "-qm", "S3 remote")
-    pushed = dvc(work, "push")
-    assert pushed.returncode == 0, pushed.stdout + pushed.stderr
-    # Versions and stages are git tags in GTO's format (`gto register` / `gto assign` make them).
+    # The model as an artifact. Versions and stages are git tags in GTO's format (`gto register`
+    # / `gto assign` make them).
     git(work, "tag", "-a", "text-classifier@v1.0.0", "-m", "first model")
     git(work, "tag", "-a", "text-classifier#prod#1", "-m", "v1.0.0 to prod")
-
     shown = artifacts_show("text-classifier", repo=str(work))
     assert shown == {"rev": git(work, "rev-parse", "HEAD").strip(), "path": "models/onnx"}
-
     # From another directory, with credentials from the environment (no config.local there).
     env = tool_env() | {
         "AWS_ACCESS_KEY_ID": CREDENTIALS["access_key_id"],
@@ -179,7 +148,7 @@ def test_the_model_is_a_dvc_artifact_fetched_from_another_directory(
     }
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    expected = file_hashes(work, "models/onnx")
+    model_files = file_hashes(work, "models/onnx")
     for name, how in (("latest", []), ("v1", ["--rev", "v1.0.0"]), ("prod", ["--stage", "prod"])):
         out = elsewhere / name
         got = subprocess.run(
@@ -193,5 +162,27 @@ def test_the_model_is_a_dvc_artifact_fetched_from_another_directory(
         )
         assert got.returncode == 0, got.stdout + got.stderr
         fetched = {f"models/onnx/{k}": v for k, v in file_hashes(out, ".").items()}
-        assert fetched == expected
+        assert fetched == model_files
         assert "model-index" in (out / "README.md").read_text()  # the card travels with it
+
+    # With the server gone, push and pull fail with a clear error and leave the workspace alone.
+    server.stop()
+    set_params(work, {"clean.min_chars": 25})
+    assert dvc(work, "repro", "clean").returncode == 0  # a new clean table to push
+    before = file_hashes(work, *ALL_OUTPUTS, ".dvc/cache"), (work / "dvc.lock").read_text()
+    # One attempt per request (botocore's default retries a refused connection for ~15 s).
+    one_try = {"AWS_MAX_ATTEMPTS": "1"}
+    failed_push = dvc(work, "push", "clean", env=one_try)
+    assert failed_push.returncode != 0
+    assert "ERROR" in failed_push.stderr
+    assert (
+        file_hashes(work, *ALL_OUTPUTS, ".dvc/cache"),
+        (work / "dvc.lock").read_text(),
+    ) == before
+
+    offline = clone_with_s3(work, tmp_path / "offline")
+    failed_pull = dvc(offline, "pull", "--with-deps", "tokenize", env=one_try)
+    assert failed_pull.returncode != 0
+    assert "ERROR" in failed_pull.stderr
+    assert not list(offline.glob("data/*/*.parquet"))  # nothing half-pulled
+    shutil.rmtree(offline)

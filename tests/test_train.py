@@ -172,6 +172,7 @@ def test_quantization_auto_resolves_per_device_and_says_so(model_log):
     assert resolve_quantization("8bit", cuda=False) == "8bit"
 
 
+@pytest.mark.kernels
 def test_precision_follows_native_bf16_and_refuses_emulated_bf16(monkeypatch, model_log):
     from stages import modeling
 
@@ -478,6 +479,7 @@ def test_kbit_training_on_cpu_resumes_and_saves_a_safetensors_adapter(
     assert all(v.dtype == torch.float32 for v in weights.values())
 
 
+@pytest.mark.kernels
 @pytest.mark.skipif(not NATIVE_BF16, reason=f"bf16 needs AVX512-BF16 or AMX: this is a {CPU}")
 def test_auto_precision_trains_bf16_where_the_cpu_computes_it(trained_adapter):
     """The session's QLoRA adapter was trained in the machine's precision: bf16 here."""

@@ -21,11 +21,12 @@ from tests.pipeline_fixture import (
     dvc,
     file_hashes,
     git,
+    run_stages_in_one_process,
     set_params,
     stages_run,
 )
 
-pytestmark = pytest.mark.e2e
+pytestmark = pytest.mark.e2e  # on the worker that builds the tiny pipeline (tests/conftest.py)
 
 # Everything a run writes that must not depend on when or where it ran (timings are apart:
 # reports/export_speed.json, and reports/index.html which shows them).
@@ -64,23 +65,12 @@ def reproducible_hashes(root: Path) -> dict[str, str]:
 
 
 def test_two_runs_from_scratch_are_identical(tmp_path: Path, tiny_pipeline: Path) -> None:
-    # A clone with a cache of its own: no run-cache to restore from, every stage computes.
+    # The tiny pipeline's `dvc repro` ran every stage (tests/test_e2e.py); a clone with no outputs
+    # runs every stage again, in one fresh process, and writes the same bytes.
     fresh = clone(tiny_pipeline, tmp_path / "fresh", with_outputs=False)
     for out in ("data/processed/train.parquet", "models/adapter"):
         assert not (fresh / out).exists()
-    ran = stages_run(ok(dvc(fresh, "repro", "--force")))
-    assert ran == {
-        "validate_params",
-        "ingest",
-        "clean",
-        "tokenize",
-        "label_issues",
-        "augment",
-        "train",
-        "evaluate",
-        "export",
-        "report",
-    }
+    run_stages_in_one_process(fresh)
     assert reproducible_hashes(fresh) == reproducible_hashes(tiny_pipeline)
 
 
