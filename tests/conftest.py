@@ -25,8 +25,6 @@ def pytest_xdist_make_scheduler(config, log):
     once), with the tiny pipeline's modules as one scope, and the longest scopes first. (xdist's
     own `loadgroup` marks do not group under pytest 9: it renames node ids through an attribute
     pytest 9 no longer reads.)"""
-    from collections import Counter
-
     from xdist.scheduler import LoadScopeScheduling
 
     class ModulesAndTinyPipeline(LoadScopeScheduling):
@@ -34,19 +32,13 @@ def pytest_xdist_make_scheduler(config, log):
             module = nodeid.split("::", 1)[0]
             return "tiny_pipeline" if Path(module).name in TINY_PIPELINE_MODULES else module
 
-        def schedule(self) -> None:
-            if self.collection is None:  # the first call: order the work units
-                for node, collection in self.registered_collections.items():
-                    sizes = Counter(self._split_scope(nodeid) for nodeid in collection)
-
-                    def rank(nodeid: str, sizes=sizes) -> tuple:
-                        scope = self._split_scope(nodeid)
-                        first = FIRST_SCOPES.index(scope) if scope in FIRST_SCOPES else 2
-                        return first, -sizes[scope], scope
-
-                    self.registered_collections[node] = sorted(collection, key=rank)
-                self.config.option.loadscopereorder = False
-            super().schedule()
+        def _assign_work_unit(self, node) -> None:
+            # The work queue is ordered; indexes into each worker's collection must not change.
+            for scope in FIRST_SCOPES:
+                if scope in self.workqueue:
+                    self.workqueue.move_to_end(scope, last=False)
+                    break
+            super()._assign_work_unit(node)
 
     return ModulesAndTinyPipeline(config, log)
 
