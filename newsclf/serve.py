@@ -93,22 +93,22 @@ def score(classifier: OnnxClassifier, texts: list[str], ort_batch: int) -> list[
     encoded = classifier.encode(texts)
     for i, ids in enumerate(encoded.ids):
         if not ids:  # a graph cannot take an empty sequence (a tokenizer without special tokens)
-            raise TextFault(f"text {i} of the batch has no tokens")
+            raise TextFault(
+                "the tokenizer gives it no tokens" if len(texts) == 1 else f"text {i} has no tokens"
+            )
     logits = classifier.logits(encoded.ids, ort_batch)
     return [Scored(row, cut) for row, cut in zip(logits, encoded.truncated, strict=True)]
 
 
-def score_alone(classifier: OnnxClassifier, text: str) -> Scored | Exception:
-    """One text scored on its own after its batch failed: its result, a TextFault when the model
-    still scores the probe text (so the fault is this text's), or the error itself otherwise."""
+def score_alone(classifier: OnnxClassifier, text: str) -> Scored | TextFault:
+    """One text scored on its own after its batch failed while the model still scores the probe
+    text: its result, or a TextFault (the fault is this text's)."""
     try:
         return score(classifier, [text], 1)[0]
+    except TextFault as fault:
+        return fault
     except Exception as err:
-        try:
-            score(classifier, [PROBE_TEXT], 1)
-        except Exception:
-            return err  # the model fails on any text: a fault of the server, not of the text
-        return err if isinstance(err, TextFault) else TextFault(f"{type(err).__name__}: {err}")
+        return TextFault(f"{type(err).__name__}: {err}")
 
 
 class MicroBatcher:
@@ -146,7 +146,7 @@ class MicroBatcher:
                 break
             try:
                 batch.append(await asyncio.wait_for(self.queue.get(), remaining))
-            except TimeoutError:
+            except (TimeoutError, asyncio.TimeoutError):  # distinct classes before Python 3.11
                 break
         return batch
 
@@ -159,10 +159,22 @@ class MicroBatcher:
                 score, self.classifier, [item.text for item in batch], self.ort_batch
             )
             self.batches += 1
-        except Exception:  # one text may have failed them all: each is tried on its own
-            results = [
-                await asyncio.to_thread(score_alone, self.classifier, item.text) for item in batch
-            ]
+        except Exception as err:
+            try:  # does the model still score a text? Then one text failed them all.
+                await asyncio.to_thread(score, self.classifier, [PROBE_TEXT], 1)
+            except Exception:  # the server's fault: every waiting request gets it (a 500)
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(err)
+                return
+            results = []
+            for item in batch:  # each text on its own, for the requests still waiting
+                done = item.future.done()
+                results.append(
+                    None
+                    if done
+                    else await asyncio.to_thread(score_alone, self.classifier, item.text)
+                )
         for item, result in zip(batch, results, strict=True):
             if item.future.done():
                 continue
@@ -285,7 +297,7 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes | J
             chunk = await asyncio.wait_for(chunks.__anext__(), max(remaining, 0))
         except StopAsyncIteration:
             return bytes(body)
-        except TimeoutError:
+        except (TimeoutError, asyncio.TimeoutError):  # distinct classes before Python 3.11
             return refuse(
                 408,
                 f"request body not received within {timeout_s:g} s ({len(body)} bytes came)",
@@ -399,7 +411,9 @@ def create_app(
 
 
 def serve(config: ServeConfig, host: str, port: int, graceful_s: float) -> int:
-    """Run the server until a signal stops it (0), or the model fails to load (1)."""
+    """Run the server until a signal stops it, or the model fails to load (then 1). After a
+    graceful shutdown uvicorn re-raises the signal it caught: SIGINT (Ctrl-C) ends here as 0,
+    SIGTERM ends the process as the signal's default does."""
     import uvicorn
 
     failures: list[str] = []
@@ -416,5 +430,6 @@ def serve(config: ServeConfig, host: str, port: int, graceful_s: float) -> int:
             app, host=host, port=port, log_level="info", timeout_graceful_shutdown=graceful_s
         )
     )
-    server.run()
+    with contextlib.suppress(KeyboardInterrupt):  # as uvicorn.run does
+        server.run()
     return 1 if failures else 0

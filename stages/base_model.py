@@ -99,7 +99,7 @@ def module_names(location: str) -> list[str]:
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    config = AutoConfig.from_pretrained(location)
+    config = AutoConfig.from_pretrained(location, local_files_only=True)  # never the network
     if config.pad_token_id is None:  # decoders' heads need one to be built
         config.pad_token_id = 0
     with torch.device("meta"):

@@ -19,9 +19,10 @@ import polars as pl
 import yaml
 
 PARAMS_FILE = Path("params.yaml")
-# The exit status of a launched rank (torchrun) that stopped on a StageError: stages/launch.py
-# then ends quietly, since rank 0 has logged the one line that says what to fix.
+# The exit status of a launched rank (torchrun) that stopped on a StageError, and the folder
+# (set by stages/launch.py) where it leaves its message: the launcher says the first one once.
 RANK_STAGE_ERROR = 3
+RANK_ERRORS_ENV = "NEWSCLF_RANK_ERRORS"
 
 # The data contract: every table between stages carries at least these columns.
 CONTRACT_SCHEMA: dict[str, pl.DataType] = {
@@ -155,13 +156,16 @@ def write_json(obj: Any, path: str | Path) -> None:
 
 
 def run_main(main: Callable[[], None], name: str) -> None:
-    """Run a stage's `main`, turning a StageError into one clear line and exit status 1. Under a
-    launcher every rank meets the same fault in the same inputs: rank 0 alone says it, and each
-    exits RANK_STAGE_ERROR (stages/launch.py)."""
+    """Run a stage's `main`, turning a StageError into one clear line and exit status 1. Under
+    stages/launch.py each rank instead leaves its line in the launcher's folder (the first rank
+    to fail is stopped with the others, maybe before it could log) and exits RANK_STAGE_ERROR;
+    the launcher says the line once. Under another launcher each rank logs it."""
     try:
         main()
     except StageError as err:
-        rank = os.environ.get("RANK")
-        if rank in (None, "0"):
+        folder, rank = os.environ.get(RANK_ERRORS_ENV), os.environ.get("RANK")
+        if folder is None or rank is None:
             get_logger(name).error("%s", err)
-        sys.exit(1 if rank is None else RANK_STAGE_ERROR)
+            sys.exit(1 if rank is None else RANK_STAGE_ERROR)
+        (Path(folder) / f"rank{rank}.txt").write_text(f"{name}\t{err}", encoding="utf-8")
+        sys.exit(RANK_STAGE_ERROR)

@@ -25,6 +25,8 @@ from __future__ import annotations
 import codecs
 import csv
 import json
+import re
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -163,7 +165,10 @@ def parse_sources(entries: list[dict]) -> list[Source]:
         label = entry.get("label")
         if label is not None and (not isinstance(label, str) or not label):
             raise StageError(f"{where}.label: a column name, got {label!r}")
-        source = Source(Path(entry["path"]), entry["split"], tuple(text) if text else None, label)
+        path = Path(entry["path"])
+        if path.is_absolute() and path.is_relative_to(Path.cwd()):
+            path = path.relative_to(Path.cwd())  # inside the repository: as dvc.yaml names it
+        source = Source(path, entry["split"], tuple(text) if text else None, label)
         check_under_raw(source.path, where)
         if source.split not in SPLITS:
             raise StageError(f"{source.path}: split {source.split!r} is not one of {SPLITS}")
@@ -246,10 +251,12 @@ def read_text_bytes(path: Path, kind: str) -> bytes:
 
 def as_lf_lines(data: bytes) -> bytes:
     """A file whose lines end in a bare CR (classic Mac OS, some exports) with those CRs read as
-    line ends: it has one line for each. CRLF and LF files are returned as they are."""
-    if b"\n" in data or b"\r" not in data:
+    line ends: it has one line for each. A file with more LFs than bare CRs (LF or CRLF line ends,
+    a stray CR in a field) is returned as it is."""
+    bare_cr = data.count(b"\r") - data.count(b"\r\n")
+    if bare_cr <= data.count(b"\n"):
         return data
-    return data.replace(b"\r", b"\n")
+    return re.sub(rb"\r(?!\n)", b"\n", data)
 
 
 def count_lines(data: bytes) -> int:
@@ -501,7 +508,9 @@ def read_header_csv(
     if header_record.fault is not None:
         raise StageError(f"{path}: header row: {header_record.fault}")
     header = [name.strip() for name in header_record.fields]
-    repeated = {name: [i + 1 for i, h in enumerate(header) if h == name] for name in header}
+    # A column read (text or label) named twice: which one is meant? Others are never read.
+    read = {*source.text_columns, source.label_column}
+    repeated = {name: [i + 1 for i, h in enumerate(header) if h == name] for name in read}
     repeated = {name: at for name, at in repeated.items() if len(at) > 1}
     if repeated:
         said = "; ".join(f"{name!r} in columns {at}" for name, at in repeated.items())
@@ -570,8 +579,7 @@ class _JsonObject(dict):
 
 def _object_keeping_repeats(pairs: list[tuple[str, object]]) -> _JsonObject:
     obj = _JsonObject(pairs)
-    keys = [key for key, _ in pairs]
-    obj.repeated = sorted({key for key in keys if keys.count(key) > 1})
+    obj.repeated = sorted(k for k, n in Counter(key for key, _ in pairs).items() if n > 1)
     return obj
 
 
@@ -599,7 +607,7 @@ def read_jsonl(path: Path, source: Source) -> SourceRead:
         except json.JSONDecodeError as err:
             fault = f"invalid JSON: {err.msg}"
         else:
-            repeated = obj.repeated if isinstance(obj, _JsonObject) else []
+            repeated = [k for k in getattr(obj, "repeated", []) if k in wanted]
             if repeated:
                 fault = f"field(s) {repeated} given twice in one object (which value is meant?)"
             elif not isinstance(obj, dict):

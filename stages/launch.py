@@ -1,7 +1,8 @@
-"""torchrun, as `train.launcher: auto` starts it, without its own traceback when the ranks stopped
-on a fault the user can fix: each rank's StageError exits RANK_STAGE_ERROR after rank 0 has logged
-it in one line (stages/common.py `run_main`), and that line is then all the user reads. Any other
-failure (a crash, a signal) keeps torchrun's full report.
+"""torchrun, as `train.launcher: auto` starts it, without its own report and traceback when the
+ranks stopped on a fault the user can fix: each rank that meets a StageError leaves its line in a
+folder this launcher names (RANK_ERRORS_ENV) and exits RANK_STAGE_ERROR (stages/common.py
+`run_main`); the launcher then says the line once, as the stage would have, and exits
+RANK_STAGE_ERROR. Any other failure (a crash, a signal) keeps torchrun's full report.
 
     python -m stages.launch --standalone --nproc_per_node=2 -m stages.train
 """
@@ -9,10 +10,13 @@ failure (a crash, a signal) keeps torchrun's full report.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
+import tempfile
+from pathlib import Path
 
-from stages.common import RANK_STAGE_ERROR
+from stages.common import RANK_ERRORS_ENV, RANK_STAGE_ERROR, get_logger
 
 
 def main(argv: list[str]) -> int:
@@ -24,14 +28,19 @@ def main(argv: list[str]) -> int:
     for name in list(logging.Logger.manager.loggerDict):
         if name.startswith("torch.distributed"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
-    try:
-        run(parse_args(argv))
-    except ChildFailedError as err:
-        codes = {failure.exitcode for failure in err.failures.values()}
-        # The first rank to stop on a StageError makes the agent stop the others (SIGTERM).
-        if RANK_STAGE_ERROR in codes and codes <= {RANK_STAGE_ERROR, -signal.SIGTERM}:
-            return RANK_STAGE_ERROR
-        raise
+    with tempfile.TemporaryDirectory(prefix="newsclf-ranks-") as folder:
+        os.environ[RANK_ERRORS_ENV] = folder  # the ranks inherit the environment
+        try:
+            run(parse_args(argv))
+        except ChildFailedError as err:
+            codes = {failure.exitcode for failure in err.failures.values()}
+            said = sorted(Path(folder).glob("rank*.txt"), key=lambda p: int(p.stem[4:]))
+            # The first rank to stop on a StageError makes the agent stop the others (SIGTERM).
+            if said and codes <= {RANK_STAGE_ERROR, -signal.SIGTERM}:
+                stage, message = said[0].read_text(encoding="utf-8").split("\t", 1)
+                get_logger(stage).error("%s", message)
+                return RANK_STAGE_ERROR
+            raise
     return 0
 
 

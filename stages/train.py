@@ -624,7 +624,8 @@ def main() -> None:
         if plan.command is not None:
             # The processes it starts run this module again, as launched ranks.
             done = subprocess.run([*plan.command, "-m", "stages.train"], check=False)
-            if done.returncode == RANK_STAGE_ERROR:  # rank 0 has said what was wrong, once
+            if done.returncode == RANK_STAGE_ERROR and launch.__name__ in plan.command:
+                # stages/launch.py has said what was wrong, once
                 sys.exit(1)
             if done.returncode != 0:
                 raise StageError(f"train: {shlex.join(plan.command)} exited {done.returncode}")

@@ -6,6 +6,7 @@ Used by the tests that drive real `dvc` commands (end to end, remotes, run-cache
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -217,12 +218,12 @@ def build_tiny_pipeline(root: Path, model_dir: Path) -> Path:
 
 REPRO_LOG = "repro_stdout.txt"  # beside a built tiny pipeline: its `dvc repro` output
 
-# Every stage's `main()` in dvc.yaml's order, as `dvc repro` runs them from scratch.
-_RUN_ALL_STAGES = """
-import importlib, yaml
-for name in yaml.safe_load(open("dvc.yaml"))["stages"]:
-    importlib.import_module(f"stages.{name}").main()
-"""
+
+def run_all_stages() -> None:
+    """Every stage's `main()` in dvc.yaml's order, as `dvc repro` runs them from scratch, from the
+    current directory (a project's root)."""
+    for name in yaml.safe_load(Path("dvc.yaml").read_text())["stages"]:
+        importlib.import_module(f"stages.{name}").main()
 
 
 def run_stages_in_one_process(project: Path) -> None:
@@ -230,10 +231,15 @@ def run_stages_in_one_process(project: Path) -> None:
     root: each stage's `main()` in dvc.yaml's order, the modules imported once instead of once per
     stage (about 20 s less on the tiny pipeline). DVC's own part, running the stages as dvc.yaml
     wires them, is what the tiny pipeline's `dvc repro` and the workflow tests exercise."""
+    # `stages` from the project (the current directory comes first), `tests` from this checkout.
     result = subprocess.run(
-        [sys.executable, "-c", _RUN_ALL_STAGES],
+        [
+            sys.executable,
+            "-c",
+            "from tests.pipeline_fixture import run_all_stages; run_all_stages()",
+        ],
         cwd=project,
-        env=tool_env(),
+        env=tool_env() | {"PYTHONPATH": str(REPO_ROOT)},
         capture_output=True,
         text=True,
         check=False,

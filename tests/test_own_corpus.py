@@ -10,7 +10,6 @@ here, and `dvc plots show` renders the corpus's classes. Nothing in the code cha
 from __future__ import annotations
 
 import csv
-import importlib
 import io
 import json
 import subprocess
@@ -26,6 +25,7 @@ from tests.pipeline_fixture import (
     commit_all,
     dvc,
     make_project,
+    run_all_stages,
     run_stages_in_one_process,
     set_params,
     tiny_pipeline_params,
@@ -110,13 +110,6 @@ def own_corpus_project(root: Path, model_dir: Path, names: tuple[str, ...]) -> P
     return project
 
 
-def run_stages_in_process(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each stage's `main()` in dvc.yaml's order, from the project's root, in this process."""
-    monkeypatch.chdir(project)
-    for name in yaml.safe_load((project / "dvc.yaml").read_text())["stages"]:
-        importlib.import_module(f"stages.{name}").main()
-
-
 @pytest.mark.parametrize(
     "names", [("Billing", "Outage", "Account"), ("Outage", "Account")], ids=["3-class", "2-class"]
 )
@@ -127,7 +120,8 @@ def test_own_corpus_runs_to_report_with_its_class_names(
     if len(names) == 3:
         run_stages_in_one_process(project)  # a fresh process, as `dvc repro` gives each stage
     else:
-        run_stages_in_process(project, monkeypatch)
+        monkeypatch.chdir(project)
+        run_all_stages()  # in this process
     n = len(names)
 
     ingest = json.loads((project / "reports" / "ingest.json").read_text())

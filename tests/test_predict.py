@@ -174,6 +174,30 @@ def test_missing_model_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "no exported model here" in err and "nowhere" in err
 
 
+def test_an_argument_that_is_not_utf8_is_named(model_dir: Path) -> None:
+    """`newsclf predict "$(printf 'abc \\xff')"`: the shell hands over a byte that is not UTF-8."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "newsclf.cli",
+            "predict",
+            "--model",
+            str(model_dir),
+            "ok",
+            b"abc \xff",
+        ],
+        capture_output=True,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert done.stderr.decode().strip() == (
+        "newsclf: error: argument 2: not UTF-8 text (byte 0xff at character 4); check the "
+        "shell's locale or pass the text in a UTF-8 file with --file"
+    )
+    assert done.stdout == b""
+
+
 def test_corrupt_model_file(model_dir: Path, tmp_path: Path, capsys) -> None:
     broken = tmp_path / "broken"
     broken.mkdir()

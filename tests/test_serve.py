@@ -4,6 +4,7 @@ a client that leaves breaks nothing, and a shutdown finishes the requests in fli
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
@@ -57,16 +58,23 @@ def same_answers(got: list[dict], expected: list[dict]) -> bool:
     )
 
 
-@pytest.fixture(scope="module")
-def client(model_dir: Path) -> Iterator[TestClient]:
+@contextlib.contextmanager
+def loaded_client(model_dir: Path, precision: str) -> Iterator[TestClient]:
+    """The app in process, once its model has loaded."""
     config = ServeConfig(
-        model_dir, "auto", None, max_batch=16, max_wait_ms=2, ort_batch=8, limits=LIMITS
+        model_dir, precision, None, max_batch=16, max_wait_ms=2, ort_batch=8, limits=LIMITS
     )
     with TestClient(create_app(config)) as test_client:
         deadline = time.monotonic() + 60
         while test_client.get("/health").status_code != 200:
             assert time.monotonic() < deadline, "the model did not load"
             time.sleep(0.05)
+        yield test_client
+
+
+@pytest.fixture(scope="module")
+def client(model_dir: Path) -> Iterator[TestClient]:
+    with loaded_client(model_dir, "auto") as test_client:
         yield test_client
 
 
@@ -211,20 +219,38 @@ def test_the_refused_text_is_named_in_a_422(model_dir: Path, monkeypatch) -> Non
     from newsclf import serve
 
     monkeypatch.setattr(serve, "OnnxClassifier", Refusing)
-    config = ServeConfig(
-        model_dir, "fp32", None, max_batch=16, max_wait_ms=2, ort_batch=8, limits=LIMITS
-    )
-    with TestClient(create_app(config)) as test_client:
-        deadline = time.monotonic() + 60
-        while test_client.get("/health").status_code != 200:
-            assert time.monotonic() < deadline, "the model did not load"
-            time.sleep(0.05)
+    with loaded_client(model_dir, "fp32") as test_client:
         response = test_client.post("/predict", json={"texts": [TEXTS[0], GRAPH_FAULT_TEXT]})
         assert response.status_code == 422
         error = response.json()["error"]
         assert error.startswith("texts[1] cannot be scored: RuntimeError: [ONNXRuntimeError]")
         assert error.endswith(f"the text: {GRAPH_FAULT_TEXT[:40]!r}")
         assert test_client.post("/predict", json={"texts": TEXTS[:2]}).status_code == 200
+
+
+def test_a_model_that_loads_but_cannot_score_is_reported_not_served(model_dir: Path, monkeypatch):
+    """The probe text fails: /health says `failed` with the file and the fault (never 200), and
+    the server is told to stop."""
+    from newsclf import serve
+
+    monkeypatch.setattr(serve, "OnnxClassifier", Refusing)
+    monkeypatch.setattr(Refusing, "broken", True)
+    stopped: list[str] = []
+    config = ServeConfig(
+        model_dir, "fp32", None, max_batch=16, max_wait_ms=2, ort_batch=8, limits=LIMITS
+    )
+    with TestClient(create_app(config, on_load_failure=stopped.append)) as test_client:
+        deadline = time.monotonic() + 60
+        while not stopped:
+            assert time.monotonic() < deadline, "the load did not end"
+            time.sleep(0.05)
+        health = test_client.get("/health")
+        assert health.status_code == 503 and health.json()["status"] == "failed"
+        assert health.json()["error"].startswith(
+            f"{model_dir / 'model.onnx'}: loads but cannot score"
+        )
+        assert test_client.post("/predict", json={"texts": ["a text"]}).status_code == 503
+    assert stopped == [health.json()["error"]]
 
 
 # ---- a real server --------------------------------------------------------------------------------
