@@ -87,7 +87,9 @@ def check_lora_modules(base_model: str, model_type: str, lora) -> None:
             name for name in names if not any(m == name or m.endswith(f".{name}") for m in modules)
         ]
         if missing:
-            leaves = sorted({m.rsplit(".", 1)[-1] for m in modules if m})
+            leaves = sorted(
+                {leaf for m in modules if (leaf := m.rsplit(".", 1)[-1]).isidentifier()}
+            )
             raise StageError(
                 f"params.yaml {key}: {missing} name no module of {base_model!r} "
                 f"({model_type}); its module names end in: {', '.join(leaves)}"
