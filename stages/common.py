@@ -47,6 +47,28 @@ def cpu_model() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
+# The int8 dot-product instructions ONNX Runtime's kernels can use, best first, by CPU flag. With
+# VNNI (or AMX) u8 x s8 products are summed in 32 bits; without it (AVX2, AVX512BW) VPMADDUBSW
+# saturates 16-bit sums, so a graph's int8 agreement depends on which of these the CPU has.
+INT8_INSTRUCTIONS = (
+    ("amx_int8", "AMX-INT8"),
+    ("avx512_vnni", "AVX512-VNNI"),
+    ("avx_vnni", "AVX-VNNI"),
+    ("avx512bw", "AVX512BW, no VNNI"),
+    ("avx2", "AVX2, no VNNI"),
+)
+
+
+def int8_instructions(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The best int8 instruction set of this CPU (INT8_INSTRUCTIONS), from /proc/cpuinfo's flags:
+    recorded beside every int8 agreement figure, which depends on it."""
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []:
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            return next((name for flag, name in INT8_INSTRUCTIONS if flag in flags), "no AVX2")
+    return "unknown (no CPU flags in /proc/cpuinfo)"
+
+
 def available_cores() -> int:
     """The cores this process may run on (its affinity, where the OS reports one)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

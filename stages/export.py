@@ -51,7 +51,9 @@ from stages.card import card_context, write_card
 from stages.common import (
     StageError,
     available_cores,
+    cpu_model,
     get_logger,
+    int8_instructions,
     load_labels,
     read_table,
     require_file,
@@ -694,10 +696,13 @@ def export_folder(
         )
         timed["int8"] = (len(texts), int8_seconds)
         checked |= int8_parity(reference, int8_logits, parity.min_int8_agreement)
+        # The agreement is this CPU's int8 kernels' (a CPU without VNNI computes others).
+        checked["int8_measured_on"] = {"cpu": cpu_model(), "int8_instructions": int8_instructions()}
         meta["int8_parity"] = {
             "top1_agreement": round(checked["int8_top1_agreement"], 6),
             "min_agreement": parity.min_int8_agreement,
             "meets_bound": bool(checked["int8_meets_bound"]),
+            "measured_on": checked["int8_measured_on"],
         }
         if not checked["int8_meets_bound"]:
             log.warning(

@@ -104,5 +104,10 @@ def check_model_card(project: Path) -> None:
         assert f"| {label} | {scores['precision']} | {scores['recall']} | {scores['f1']} |" in body
     for source in ingest["sources"]:
         assert f"| `{source['path']}` | {source['split']} | {source['rows_in']} |" in body
+    measured_on = export["parity"]["int8_measured_on"]
+    assert (
+        f"Measured on {measured_on['cpu']}\n  (int8 instructions: {measured_on['int8_instructions']})"
+        in body
+    )
     resolved = yaml.safe_load((reports / "train" / "resolved.yaml").read_text())
     assert f"| precision (as resolved) | `{resolved['precision']}` |" in body

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from newsclf.predict import META_FILE, OnnxClassifier
-from stages.common import StageError
+from stages.common import StageError, int8_instructions
 from stages.evaluate import merged_logits, predict_logits
 from stages.export import (
     FP32_FILE,
@@ -501,6 +501,9 @@ def test_stage_ships_fp32_when_int8_misses_the_bound(
     assert speed["fp32_texts_per_s"] > 0 and speed["int8_texts_per_s"] > 0
     meta = json.loads(Path("models/onnx", META_FILE).read_text())
     assert meta["int8_parity"]["meets_bound"] is False
+    # Where the agreement was measured: it depends on the CPU's int8 instructions.
+    assert meta["int8_parity"]["measured_on"] == report["parity"]["int8_measured_on"]
+    assert meta["int8_parity"]["measured_on"]["int8_instructions"] == int8_instructions()
     assert (Path("models/onnx") / INT8_FILE).is_file()
 
     auto = OnnxClassifier("models/onnx")
@@ -528,3 +531,20 @@ def test_sensitivities_are_the_same_in_one_process_or_two(
         found[cores] = measure_sensitivities(fp32, candidates[:3], candidates, ids, reference, 0, 8)
     assert list(found[1]) == candidates[:3]
     assert found[1] == found[2] and all(value > 0 for value in found[1].values())
+
+
+@pytest.mark.parametrize(
+    ("flags", "found"),
+    [
+        ("fpu avx2 avx512f avx512bw avx512_vnni avx512_bf16", "AVX512-VNNI"),
+        ("fpu avx2 avx512f avx512bw", "AVX512BW, no VNNI"),
+        ("fpu sse4_2 avx avx2 fma", "AVX2, no VNNI"),
+        ("fpu avx2 avx_vnni", "AVX-VNNI"),
+        ("fpu sse4_2", "no AVX2"),
+    ],
+)
+def test_int8_instructions_are_read_from_the_cpu_flags(tmp_path: Path, flags: str, found: str):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n")
+    assert int8_instructions(cpuinfo) == found
+    assert int8_instructions(tmp_path / "none").startswith("unknown")
