@@ -245,7 +245,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("name", help="preset name: presets/NAME.yaml")
     p.set_defaults(run=print_preset)
+    p = commands.add_parser(
+        "sweep",
+        help="search a recipe with DVC's experiment queue and select it on held-out train rows",
+        description="run: queue one `dvc exp run` per point and seed of a sweep file and run "
+        "them (again: only what is not done); show: the table, reports/sweep.json and a plot; "
+        "apply: the winner's params into params.yaml (README, Experiments).",
+    )
+    p.add_argument("action", choices=("run", "show", "apply"))
+    p.add_argument("file", type=Path, help="the sweep, e.g. sweeps/recipe.yaml")
+    p.add_argument(
+        "--out", type=Path, default=Path("reports/sweep.json"), help="show: where to write"
+    )
+    p.set_defaults(run=sweep)
     return parser
+
+
+def sweep(args: argparse.Namespace) -> int:
+    from newsclf.sweep import main as sweep_main
+
+    return sweep_main(args.action, args.file, args.out)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -287,10 +306,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from newsclf.predict import PredictError
     from newsclf.preset import PresetError
+    from newsclf.sweep import SweepError
 
     try:
         return args.run(args)
-    except (InputError, PredictError, PresetError) as err:
+    except (InputError, PredictError, PresetError, SweepError) as err:
         print(f"newsclf: error: {err}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # `newsclf predict ... | head`: the reader left, nothing to report

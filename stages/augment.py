@@ -37,7 +37,17 @@ from stages.params import load_section
 from stages.sections import AugmentParams, OpsParams
 
 OPS: tuple[str, ...] = ("synonym", "swap", "delete", "insert")
-OUT_COLUMNS: tuple[str, ...] = ("id", "split", "label", "text", "augmented_from", "op")
+# `given_label`: the label as ingested, before `label_issues.action` relabelled it; validation
+# scores against it, so recipes with and without relabelling are judged on the same labels.
+OUT_COLUMNS: tuple[str, ...] = (
+    "id",
+    "split",
+    "label",
+    "text",
+    "augmented_from",
+    "op",
+    "given_label",
+)
 # Two words sharing this many leading letters are taken as forms of one word (company/companies),
 # which would add no new vocabulary.
 SAME_STEM_PREFIX = 4
@@ -303,7 +313,15 @@ def augment_rows(
             counts[op]["added"] += 1
             for col, value in zip(
                 OUT_COLUMNS,
-                (f"{row['id']}~aug{k}", row["split"], row["label"], text, row["id"], op),
+                (
+                    f"{row['id']}~aug{k}",
+                    row["split"],
+                    row["label"],
+                    text,
+                    row["id"],
+                    op,
+                    row["given_label"],
+                ),
                 strict=True,
             ):
                 out[col].append(value)
@@ -318,6 +336,7 @@ def _out_schema() -> dict[str, pl.DataType]:
         "text": pl.String(),
         "augmented_from": pl.String(),
         "op": pl.String(),
+        "given_label": pl.Int64(),
     }
 
 
@@ -330,6 +349,7 @@ def as_original(rows: pl.DataFrame) -> pl.DataFrame:
         "text",
         augmented_from=pl.lit(None, dtype=pl.String),
         op=pl.lit("original"),
+        given_label="given_label",
     )
 
 
@@ -358,10 +378,9 @@ def run(
     rates = enabled_ops(params.ops)
     n_aug = params.n_aug
     train_in = clean.filter(pl.col("split") == "train")
-    test = as_original(clean.filter(pl.col("split") == "test"))
-    train = apply_label_actions(train_in, issues)
-    relabelled = train.join(train_in.select("id", old=pl.col("label")), on="id")
-    n_relabelled = int((relabelled["label"] != relabelled["old"]).sum())
+    test = as_original(clean.filter(pl.col("split") == "test").with_columns(given_label="label"))
+    train = apply_label_actions(train_in.with_columns(given_label="label"), issues)
+    n_relabelled = int((train["label"] != train["given_label"]).sum())
     synonyms: dict[str, list[str]] = {}
     added = pl.DataFrame(schema=_out_schema())
     counts = {op: {"added": 0, "skipped": 0} for op in rates}

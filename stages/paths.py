@@ -40,6 +40,9 @@ TRAIN_LIVE = Path("reports/train")  # dvclive: metrics.json and plots/metrics/
 TRAIN_CURVES = TRAIN_LIVE / "plots" / "metrics"
 TRAIN_METRICS = TRAIN_LIVE / "metrics.json"  # dvclive's summary: last step's figures
 TRAIN_RESOLVED = TRAIN_LIVE / "resolved.yaml"  # what `auto` params became, device, versions
+# The kept model on the held-out train rows: what `newsclf sweep` selects by (never the test split).
+VALIDATION = TRAIN_LIVE / "validation.json"
+VAL_PREDICTIONS = TRAIN_LIVE / "val_predictions.csv"
 
 # The project's Hugging Face `evaluate` metric, loaded by path wherever the caller runs.
 METRIC_MODULE = Path(__file__).resolve().parents[1] / "metrics" / "newsclf_metrics"

@@ -3,6 +3,7 @@ them: checked against the data contract, and train rows split into training and 
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -41,27 +42,41 @@ def read_processed(path: str | Path, split: str, label_names: tuple[str, ...]) -
     return df
 
 
+def held_out_ids(genuine: pl.DataFrame, val_fraction: float, seed: int) -> list[str]:
+    """The validation ids: in each class (by `given_label` where present, the label before
+    `label_issues` changed it), round(n * val_fraction) rows, those whose seeded hash of the id is
+    lowest. A row's place in that order depends on its id alone, so dropping or relabelling other
+    rows moves at most a row per class: recipes with and without `label_issues.action` are scored
+    on (nearly) the same rows, and against the same labels."""
+    stratum = "given_label" if "given_label" in genuine.columns else "label"
+    ids: list[str] = []
+    for label, rows in sorted(genuine.group_by(stratum), key=lambda item: item[0]):
+        n_val = round(rows.height * val_fraction)
+        if n_val < 1 or n_val >= rows.height:
+            raise StageError(
+                f"cannot hold out val_fraction={val_fraction}: class {label[0]} has "
+                f"{rows.height} row(s), leaving {n_val} for validation"
+            )
+        keyed = sorted(
+            rows["id"].to_list(),
+            key=lambda id_: hashlib.sha256(f"{seed}:{id_}".encode()).digest(),
+        )
+        ids.extend(keyed[:n_val])
+    return ids
+
+
 def split_train_val(
     df: pl.DataFrame, val_fraction: float, seed: int, max_train_samples: int | None = None
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Seeded, label-stratified validation slice of the genuine rows; the rest trains.
+    """Seeded, label-stratified validation slice of the genuine rows (`held_out_ids`); the rest
+    trains.
 
     Augmented rows derived from a validation row are dropped, or validation would score texts the
     model trained on. `max_train_samples` then keeps a seeded subset of the training rows (in their
     file order). `evaluate` calls this too, so its baseline sees exactly the same training rows.
     """
-    from sklearn.model_selection import train_test_split
-
     genuine = df.filter(pl.col("op") == "original") if "op" in df.columns else df
-    try:
-        _, val_ids = train_test_split(
-            genuine["id"].to_list(),
-            test_size=val_fraction,
-            stratify=genuine["label"].to_list(),
-            random_state=seed,
-        )
-    except ValueError as err:
-        raise StageError(f"cannot hold out val_fraction={val_fraction}: {err}") from err
+    val_ids = held_out_ids(genuine, val_fraction, seed)
     is_val = pl.col("id").is_in(val_ids)
     if "augmented_from" in df.columns:
         is_val = is_val | pl.col("augmented_from").is_in(val_ids).fill_null(False)

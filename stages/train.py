@@ -51,6 +51,7 @@ from stages.common import (
     get_logger,
     load_labels,
     run_main,
+    write_json,
 )
 from stages.families import LoraChoice, resolve_lora
 from stages.modeling import (
@@ -137,6 +138,7 @@ def tokenize_rows(tokenizer, df: pl.DataFrame, max_length: int, sort_by_length: 
     enc = tokenizer(df["text"].to_list(), truncation=True, max_length=max_length)
     lengths = [len(ids) for ids in enc["input_ids"]]
     data = {
+        "row": list(range(df.height)),  # the row's place in `df`, kept through the sort below
         "input_ids": enc["input_ids"],
         "attention_mask": enc["attention_mask"],
         "labels": df["label"].to_list(),
@@ -283,6 +285,8 @@ class TrainResult:
     n_val: int
     train_seconds: float
     log_history: list[dict[str, Any]]
+    # The kept model's predicted class per validation row, in the order of the rows passed in.
+    val_predicted: list[int]
 
 
 def per_process_batch(batch_size: int) -> int:
@@ -485,6 +489,15 @@ def make_trainer(
     )
 
 
+def predict_validation(trainer) -> list[int]:
+    """The kept (best-epoch) model's predicted class for each validation row, in the rows' order.
+    Every process takes part; the Trainer gathers the batches back in order."""
+    logits = trainer.predict(trainer.eval_dataset).predictions
+    predicted = np.empty(len(trainer.eval_dataset), dtype=np.int64)
+    predicted[np.asarray(trainer.eval_dataset["row"])] = np.asarray(logits).argmax(axis=-1)
+    return predicted.tolist()
+
+
 def train_result(trainer, output, setup: RunSetup) -> TrainResult:
     """What the run did, from the Trainer's state (the best epoch's validation scores included)."""
     state = trainer.state
@@ -510,6 +523,7 @@ def train_result(trainer, output, setup: RunSetup) -> TrainResult:
         n_val=len(trainer.eval_dataset),
         train_seconds=float(output.metrics.get("train_runtime", math.nan)),
         log_history=list(state.log_history),
+        val_predicted=predict_validation(trainer),
     )
 
 
@@ -565,6 +579,35 @@ def train_model(
     if live is not None:
         live.end()
     return train_result(trainer, output, setup)
+
+
+def validation_scores(
+    val_df: pl.DataFrame, predicted: Sequence[int], label_names: tuple[str, ...]
+) -> tuple[dict[str, Any], pl.DataFrame]:
+    """The kept model's scores on the validation rows, against the labels as given (before
+    `label_issues.action` changed any: the test split is scored against given labels too), and the
+    per-row table `newsclf sweep` pairs recipes on."""
+    from sklearn.metrics import f1_score
+
+    given = "given_label" if "given_label" in val_df.columns else "label"
+    rows = val_df.select(
+        "id", given_label=pl.col(given), label="label", predicted=pl.Series(predicted)
+    ).sort("id")
+    truth, pred = rows["given_label"].to_numpy(), rows["predicted"].to_numpy()
+    scores = {
+        "accuracy": round(float((truth == pred).mean()), 6),
+        "macro_f1": round(
+            float(f1_score(truth, pred, average="macro", labels=range(len(label_names)))), 6
+        ),
+        "n_val": rows.height,
+        "relabelled_val_rows": int((rows["given_label"] != rows["label"]).sum()),
+    }
+    return scores, rows
+
+
+def write_table_csv(df: pl.DataFrame, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    df.write_csv(path)
 
 
 @dataclass(frozen=True)
@@ -640,6 +683,15 @@ def main() -> None:
     result = train_model(train_df, val_df, params, label_names, data_path=paths.TRAIN)
     if not result.is_main_process:
         return
+    validation, predictions = validation_scores(val_df, result.val_predicted, label_names)
+    write_table_csv(predictions, paths.VAL_PREDICTIONS)
+    write_json(validation, paths.VALIDATION)
+    log.info(
+        "validation (%d held-out train rows, given labels): accuracy %.4f, macro-F1 %.4f",
+        validation["n_val"],
+        validation["accuracy"],
+        validation["macro_f1"],
+    )
     log.info(
         "done: %d steps in %.0f s, best validation loss %.4f (accuracy %.4f) at %s; adapter in %s",
         result.global_step,

@@ -1,0 +1,658 @@
+"""`newsclf sweep run|show|apply FILE`: search a recipe with DVC's own experiment queue, choose it on
+held-out train rows, and write the winner into params.yaml.
+
+A sweep is a YAML file (`sweeps/*.yaml`, see `sweeps/recipe.yaml`): the params to vary (a grid of
+lists or ranges, and/or explicit points), the seeds, the stage every experiment runs up to, the
+validation metric and direction to select by, params every point shares (`set`), and a budget.
+
+- `run` queues one `dvc exp run --queue -n NAME -S ... STAGE` per point and seed, starts one queue
+  worker (`dvc queue start`; parallel workers are unreliable: iterative/dvc#10673, #10562), prints
+  a line per finished experiment, and records failures with their reason in the sweep's journal
+  (`reports/sweeps/NAME.json`). An experiment's name is the sweep's name, a hash of its point and
+  its seed: a second `run` finds what is done, queued, running or failed and queues only the rest.
+- `show` reads each experiment's `reports/train/validation.json` and per-row
+  `reports/train/val_predictions.csv` from its commit (never a test metric), ranks the points by
+  their mean over seeds, and gives the winner's margin over every other point with a 95% paired
+  bootstrap interval over the same held-out rows. It prints the table and writes `reports/sweep.json`
+  and a plot of the metric against each varied param.
+- `apply` writes the winner's varied params into params.yaml (comments kept), as `dvc exp apply`
+  would for the best experiment; `set` params (selection settings such as a larger validation
+  slice) are not written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import json
+import math
+import re
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from newsclf.preset import PARAMS_FILE, PresetError, _has_key, set_param_args
+
+# What selection may read from an experiment: validation scores of held-out train rows only.
+VALIDATION_FILE = "reports/train/validation.json"
+PREDICTIONS_FILE = "reports/train/val_predictions.csv"
+METRICS = ("accuracy", "macro_f1")
+# Stages that write VALIDATION_FILE or run after the stage that does (dvc.yaml).
+STAGES = ("train", "evaluate", "export", "report")
+JOURNAL_DIR = Path("reports/sweeps")
+REPORT = Path("reports/sweep.json")
+BOOTSTRAP_SAMPLES = 2000
+BOOTSTRAP_SEED = 0
+POLL_S = 2.0
+# DVC's experiment refs: refs/exps/<baseline sha, 2 + 38 hex digits>/<experiment name>.
+EXP_REF = re.compile(r"^refs/exps/[0-9a-f]{2}/[0-9a-f]{38}/(?P<name>[^/]+)$")
+SWEEP_KEYS = {"name", "stage", "seeds", "metric", "direction", "set", "grid", "points", "budget"}
+
+
+class SweepError(Exception):
+    """A malformed sweep file, or a DVC command that failed for the sweep as a whole."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    max_experiments: int  # the sweep is refused when its points times seeds exceed this
+    hours: float | None  # once spent, queued experiments are taken off the queue (run resumes)
+
+
+@dataclass(frozen=True)
+class Sweep:
+    path: Path
+    name: str
+    stage: str
+    seeds: tuple[int, ...]
+    metric: str
+    direction: str
+    fixed: dict[str, Any]  # `set`: every experiment gets these; `apply` does not write them
+    points: tuple[dict[str, Any], ...]  # each point's own params (grid x points, in order)
+    budget: Budget
+
+    @property
+    def varied(self) -> list[str]:
+        """The params whose value differs between points, in first-seen order."""
+        keys = dict.fromkeys(k for point in self.points for k in point)
+        return [k for k in keys if len({_canon(p.get(k)) for p in self.points}) > 1]
+
+    def experiment(self, point: dict[str, Any], seed: int) -> str:
+        digest = hashlib.sha256(_canon({"point": point, "set": self.fixed}).encode()).hexdigest()
+        return f"{self.name}-{digest[:8]}-s{seed}"
+
+    def overrides(self, point: dict[str, Any], seed: int) -> dict[str, Any]:
+        return self.fixed | point | {"train.seed": seed}
+
+
+def _canon(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def expand(spec: Any, where: str) -> list[Any]:
+    """A grid entry's values: a list, `{low, high, num[, scale: linear|log]}` (both ends kept), or
+    `{start, stop, step}` (stop kept when a step lands on it)."""
+    if isinstance(spec, list):
+        if not spec:
+            raise SweepError(f"{where}: an empty list")
+        return spec
+    if isinstance(spec, dict) and {"low", "high", "num"} <= spec.keys():
+        low, high, num = spec["low"], spec["high"], int(spec["num"])
+        scale = spec.get("scale", "linear")
+        if num < 2 or scale not in ("linear", "log") or (scale == "log" and min(low, high) <= 0):
+            raise SweepError(f"{where}: needs num >= 2, scale linear|log, positive ends for log")
+        values = np.geomspace(low, high, num) if scale == "log" else np.linspace(low, high, num)
+        return [float(f"{v:.6g}") for v in values]
+    if isinstance(spec, dict) and {"start", "stop", "step"} <= spec.keys():
+        start, stop, step = spec["start"], spec["stop"], spec["step"]
+        if step <= 0 or stop < start:
+            raise SweepError(f"{where}: needs step > 0 and stop >= start")
+        n = int(math.floor((stop - start) / step + 1e-9)) + 1
+        values = [start + i * step for i in range(n)]
+        ints = all(isinstance(v, int) for v in (start, stop, step))
+        return [v if ints else float(f"{v:.6g}") for v in values]
+    raise SweepError(
+        f"{where}: expected a list, {{low, high, num[, scale]}} or {{start, stop, step}}"
+    )
+
+
+def load_sweep(path: Path, params_file: Path = PARAMS_FILE) -> Sweep:
+    """The sweep in `path`, every key checked against params.yaml and every field validated."""
+    if not path.is_file():
+        raise SweepError(f"{path}: no such sweep file")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise SweepError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise SweepError(f"{path}: expected a mapping with {sorted(SWEEP_KEYS)}")
+    if unknown := sorted(set(raw) - SWEEP_KEYS):
+        raise SweepError(f"{path}: unknown key(s) {unknown} (known: {sorted(SWEEP_KEYS)})")
+    name = raw.get("name", path.stem)
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise SweepError(f"{path}: name {name!r}: letters, digits, `_`, `.` and `-` only")
+    stage = raw.get("stage", "train")
+    if stage not in STAGES:
+        raise SweepError(
+            f"{path}: stage {stage!r}: one of {list(STAGES)} (the validation scores are train's)"
+        )
+    metric = raw.get("metric", "accuracy")
+    if metric not in METRICS:
+        raise SweepError(
+            f"{path}: metric {metric!r}: one of {list(METRICS)} of {VALIDATION_FILE} (selection "
+            "reads held-out train rows only, never the test split)"
+        )
+    direction = raw.get("direction", "max")
+    if direction not in ("max", "min"):
+        raise SweepError(f"{path}: direction {direction!r}: max or min")
+    seeds = raw.get("seeds", [42])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+        raise SweepError(f"{path}: seeds: a non-empty list of integers")
+    if len(set(seeds)) != len(seeds):
+        raise SweepError(f"{path}: seeds: {seeds} repeats a seed")
+    fixed = raw.get("set") or {}
+    grid = raw.get("grid") or {}
+    explicit = raw.get("points") or [{}]
+    if not isinstance(fixed, dict) or not isinstance(grid, dict) or not isinstance(explicit, list):
+        raise SweepError(f"{path}: `set` and `grid` are mappings, `points` a list of mappings")
+    axes = {key: expand(spec, f"{path}: grid.{key}") for key, spec in grid.items()}
+    points: list[dict[str, Any]] = []
+    for i, base in enumerate(explicit):
+        if not isinstance(base, dict):
+            raise SweepError(f"{path}: points[{i}]: a mapping of dotted params keys to values")
+        for combo in itertools.product(*axes.values()):
+            point = base | dict(zip(axes, combo, strict=True))
+            if _canon(point) not in {_canon(p) for p in points}:
+                points.append(point)
+    params = (
+        yaml.safe_load(params_file.read_text(encoding="utf-8")) if params_file.is_file() else {}
+    )
+    for key in itertools.chain(fixed, *points):
+        if not isinstance(key, str) or not _has_key(params or {}, key):
+            raise SweepError(f"{path}: `{key}` is not a key of {params_file}")
+        if key == "train.seed":
+            raise SweepError(f"{path}: `train.seed` comes from `seeds`, not a point or `set`")
+    if clash := sorted(set(fixed) & {k for p in points for k in p}):
+        raise SweepError(f"{path}: {clash} both in `set` and varied")
+    budget_raw = raw.get("budget") or {}
+    if not isinstance(budget_raw, dict) or set(budget_raw) - {"max_experiments", "hours"}:
+        raise SweepError(f"{path}: budget: a mapping of max_experiments and/or hours")
+    budget = Budget(int(budget_raw.get("max_experiments", 64)), budget_raw.get("hours"))
+    n = len(points) * len(seeds)
+    if n > budget.max_experiments:
+        raise SweepError(
+            f"{path}: {len(points)} point(s) x {len(seeds)} seed(s) = {n} experiments, over "
+            f"budget.max_experiments={budget.max_experiments}"
+        )
+    sweep = Sweep(path, name, stage, tuple(seeds), metric, direction, fixed, tuple(points), budget)
+    for point in points:
+        try:  # values with blanks cannot travel as `-S key=value`
+            set_param_args(sweep.overrides(point, seeds[0]))
+        except PresetError as err:
+            raise SweepError(f"{path}: {err}") from err
+    return sweep
+
+
+# --- DVC and git ---------------------------------------------------------------------------------
+
+
+def run_tool(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run(args, capture_output=True, text=True, check=False)
+    if check and done.returncode != 0:
+        raise SweepError(f"`{' '.join(args)}` exited {done.returncode}: {done.stderr.strip()}")
+    return done
+
+
+def finished_experiments() -> dict[str, str]:
+    """{experiment name: commit} of every experiment in the repository, on any baseline."""
+    out = run_tool("git", "for-each-ref", "--format=%(refname) %(objectname)", "refs/exps/")
+    found = {}
+    for line in out.stdout.splitlines():
+        ref, _, sha = line.partition(" ")
+        if match := EXP_REF.match(ref):
+            found[match["name"]] = sha
+    return found
+
+
+def queue_status() -> dict[str, str]:
+    """{experiment name: Queued | Running | Success | Failed} from `dvc queue status`."""
+    out = run_tool("dvc", "queue", "status").stdout
+    status = {}
+    for line in out.splitlines():
+        words = line.split()
+        if len(words) >= 3 and words[-1] in ("Queued", "Running", "Success", "Failed"):
+            status[words[1]] = words[-1]
+    return status
+
+
+def failure_reason(name: str) -> str:
+    """The experiment's error in one line, from its queue log (the stage's `ERROR:` line)."""
+    log = run_tool("dvc", "queue", "logs", name, check=False).stdout
+    errors = [line.strip() for line in log.splitlines() if "ERROR" in line or "Error" in line]
+    return (errors[-1] if errors else (log.strip().splitlines() or ["no log"])[-1])[:500]
+
+
+def read_at(commit: str, path: str) -> str:
+    return run_tool("git", "show", f"{commit}:{path}").stdout
+
+
+# --- run -------------------------------------------------------------------------------------------
+
+
+def journal_path(sweep: Sweep) -> Path:
+    return JOURNAL_DIR / f"{sweep.name}.json"
+
+
+def read_journal(sweep: Sweep) -> dict[str, dict[str, Any]]:
+    path = journal_path(sweep)
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def write_journal(sweep: Sweep, journal: dict[str, dict[str, Any]]) -> None:
+    path = journal_path(sweep)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(dict(sorted(journal.items())), indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def planned(sweep: Sweep) -> list[tuple[dict[str, Any], int, str]]:
+    """(point, seed, experiment name), every point's first seed before any point's second: the
+    queue runs in this order, so a sweep stopped early has compared every point once."""
+    return [(p, s, sweep.experiment(p, s)) for s in sweep.seeds for p in sweep.points]
+
+
+def run(sweep: Sweep, say: Callable[[str], None] = print, poll_s: float = POLL_S) -> int:
+    """Queue what is not done, run the queue with one worker, follow it to the end."""
+    plan = planned(sweep)
+    journal = read_journal(sweep)
+    done = finished_experiments()
+    status = queue_status()
+    to_queue = [
+        (point, seed, name)
+        for point, seed, name in plan
+        if name not in done
+        and journal.get(name, {}).get("status") != "failed"
+        and status.get(name) not in ("Queued", "Running")
+    ]
+    skipped = len(plan) - len(to_queue)
+    say(
+        f"sweep {sweep.name}: {len(sweep.points)} point(s) x {len(sweep.seeds)} seed(s) = "
+        f"{len(plan)} experiments up to `{sweep.stage}`; {skipped} done, failed or in the "
+        f"queue already, {len(to_queue)} to queue"
+    )
+    for point, seed, name in to_queue:
+        args = set_param_args(sweep.overrides(point, seed))
+        run_tool("dvc", "exp", "run", "--queue", "-n", name, *args, sweep.stage)
+        say(f"queued {name}: {' '.join(args[1::2])}")
+    mine = {name for _, _, name in plan}
+    if not any(queue_status().get(n) in ("Queued", "Running") for n in mine):
+        say("nothing to run")
+        return 0
+    run_tool("dvc", "queue", "start")
+    return follow(sweep, mine, journal, say, poll_s)
+
+
+def follow(
+    sweep: Sweep,
+    mine: set[str],
+    journal: dict[str, dict[str, Any]],
+    say: Callable[[str], None],
+    poll_s: float,
+) -> int:
+    """Poll the queue until none of `mine` is queued or running; a line per finished experiment."""
+    started = time.monotonic()
+    running_since: dict[str, float] = {}
+    last: dict[str, str] = {}
+    total = len(mine)
+    failures = 0
+    while True:
+        status = {n: s for n, s in queue_status().items() if n in mine}
+        now = time.monotonic()
+        for name, state in status.items():
+            before = last.get(name)
+            if state == "Running" and name not in running_since:
+                running_since[name] = now
+                say(f"running {name}")
+            if state in ("Success", "Failed") and before in ("Queued", "Running"):
+                seconds = round(now - running_since.get(name, now), 1)
+                entry: dict[str, Any] = {"status": "done" if state == "Success" else "failed"}
+                entry["seconds"] = seconds
+                if state == "Failed":
+                    entry["reason"] = failure_reason(name)
+                    failures += 1
+                journal[name] = entry
+                write_journal(sweep, journal)
+                finished = sum(1 for n in mine if n in journal)
+                say(
+                    f"[{finished}/{total}] {name}: {entry['status']} in {seconds:.0f} s"
+                    + (f": {entry['reason']}" if state == "Failed" else "")
+                )
+            last[name] = state
+        pending = [n for n, s in status.items() if s in ("Queued", "Running")]
+        if not pending:
+            say(
+                f"sweep {sweep.name}: queue done ({failures} failed); `newsclf sweep show {sweep.path}`"
+            )
+            return 0
+        hours = sweep.budget.hours
+        if hours is not None and now - started > hours * 3600:
+            queued = [n for n in pending if status[n] == "Queued"]
+            if queued:
+                run_tool("dvc", "queue", "remove", *queued)
+                say(
+                    f"budget.hours={hours} spent: {len(queued)} queued experiment(s) taken off "
+                    "the queue; raise it and `run` again to go on"
+                )
+        time.sleep(poll_s)
+
+
+# --- show ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PointResult:
+    point: dict[str, Any]
+    experiments: dict[int, str]  # seed -> name
+    scores: dict[int, float] = field(default_factory=dict)  # seed -> metric
+    seconds: float = 0.0
+    failed: dict[int, str] = field(default_factory=dict)  # seed -> reason
+    # (seed, id) -> (given label, predicted)
+    rows: dict[tuple[int, str], tuple[int, int]] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.scores) == len(self.experiments)
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(list(self.scores.values()))) if self.scores else math.nan
+
+
+def metric_value(metric: str, truth: np.ndarray, pred: np.ndarray, n_classes: int) -> float:
+    if metric == "accuracy":
+        return float((truth == pred).mean())
+    f1s = []
+    for k in range(n_classes):
+        tp = np.sum((pred == k) & (truth == k))
+        denom = np.sum(pred == k) + np.sum(truth == k)
+        f1s.append(2 * tp / denom if denom else 0.0)
+    return float(np.mean(f1s))
+
+
+def paired_interval(
+    metric: str, winner: PointResult, other: PointResult, n_classes: int
+) -> dict[str, Any]:
+    """The winner's margin over `other` on the held-out rows both scored (same seed, same id),
+    with a 95% percentile interval from BOOTSTRAP_SAMPLES paired resamples of those rows."""
+    keys = sorted(winner.rows.keys() & other.rows.keys())
+    if not keys:
+        return {"n_rows": 0, "margin": None, "low": None, "high": None, "significant": False}
+    truth = np.array([winner.rows[k][0] for k in keys])
+    pred_a = np.array([winner.rows[k][1] for k in keys])
+    pred_b = np.array([other.rows[k][1] for k in keys])
+    margin = metric_value(metric, truth, pred_a, n_classes) - metric_value(
+        metric, truth, pred_b, n_classes
+    )
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    diffs = np.empty(BOOTSTRAP_SAMPLES)
+    for b in range(BOOTSTRAP_SAMPLES):
+        idx = rng.integers(0, len(keys), len(keys))
+        diffs[b] = metric_value(metric, truth[idx], pred_a[idx], n_classes) - metric_value(
+            metric, truth[idx], pred_b[idx], n_classes
+        )
+    low, high = np.percentile(diffs, [2.5, 97.5])
+    return {
+        "n_rows": len(keys),
+        "margin": round(float(margin), 6),
+        "low": round(float(low), 6),
+        "high": round(float(high), 6),
+        "significant": bool(low > 0 or high < 0),
+    }
+
+
+def collect(
+    sweep: Sweep,
+    read: Callable[[str, str], str] = read_at,
+    experiments: dict[str, str] | None = None,
+) -> list[PointResult]:
+    """Each point's validation scores and rows per seed, from its experiments' commits. Only
+    VALIDATION_FILE and PREDICTIONS_FILE are read."""
+    import polars as pl
+
+    found = finished_experiments() if experiments is None else experiments
+    journal = read_journal(sweep)
+    results = []
+    for point in sweep.points:
+        res = PointResult(point, {s: sweep.experiment(point, s) for s in sweep.seeds})
+        for seed, name in res.experiments.items():
+            entry = journal.get(name, {})
+            res.seconds += entry.get("seconds", 0.0)
+            if name not in found:
+                if entry.get("status") == "failed":
+                    res.failed[seed] = entry.get("reason", "failed")
+                continue
+            scores = json.loads(read(found[name], VALIDATION_FILE))
+            res.scores[seed] = float(scores[sweep.metric])
+            rows = pl.read_csv(io.StringIO(read(found[name], PREDICTIONS_FILE)))
+            for id_, given, pred in rows.select("id", "given_label", "predicted").iter_rows():
+                res.rows[(seed, id_)] = (given, pred)
+        results.append(res)
+    return results
+
+
+def ranked(sweep: Sweep, results: list[PointResult]) -> list[PointResult]:
+    """Complete points, best first (ties: the earlier point in the file)."""
+    sign = -1 if sweep.direction == "max" else 1
+    complete = [r for r in results if r.complete]
+    return sorted(complete, key=lambda r: sign * r.mean)
+
+
+def summarize(sweep: Sweep, results: list[PointResult], n_classes: int) -> dict[str, Any]:
+    order = ranked(sweep, results)
+    winner = order[0] if order else None
+    points = []
+    for res in results:
+        entry: dict[str, Any] = {
+            "point": res.point,
+            "experiments": res.experiments,
+            "scores": {str(s): round(v, 6) for s, v in sorted(res.scores.items())},
+            "mean": round(res.mean, 6) if res.scores else None,
+            "seconds": round(res.seconds, 1),
+            "status": "complete"
+            if res.complete
+            else ("failed" if res.failed else ("partial" if res.scores else "not run")),
+        }
+        if res.failed:
+            entry["failed"] = {str(s): why for s, why in res.failed.items()}
+        if winner is not None and res.complete and res is not winner:
+            entry["winner_margin"] = paired_interval(sweep.metric, winner, res, n_classes)
+        entry["rank"] = order.index(res) + 1 if res in order else None
+        points.append(entry)
+    summary: dict[str, Any] = {
+        "sweep": str(sweep.path),
+        "name": sweep.name,
+        "metric": f"{VALIDATION_FILE}:{sweep.metric}",
+        "direction": sweep.direction,
+        "selected_on": "held-out train rows (train.val_fraction); the test split is never read",
+        "seeds": list(sweep.seeds),
+        "set": sweep.fixed,
+        "varied": sweep.varied,
+        "bootstrap": {"samples": BOOTSTRAP_SAMPLES, "seed": BOOTSTRAP_SEED, "interval": 0.95},
+        "points": points,
+        "winner": None,
+    }
+    if winner is not None:
+        runner_up = order[1] if len(order) > 1 else None
+        vs = paired_interval(sweep.metric, winner, runner_up, n_classes) if runner_up else None
+        summary["winner"] = {
+            "point": winner.point,
+            "mean": round(winner.mean, 6),
+            "runner_up": runner_up.point if runner_up else None,
+            "margin_over_runner_up": vs,
+            "verdict": (
+                "only one complete point"
+                if vs is None
+                else ("significant" if vs["significant"] else "no significant difference")
+            ),
+        }
+    return summary
+
+
+def point_label(point: dict[str, Any], varied: Sequence[str]) -> str:
+    shown = {k: point[k] for k in varied if k in point}
+    return ", ".join(f"{k.removeprefix('train.')}={v}" for k, v in shown.items()) or "(params.yaml)"
+
+
+def table(sweep: Sweep, summary: dict[str, Any]) -> str:
+    varied = summary["varied"]
+    head = ["rank", "point"] + [f"s{s}" for s in sweep.seeds]
+    head += ["mean", "winner - this [95% CI]", "seconds", "status"]
+    lines = []
+    entries = sorted(summary["points"], key=lambda e: (e["rank"] is None, e["rank"] or 0))
+    for e in entries:
+        margin = e.get("winner_margin")
+        ci = (
+            f"{100 * margin['margin']:+.2f} pt [{100 * margin['low']:+.2f}, "
+            f"{100 * margin['high']:+.2f}]" + ("" if margin["significant"] else " n.s.")
+            if margin and margin["margin"] is not None
+            else ("winner" if e["rank"] == 1 else "")
+        )
+        row = [str(e["rank"] or "-"), point_label(e["point"], varied)]
+        row += [
+            f"{100 * e['scores'][str(s)]:.2f}" if str(s) in e["scores"] else "-"
+            for s in sweep.seeds
+        ]
+        row += [
+            f"{100 * e['mean']:.2f}" if e["mean"] is not None else "-",
+            ci,
+            f"{e['seconds']:.0f}",
+            e["status"] + (f": {next(iter(e['failed'].values()))}" if e.get("failed") else ""),
+        ]
+        lines.append(row)
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines, strict=True)]
+    fmt = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths, strict=True))  # noqa: E731
+    out = [f"{sweep.name}: validation {sweep.metric} (%), {sweep.direction} wins", fmt(head)]
+    out += [fmt(r) for r in lines]
+    if summary["winner"]:
+        w = summary["winner"]
+        out.append(f"winner: {point_label(w['point'], varied)} ({w['verdict']} over the runner-up)")
+    return "\n".join(out)
+
+
+def plot(sweep: Sweep, results: list[PointResult], out: Path) -> None:
+    """The metric against each varied param: a dot per seed, a bar at the mean."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    varied = sweep.varied or ["(one point)"]
+    fig, axes = plt.subplots(1, len(varied), figsize=(4 * len(varied), 3.5), squeeze=False)
+    for ax, key in zip(axes[0], varied, strict=True):
+        labels = sorted({str(r.point.get(key, "default")) for r in results}, key=_natural)
+        for res in results:
+            x = labels.index(str(res.point.get(key, "default")))
+            ys = [100 * v for v in res.scores.values()]
+            ax.scatter([x] * len(ys), ys, s=14, alpha=0.6, color="tab:blue")
+            if res.scores:
+                ax.hlines(100 * res.mean, x - 0.25, x + 0.25, color="tab:red")
+        ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
+        ax.set_title(key, fontsize=9)
+        ax.set_ylabel(f"validation {sweep.metric} (%)")
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"sweep {sweep.name}: dots = seeds, red = mean over seeds", fontsize=10)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110, metadata={"Software": None})
+    plt.close(fig)
+
+
+def _natural(text: str) -> tuple:
+    try:
+        return (0, float(text), text)
+    except ValueError:
+        return (1, 0.0, text)
+
+
+def n_labels(params_file: Path = PARAMS_FILE) -> int:
+    return len(yaml.safe_load(params_file.read_text(encoding="utf-8"))["labels"])
+
+
+def show(sweep: Sweep, out: Path = REPORT, say: Callable[[str], None] = print) -> dict[str, Any]:
+    results = collect(sweep)
+    summary = summarize(sweep, results, n_labels())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    plot(sweep, results, out.with_suffix(".png"))
+    say(table(sweep, summary))
+    say(f"wrote {out} and {out.with_suffix('.png')}")
+    return summary
+
+
+# --- apply -----------------------------------------------------------------------------------------
+
+
+def set_params(params_file: Path, values: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Write dotted `values` into params.yaml keeping its comments (ruamel, as `dvc exp run -S`
+    does); {key: (old, new)} of what changed."""
+    from ruamel.yaml import YAML
+
+    ryaml = YAML()
+    ryaml.preserve_quotes = True
+    ryaml.width = 4096
+    doc = ryaml.load(params_file.read_text(encoding="utf-8"))
+    changed = {}
+    for key, value in values.items():
+        node = doc
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        old = node[leaf]
+        if _canon(_plain(old)) != _canon(value):
+            node[leaf] = value
+            changed[key] = (_plain(old), value)
+    buf = io.StringIO()
+    ryaml.dump(doc, buf)
+    params_file.write_text(buf.getvalue(), encoding="utf-8")
+    return changed
+
+
+def _plain(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=list))
+
+
+def apply(
+    sweep: Sweep, params_file: Path = PARAMS_FILE, say: Callable[[str], None] = print
+) -> dict[str, tuple[Any, Any]]:
+    summary = summarize(sweep, collect(sweep), n_labels(params_file))
+    if summary["winner"] is None:
+        raise SweepError(f"{sweep.path}: no point has finished every seed; `newsclf sweep run` it")
+    winner = summary["winner"]
+    changed = set_params(params_file, winner["point"])
+    say(f"winner: {point_label(winner['point'], summary['varied'])}; {winner['verdict']}")
+    for key, (old, new) in changed.items():
+        say(f"  {key}: {old} -> {new}")
+    say(
+        f"{params_file}: {len(changed)} param(s) changed"
+        + ("; `dvc repro` trains it and scores the test split once" if changed else "")
+    )
+    return changed
+
+
+def main(action: str, path: Path, out: Path = REPORT) -> int:
+    sweep = load_sweep(path)
+    if action == "run":
+        return run(sweep, say=lambda line: print(line, flush=True))
+    if action == "show":
+        show(sweep, out)
+        return 0
+    apply(sweep)
+    return 0
