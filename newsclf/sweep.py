@@ -27,6 +27,7 @@ import io
 import itertools
 import json
 import math
+import os
 import re
 import subprocess
 import time
@@ -255,10 +256,13 @@ def read_journal(sweep: Sweep) -> dict[str, dict[str, Any]]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def write_journal(sweep: Sweep, journal: dict[str, dict[str, Any]]) -> None:
+def record(sweep: Sweep, name: str, entry: dict[str, Any]) -> None:
+    """Add one experiment's outcome to the journal, re-read first (another `run` may follow the
+    same queue) and replaced atomically (a crash leaves the old file or the new one)."""
     path = journal_path(sweep)
+    journal = read_journal(sweep) | {name: entry}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(dict(sorted(journal.items())), indent=2) + "\n", encoding="utf-8")
     tmp.replace(path)
 
@@ -297,16 +301,10 @@ def run(sweep: Sweep, say: Callable[[str], None] = print, poll_s: float = POLL_S
         say("nothing to run")
         return 0
     run_tool("dvc", "queue", "start")
-    return follow(sweep, mine, journal, say, poll_s)
+    return follow(sweep, mine, say, poll_s)
 
 
-def follow(
-    sweep: Sweep,
-    mine: set[str],
-    journal: dict[str, dict[str, Any]],
-    say: Callable[[str], None],
-    poll_s: float,
-) -> int:
+def follow(sweep: Sweep, mine: set[str], say: Callable[[str], None], poll_s: float) -> int:
     """Poll the queue until none of `mine` is queued or running; a line per finished experiment."""
     started = time.monotonic()
     running_since: dict[str, float] = {}
@@ -328,9 +326,8 @@ def follow(
                 if state == "Failed":
                     entry["reason"] = failure_reason(name)
                     failures += 1
-                journal[name] = entry
-                write_journal(sweep, journal)
-                finished = sum(1 for n in mine if n in journal)
+                record(sweep, name, entry)
+                finished = len(mine & read_journal(sweep).keys())
                 say(
                     f"[{finished}/{total}] {name}: {entry['status']} in {seconds:.0f} s"
                     + (f": {entry['reason']}" if state == "Failed" else "")

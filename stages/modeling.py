@@ -321,13 +321,38 @@ def release_checkpoint_map(model: torch.nn.Module) -> None:
                 tensor.data = tensor.data.clone()
 
 
+def is_full_model(adapter_dir: Path) -> bool:
+    """Whether train wrote a fully fine-tuned model (`train.finetune: full`: config.json +
+    model.safetensors) rather than a LoRA adapter into `adapter_dir`."""
+    return (adapter_dir / "config.json").is_file() and (
+        adapter_dir / "model.safetensors"
+    ).is_file()
+
+
 def require_adapter(adapter_dir: Path) -> Path:
+    """The trained weights' file: the adapter's, or the fully fine-tuned model's."""
+    if is_full_model(adapter_dir):
+        return adapter_dir / "model.safetensors"
     weights = adapter_dir / "adapter_model.safetensors"
     if not (adapter_dir / "adapter_config.json").is_file() or not weights.is_file():
         raise StageError(
-            f"{adapter_dir}: no adapter_config.json + adapter_model.safetensors; run train first"
+            f"{adapter_dir}: no adapter_config.json + adapter_model.safetensors (nor config.json "
+            "+ model.safetensors of a fully fine-tuned model); run train first"
         )
     return weights
+
+
+def load_full_model(adapter_dir: Path, label_names: Sequence[str]) -> torch.nn.Module:
+    """The fully fine-tuned model in fp32, eval mode, checked to classify into `label_names`."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(adapter_dir), dtype=torch.float32
+    )
+    trained = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    if trained != list(label_names):
+        raise StageError(f"{adapter_dir}: trained for classes {trained}, labels are {label_names}")
+    return model.eval()
 
 
 def load_as_trained(
@@ -338,10 +363,13 @@ def load_as_trained(
     precision: str,
     pad_token_id: int | None = None,
 ) -> torch.nn.Module:
-    """The adapter on the base it was trained on (quantized for QLoRA), unmerged, in eval mode."""
+    """The adapter on the base it was trained on (quantized for QLoRA), unmerged, in eval mode;
+    a fully fine-tuned model as it is."""
     from peft import PeftConfig, PeftModel
 
     require_adapter(adapter_dir)
+    if is_full_model(adapter_dir):
+        return load_full_model(adapter_dir, label_names)
     # The modules the adapter trained in full must load unquantized, as they were in training.
     trained_in_full = PeftConfig.from_pretrained(str(adapter_dir)).modules_to_save or []
     base = load_base_model(
@@ -382,6 +410,8 @@ def load_merged_model(
     from safetensors import safe_open
 
     weights_file = require_adapter(adapter_dir)
+    if is_full_model(adapter_dir):
+        return load_full_model(adapter_dir, label_names)  # nothing to merge
     # The classification head is trained in full and saved in the adapter; without it the
     # "merged" model would carry the randomly initialised head of the base.
     with safe_open(str(weights_file), framework="pt") as weights:

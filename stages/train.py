@@ -105,6 +105,12 @@ def build_peft_model(
     model = load_base_model(
         base_path, label_names, quantization, precision, lora.modules_to_save, True, pad_token_id
     )
+    if params.finetune == "full":
+        # Every weight trains; no adapter (train_params refuses a quantized base here).
+        model.accepts_loss_kwargs = False
+        if params.activation_checkpointing:
+            model.activation_checkpointing_enable()
+        return model
     # One label per row: a per-process mean loss, averaged by DDP, is the global batch's mean. The
     # Trainer would take a `forward(**kwargs)` for a loss summed over the global batch and scale it
     # by the world size.
@@ -245,10 +251,13 @@ def validation_metrics(eval_pred, n_labels: int) -> dict[str, float]:
 
 
 def save_adapter(model, tokenizer, adapter_dir: Path, base_model: str) -> None:
-    """Adapter weights (safetensors), its config and the tokenizer, portable across machines."""
+    """Adapter weights (safetensors), its config and the tokenizer, portable across machines; for
+    `train.finetune: full`, the whole model (config.json + model.safetensors) in their place."""
     adapter_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(adapter_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(adapter_dir))
+    if not hasattr(model, "peft_config"):
+        return
     # Record the base as the user named it (`train.base_model`), not this machine's resolved path.
     # Patched after saving: PEFT looks the base name up on the hub while saving, and there is no
     # network here.
@@ -407,13 +416,18 @@ def set_up(
     # The base's family first: an unsupported one stops here, before any model is loaded.
     model_type, family = base_family(base_path, params.base_model)
     lora = resolve_lora(model_type, family, params.lora.target_modules, params.lora.modules_to_save)
-    quantization = resolve_quantization(params.quantization, cuda)
+    # Full fine-tuning trains every weight of a full-precision base: `auto` means none there.
+    quantization = (
+        "none" if params.finetune == "full" else resolve_quantization(params.quantization, cuda)
+    )
     precision = training_precision(params.precision, quantization, family, model_type, cuda)
     args = training_arguments(params, checkpoint_dir, precision, cuda)
     if is_rank_zero(args):
         log.info("labels %s; params %s", list(label_names), asdict(params))
         log.info("%s", describe_world(args.world_size))
         log.info("base model: %s (%s, %s)", params.base_model, model_type, family.kind)
+        if params.finetune == "full":
+            log.info("train.finetune=full: every weight of the base trains (train.lora unused)")
         log.info(
             "train.lora.target_modules=%s: %s, from %s",
             params.lora.target_modules,
@@ -467,7 +481,8 @@ def make_trainer(
         tokenizer.pad_token_id,
     )
     if setup.rank_zero:
-        trainable, total = model.get_nb_trainable_parameters()
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
         log.info(
             "%d train rows, %d validation rows; %s trainable of %s parameters (%.2f%%)",
             len(train_ds),

@@ -15,6 +15,8 @@ from stages.sections import PRECISION_MODES, QUANTIZATION_MODES
 
 # transformers' learning-rate schedules that take no extra arguments.
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+# lora: a LoRA adapter on the frozen base (QLoRA with quantization); full: every weight trains.
+FINETUNE_MODES = ("lora", "full")
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,7 @@ class TrainParams:
     # multi-process launcher command such as `torchrun --standalone --nproc_per_node 2`.
     launcher: str
     base_model: str
+    finetune: Literal[FINETUNE_MODES]
     max_train_samples: int | None
     val_fraction: float
     epochs: float
@@ -87,5 +90,10 @@ class TrainParams:
                     "null or > 0",
                 ),
                 "checkpoint_steps": (self.checkpoint_steps > 0, "> 0"),
+                "finetune": (
+                    self.finetune == "lora" or self.quantization in ("auto", "none"),
+                    "lora with quantization 4bit/8bit (a quantized base trains through an "
+                    "adapter only; full fine-tuning needs quantization none)",
+                ),
             },
         )

