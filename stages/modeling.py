@@ -324,9 +324,7 @@ def release_checkpoint_map(model: torch.nn.Module) -> None:
 def is_full_model(adapter_dir: Path) -> bool:
     """Whether train wrote a fully fine-tuned model (`train.finetune: full`: config.json +
     model.safetensors) rather than a LoRA adapter into `adapter_dir`."""
-    return (adapter_dir / "config.json").is_file() and (
-        adapter_dir / "model.safetensors"
-    ).is_file()
+    return (adapter_dir / "config.json").is_file() and (adapter_dir / "model.safetensors").is_file()
 
 
 def require_adapter(adapter_dir: Path) -> Path:
