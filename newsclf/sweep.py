@@ -300,7 +300,16 @@ def run(sweep: Sweep, say: Callable[[str], None] = print, poll_s: float = POLL_S
     if not any(queue_status().get(n) in ("Queued", "Running") for n in mine):
         say("nothing to run")
         return 0
-    run_tool("dvc", "queue", "start")
+    # The worker DVC starts outlives the command and would hold a captured stdout open.
+    started = subprocess.run(
+        ["dvc", "queue", "start"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        check=False,
+    )
+    if started.returncode != 0:
+        raise SweepError(f"`dvc queue start` exited {started.returncode}")
     return follow(sweep, mine, say, poll_s)
 
 

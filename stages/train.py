@@ -505,11 +505,31 @@ def make_trainer(
 
 
 def predict_validation(trainer) -> list[int]:
-    """The kept (best-epoch) model's predicted class for each validation row, in the rows' order.
-    Every process takes part; the Trainer gathers the batches back in order."""
-    logits = trainer.predict(trainer.eval_dataset).predictions
-    predicted = np.empty(len(trainer.eval_dataset), dtype=np.int64)
-    predicted[np.asarray(trainer.eval_dataset["row"])] = np.asarray(logits).argmax(axis=-1)
+    """The kept (best-epoch) model's predicted class for each validation row, in the rows' order,
+    computed by this process alone over the length-sorted rows (under DDP the Trainer's gathered
+    predictions do not come back in row order), in the precision the Trainer evaluates in."""
+    from torch.utils.data import DataLoader
+    from transformers import DataCollatorWithPadding
+
+    dataset = trainer.eval_dataset
+    rows = np.asarray(dataset["row"])
+    loader = DataLoader(
+        dataset.remove_columns(
+            [c for c in ("row", "length", "labels") if c in dataset.column_names]
+        ),
+        batch_size=trainer.args.per_device_eval_batch_size,
+        collate_fn=DataCollatorWithPadding(trainer.processing_class),
+    )
+    model = trainer.model.eval()
+    device = next(model.parameters()).device
+    predicted = np.empty(len(dataset), dtype=np.int64)
+    done = 0
+    with torch.no_grad(), trainer.autocast_smart_context_manager():
+        for batch in loader:
+            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
+            n = logits.shape[0]
+            predicted[rows[done : done + n]] = logits.argmax(dim=-1).cpu().numpy()
+            done += n
     return predicted.tolist()
 
 
@@ -538,7 +558,7 @@ def train_result(trainer, output, setup: RunSetup) -> TrainResult:
         n_val=len(trainer.eval_dataset),
         train_seconds=float(output.metrics.get("train_runtime", math.nan)),
         log_history=list(state.log_history),
-        val_predicted=predict_validation(trainer),
+        val_predicted=predict_validation(trainer) if setup.rank_zero else [],
     )
 
 
