@@ -51,7 +51,7 @@ JOURNAL_DIR = Path("reports/sweeps")
 REPORT = Path("reports/sweep.json")
 BOOTSTRAP_SAMPLES = 2000
 BOOTSTRAP_SEED = 0
-POLL_S = 2.0
+POLL_S = 5.0  # each `dvc queue status` costs a second of CPU the experiments could use
 # DVC's experiment refs: refs/exps/<baseline sha, 2 + 38 hex digits>/<experiment name>.
 EXP_REF = re.compile(r"^refs/exps/[0-9a-f]{2}/[0-9a-f]{38}/(?P<name>[^/]+)$")
 SWEEP_KEYS = {"name", "stage", "seeds", "metric", "direction", "set", "grid", "points", "budget"}
@@ -234,10 +234,13 @@ def queue_status() -> dict[str, str]:
 
 
 def failure_reason(name: str) -> str:
-    """The experiment's error in one line, from its queue log (the stage's `ERROR:` line)."""
+    """The experiment's error in one line, from its queue log: the stage's own `[stage] ERROR`
+    line where there is one, else DVC's last `ERROR:` line, else the log's last line."""
     log = run_tool("dvc", "queue", "logs", name, check=False).stdout
-    errors = [line.strip() for line in log.splitlines() if "ERROR" in line or "Error" in line]
-    return (errors[-1] if errors else (log.strip().splitlines() or ["no log"])[-1])[:500]
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    stage = [line for line in lines if re.match(r"^\[\w+\] ERROR ", line)]
+    dvc = [line for line in lines if line.startswith("ERROR")]
+    return (stage or dvc or lines or ["no log"])[-1][:500]
 
 
 def read_at(commit: str, path: str) -> str:
@@ -614,6 +617,10 @@ def set_params(params_file: Path, values: dict[str, Any]) -> dict[str, tuple[Any
     ryaml = YAML()
     ryaml.preserve_quotes = True
     ryaml.width = 4096
+    ryaml.indent(mapping=2, sequence=4, offset=2)  # params.yaml's own layout
+    ryaml.representer.add_representer(
+        type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null")
+    )
     doc = ryaml.load(params_file.read_text(encoding="utf-8"))
     changed = {}
     for key, value in values.items():

@@ -1,0 +1,180 @@
+"""`newsclf sweep`: the sweep file, the selection on held-out rows and its interval, `apply`.
+
+The run through DVC's queue on the tiny pipeline is in test_workflows.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from newsclf import sweep as sw
+from tests.pipeline_fixture import REPO_ROOT
+
+
+def write_sweep(tmp_path: Path, body: dict) -> Path:
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(body, sort_keys=False))
+    return path
+
+
+def load(tmp_path: Path, body: dict) -> sw.Sweep:
+    return sw.load_sweep(write_sweep(tmp_path, body), REPO_ROOT / "params.yaml")
+
+
+def test_points_are_the_grid_times_the_explicit_points_with_ranges(tmp_path):
+    sweep = load(
+        tmp_path,
+        {
+            "seeds": [1, 2],
+            "points": [{}, {"train.finetune": "full"}],
+            "grid": {
+                "train.learning_rate": {"low": 1e-4, "high": 1e-2, "num": 3, "scale": "log"},
+                "train.lora.r": {"start": 4, "stop": 12, "step": 4},
+            },
+        },
+    )
+    assert sweep.name == "s" and sweep.stage == "train" and sweep.metric == "accuracy"
+    assert len(sweep.points) == 2 * 3 * 3
+    assert sweep.points[0] == {"train.learning_rate": 0.0001, "train.lora.r": 4}
+    assert {p["train.learning_rate"] for p in sweep.points} == {0.0001, 0.001, 0.01}
+    assert {p["train.lora.r"] for p in sweep.points} == {4, 8, 12}
+    assert sweep.varied == ["train.learning_rate", "train.lora.r", "train.finetune"]
+    plan = sw.planned(sweep)
+    names = [name for _, _, name in plan]
+    assert len(set(names)) == len(names) == 36
+    # Every point's first seed runs before any second seed; a name is stable and says its seed.
+    assert [seed for _, seed, _ in plan[:18]] == [1] * 18
+    assert names[0] == sweep.experiment(sweep.points[0], 1) and names[0].endswith("-s1")
+    again = load(tmp_path, {"seeds": [1], "points": [sweep.points[0]]})
+    assert again.experiment(again.points[0], 1) == names[0]
+
+
+@pytest.mark.parametrize(
+    ("body", "said"),
+    [
+        ({"metric": "test_accuracy"}, "never the test split"),
+        ({"stage": "augment"}, "stage 'augment'"),
+        ({"grid": {"train.lr": [1, 2]}}, "`train.lr` is not a key of"),
+        ({"points": [{"train.seed": 3}]}, "`train.seed` comes from `seeds`"),
+        ({"seeds": [1, 1]}, "repeats a seed"),
+        ({"grid": {"train.lora.r": []}}, "grid.train.lora.r: an empty list"),
+        ({"grid": {"train.lora.r": [4, 8]}, "budget": {"max_experiments": 1}}, "2 experiments"),
+        ({"set": {"train.epochs": 1}, "grid": {"train.epochs": [1, 2]}}, "both in `set`"),
+        ({"grid": {"train.launcher": ["torchrun --nproc_per_node 2"]}}, "blanks or quotes"),
+        ({"typo": 1}, "unknown key(s) ['typo']"),
+    ],
+)
+def test_a_bad_sweep_file_is_refused_naming_what_is_wrong(tmp_path, body, said):
+    with pytest.raises(sw.SweepError, match=None) as err:
+        load(tmp_path, body)
+    assert said in str(err.value) and "s.yaml" in str(err.value)
+
+
+def rows_for(correct: list[bool], seed: int = 1) -> dict:
+    """Held-out rows of one seed: given label 0, predicted 0 where `correct`."""
+    return {(seed, f"r{i}"): (0, 0 if ok else 1) for i, ok in enumerate(correct)}
+
+
+def test_the_margin_interval_says_when_two_points_do_not_differ():
+    winner = sw.PointResult({}, {1: "a"}, {1: 0.9}, rows=rows_for([True] * 90 + [False] * 10))
+    same = sw.PointResult({}, {1: "b"}, {1: 0.9}, rows=rows_for([True] * 90 + [False] * 10))
+    worse = sw.PointResult({}, {1: "c"}, {1: 0.6}, rows=rows_for([True] * 60 + [False] * 40))
+    tie = sw.paired_interval("accuracy", winner, same, 4)
+    assert tie["margin"] == 0 and tie["low"] == tie["high"] == 0 and not tie["significant"]
+    clear = sw.paired_interval("accuracy", winner, worse, 4)
+    assert clear["n_rows"] == 100 and clear["margin"] == pytest.approx(0.3)
+    assert 0 < clear["low"] < 0.3 < clear["high"] and clear["significant"]
+    # One row apart out of 100: inside the noise.
+    close = sw.PointResult({}, {1: "d"}, {1: 0.89}, rows=rows_for([True] * 89 + [False] * 11))
+    near = sw.paired_interval("accuracy", winner, close, 4)
+    assert near["low"] <= 0 <= near["high"] and not near["significant"]
+    assert sw.paired_interval("macro_f1", winner, worse, 4)["significant"]
+
+
+class FakeRepo:
+    """Experiment commits whose validation files favour one point and test metrics the other;
+    records every file selection asks for."""
+
+    def __init__(self, sweep: sw.Sweep, accuracy: dict[str, float]) -> None:
+        self.commits = {}
+        self.files = {}
+        self.asked: set[str] = set()
+        for point, _seed, name in sw.planned(sweep):
+            value = accuracy[json.dumps(point, sort_keys=True)]
+            n_right = round(100 * value)
+            self.commits[name] = f"sha-{name}"
+            predictions = "id,given_label,label,predicted\n" + "".join(
+                f"r{i},0,0,{0 if i < n_right else 1}\n" for i in range(100)
+            )
+            self.files[(f"sha-{name}", sw.VALIDATION_FILE)] = json.dumps(
+                {"accuracy": value, "macro_f1": value}
+            )
+            self.files[(f"sha-{name}", sw.PREDICTIONS_FILE)] = predictions
+            # The test split says the opposite: selection must not look.
+            self.files[(f"sha-{name}", "reports/metrics.json")] = json.dumps(
+                {"accuracy": 1 - value}
+            )
+
+    def read(self, commit: str, path: str) -> str:
+        self.asked.add(path)
+        return self.files[(commit, path)]
+
+
+def test_selection_reads_validation_files_only_and_ranks_by_them(tmp_path, monkeypatch):
+    sweep = load(tmp_path, {"seeds": [1, 2], "grid": {"train.lora.r": [4, 8, 16]}})
+    accuracy = {
+        json.dumps({"train.lora.r": 4}): 0.70,
+        json.dumps({"train.lora.r": 8}): 0.95,
+        json.dumps({"train.lora.r": 16}): 0.80,
+    }
+    repo = FakeRepo(sweep, accuracy)
+    monkeypatch.chdir(tmp_path)  # no journal here
+    results = sw.collect(sweep, read=repo.read, experiments=repo.commits)
+    assert repo.asked == {sw.VALIDATION_FILE, sw.PREDICTIONS_FILE}
+    summary = sw.summarize(sweep, results, 4)
+    assert summary["winner"]["point"] == {"train.lora.r": 8}  # best on validation, worst on test
+    ranks = {e["point"]["train.lora.r"]: e["rank"] for e in summary["points"]}
+    assert ranks == {8: 1, 16: 2, 4: 3}
+    assert summary["winner"]["verdict"] == "significant"
+    margin = summary["winner"]["margin_over_runner_up"]
+    # Paired over both seeds' rows: 100 held-out rows each.
+    assert margin["n_rows"] == 200 and margin["margin"] == pytest.approx(0.15)
+    table = sw.table(sweep, summary)
+    assert table.splitlines()[2].startswith("1     lora.r=8")
+    sw.plot(sweep, results, tmp_path / "sweep.png")
+    assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_failed_and_missing_experiments_are_reported_not_ranked(tmp_path, monkeypatch):
+    sweep = load(tmp_path, {"seeds": [1], "grid": {"train.lora.r": [4, 8, 16]}})
+    accuracy = {json.dumps({"train.lora.r": r}): 0.9 for r in (4, 8, 16)}
+    repo = FakeRepo(sweep, accuracy)
+    monkeypatch.chdir(tmp_path)
+    failed = sweep.experiment({"train.lora.r": 8}, 1)
+    sw.record(sweep, failed, {"status": "failed", "seconds": 3.0, "reason": "ERROR: r too big"})
+    del repo.commits[failed]
+    del repo.commits[sweep.experiment({"train.lora.r": 16}, 1)]
+    summary = sw.summarize(sweep, sw.collect(sweep, read=repo.read, experiments=repo.commits), 4)
+    status = {e["point"]["train.lora.r"]: e["status"] for e in summary["points"]}
+    assert status == {4: "complete", 8: "failed", 16: "not run"}
+    assert summary["points"][1]["failed"] == {"1": "ERROR: r too big"}
+    assert summary["winner"]["verdict"] == "only one complete point"
+    assert "failed: ERROR: r too big" in sw.table(sweep, summary)
+
+
+def test_apply_writes_the_point_into_params_keeping_comments(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text((REPO_ROOT / "params.yaml").read_text())
+    before = params.read_text()
+    changed = sw.set_params(params, {"train.lora.r": 32, "train.lora.target_modules": "all-linear"})
+    assert changed == {"train.lora.r": (8, 32), "train.lora.target_modules": ("auto", "all-linear")}
+    after = params.read_text()
+    assert yaml.safe_load(after)["train"]["lora"]["r"] == 32
+    # Only those two lines changed: every comment and every other line is as it was.
+    diff = [(a, b) for a, b in zip(before.splitlines(), after.splitlines(), strict=True) if a != b]
+    assert [b.split("#")[0].strip() for _, b in diff] == ["r: 32", "target_modules: all-linear"]
+    assert sw.set_params(params, {"train.lora.r": 32}) == {}
