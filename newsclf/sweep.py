@@ -483,6 +483,10 @@ def summarize(sweep: Sweep, results: list[PointResult], n_classes: int) -> dict[
             entry["failed"] = {str(s): why for s, why in res.failed.items()}
         if winner is not None and res.complete and res is not winner:
             entry["winner_margin"] = paired_interval(sweep.metric, winner, res, n_classes)
+        reference = results[0]
+        if res is not reference and res.complete and reference.complete:
+            # How far this point's change moved the metric from the file's first point.
+            entry["vs_first_point"] = paired_interval(sweep.metric, res, reference, n_classes)
         entry["rank"] = order.index(res) + 1 if res in order else None
         points.append(entry)
     summary: dict[str, Any] = {
@@ -494,6 +498,7 @@ def summarize(sweep: Sweep, results: list[PointResult], n_classes: int) -> dict[
         "seeds": list(sweep.seeds),
         "set": sweep.fixed,
         "varied": sweep.varied,
+        "first_point": sweep.points[0],
         "bootstrap": {"samples": BOOTSTRAP_SAMPLES, "seed": BOOTSTRAP_SEED, "interval": 0.95},
         "points": points,
         "winner": None,
@@ -520,20 +525,23 @@ def point_label(point: dict[str, Any], varied: Sequence[str]) -> str:
     return ", ".join(f"{k.removeprefix('train.')}={v}" for k, v in shown.items()) or "(params.yaml)"
 
 
+def interval_text(margin: dict[str, Any] | None) -> str:
+    """`+1.23 pt [+0.40, +2.05]`, with ` n.s.` where the interval crosses 0; "" for none."""
+    if not margin or margin["margin"] is None:
+        return ""
+    return (
+        f"{100 * margin['margin']:+.2f} pt [{100 * margin['low']:+.2f}, "
+        f"{100 * margin['high']:+.2f}]" + ("" if margin["significant"] else " n.s.")
+    )
+
+
 def table(sweep: Sweep, summary: dict[str, Any]) -> str:
     varied = summary["varied"]
     head = ["rank", "point"] + [f"s{s}" for s in sweep.seeds]
-    head += ["mean", "winner - this [95% CI]", "seconds", "status"]
+    head += ["mean", "this - first point [95% CI]", "winner - this [95% CI]", "seconds", "status"]
     lines = []
     entries = sorted(summary["points"], key=lambda e: (e["rank"] is None, e["rank"] or 0))
     for e in entries:
-        margin = e.get("winner_margin")
-        ci = (
-            f"{100 * margin['margin']:+.2f} pt [{100 * margin['low']:+.2f}, "
-            f"{100 * margin['high']:+.2f}]" + ("" if margin["significant"] else " n.s.")
-            if margin and margin["margin"] is not None
-            else ("winner" if e["rank"] == 1 else "")
-        )
         row = [str(e["rank"] or "-"), point_label(e["point"], varied)]
         row += [
             f"{100 * e['scores'][str(s)]:.2f}" if str(s) in e["scores"] else "-"
@@ -541,7 +549,9 @@ def table(sweep: Sweep, summary: dict[str, Any]) -> str:
         ]
         row += [
             f"{100 * e['mean']:.2f}" if e["mean"] is not None else "-",
-            ci,
+            interval_text(e.get("vs_first_point"))
+            or ("first point" if e["point"] == summary["first_point"] else ""),
+            interval_text(e.get("winner_margin")) or ("winner" if e["rank"] == 1 else ""),
             f"{e['seconds']:.0f}",
             e["status"] + (f": {next(iter(e['failed'].values()))}" if e.get("failed") else ""),
         ]

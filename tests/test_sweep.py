@@ -143,7 +143,12 @@ def test_selection_reads_validation_files_only_and_ranks_by_them(tmp_path, monke
     margin = summary["winner"]["margin_over_runner_up"]
     # Paired over both seeds' rows: 100 held-out rows each.
     assert margin["n_rows"] == 200 and margin["margin"] == pytest.approx(0.15)
+    # How far each change moved the metric from the first point (r=4), over the same rows.
+    lever = {e["point"]["train.lora.r"]: e.get("vs_first_point") for e in summary["points"]}
+    assert lever[4] is None and lever[8]["margin"] == pytest.approx(0.25)
+    assert lever[16]["margin"] == pytest.approx(0.10) and lever[16]["significant"]
     table = sw.table(sweep, summary)
+    assert "first point" in table.splitlines()[-2]  # r=4 ranks last
     assert table.splitlines()[2].startswith("1     lora.r=8")
     sw.plot(sweep, results, tmp_path / "sweep.png")
     assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -155,6 +155,31 @@ def test_split_is_stratified_seeded_and_keeps_augmented_copies_of_val_rows_out(n
     assert small.height == 10 and set(small["id"]) <= set(train["id"])
 
 
+def test_validation_rows_do_not_move_when_label_issues_drops_or_relabels_others(news_rows):
+    df = news_rows(25).with_columns(given_label="label")
+    _, val = split_train_val(df, 0.2, seed=3)
+    ids = set(val["id"])
+    assert val.height == 20 and val["label"].value_counts()["count"].to_list() == [5] * 4
+    # Drop two training rows and relabel five rows (three of them validation rows): the slice
+    # keeps its rows, and its rows keep their given labels.
+    train_ids = [i for i in df["id"] if i not in ids]
+    relabel = [*sorted(ids)[:3], *train_ids[2:4]]
+    changed = df.filter(~pl.col("id").is_in(train_ids[:2])).with_columns(
+        label=pl.when(pl.col("id").is_in(relabel))
+        .then((pl.col("label") + 1) % 4)
+        .otherwise("label")
+    )
+    _, val_after = split_train_val(changed, 0.2, seed=3)
+    assert set(val_after["id"]) == ids
+    assert val_after.sort("id")["given_label"].equals(val.sort("id")["given_label"])
+    # Fewer rows in a class can round its slice down by one row; no other row comes in.
+    fewer = df.filter(~pl.col("id").is_in(train_ids[:6]))
+    _, val_fewer = split_train_val(fewer, 0.2, seed=3)
+    assert set(val_fewer["id"]) <= ids and len(ids - set(val_fewer["id"])) <= 4
+    with pytest.raises(StageError, match="cannot hold out val_fraction=0.01: class 0 has 25"):
+        split_train_val(df, 0.01, seed=3)
+
+
 @pytest.fixture
 def model_log():
     handler = Records()
