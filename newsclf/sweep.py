@@ -484,8 +484,9 @@ def summarize(sweep: Sweep, results: list[PointResult], n_classes: int) -> dict[
         if winner is not None and res.complete and res is not winner:
             entry["winner_margin"] = paired_interval(sweep.metric, winner, res, n_classes)
         reference = results[0]
-        if res is not reference and res.complete and reference.complete:
-            # How far this point's change moved the metric from the file's first point.
+        if res is not reference and res.scores and reference.scores:
+            # How far this point's change moved the metric from the file's first point, on the
+            # rows both scored (a partial point too: enough to decide what to run next).
             entry["vs_first_point"] = paired_interval(sweep.metric, res, reference, n_classes)
         entry["rank"] = order.index(res) + 1 if res in order else None
         points.append(entry)
