@@ -78,6 +78,12 @@ class Sweep:
     fixed: dict[str, Any]  # `set`: every experiment gets these; `apply` does not write them
     points: tuple[dict[str, Any], ...]  # each point's own params (grid x points, in order)
     budget: Budget
+    # The seeds each point runs: all of `seeds`, or the subset a point names (`seeds: [42]` in
+    # the point: stopped early, as successive halving stops the points behind after one seed).
+    point_seeds: tuple[tuple[int, ...], ...] = ()
+
+    def seeds_of(self, index: int) -> tuple[int, ...]:
+        return self.point_seeds[index] if self.point_seeds else self.seeds
 
     @property
     def varied(self) -> list[str]:
@@ -165,13 +171,19 @@ def load_sweep(path: Path, params_file: Path = PARAMS_FILE) -> Sweep:
         raise SweepError(f"{path}: `set` and `grid` are mappings, `points` a list of mappings")
     axes = {key: expand(spec, f"{path}: grid.{key}") for key, spec in grid.items()}
     points: list[dict[str, Any]] = []
+    point_seeds: list[tuple[int, ...]] = []
     for i, base in enumerate(explicit):
         if not isinstance(base, dict):
             raise SweepError(f"{path}: points[{i}]: a mapping of dotted params keys to values")
+        base = dict(base)
+        own = base.pop("seeds", seeds)
+        if not isinstance(own, list) or not own or not set(own) <= set(seeds):
+            raise SweepError(f"{path}: points[{i}].seeds: a non-empty subset of seeds {seeds}")
         for combo in itertools.product(*axes.values()):
             point = base | dict(zip(axes, combo, strict=True))
             if _canon(point) not in {_canon(p) for p in points}:
                 points.append(point)
+                point_seeds.append(tuple(s for s in seeds if s in own))
     params = (
         yaml.safe_load(params_file.read_text(encoding="utf-8")) if params_file.is_file() else {}
     )
@@ -186,13 +198,24 @@ def load_sweep(path: Path, params_file: Path = PARAMS_FILE) -> Sweep:
     if not isinstance(budget_raw, dict) or set(budget_raw) - {"max_experiments", "hours"}:
         raise SweepError(f"{path}: budget: a mapping of max_experiments and/or hours")
     budget = Budget(int(budget_raw.get("max_experiments", 64)), budget_raw.get("hours"))
-    n = len(points) * len(seeds)
+    n = sum(len(own) for own in point_seeds)
     if n > budget.max_experiments:
         raise SweepError(
-            f"{path}: {len(points)} point(s) x {len(seeds)} seed(s) = {n} experiments, over "
+            f"{path}: {len(points)} point(s), {n} experiments with their seeds, over "
             f"budget.max_experiments={budget.max_experiments}"
         )
-    sweep = Sweep(path, name, stage, tuple(seeds), metric, direction, fixed, tuple(points), budget)
+    sweep = Sweep(
+        path,
+        name,
+        stage,
+        tuple(seeds),
+        metric,
+        direction,
+        fixed,
+        tuple(points),
+        budget,
+        tuple(point_seeds),
+    )
     for point in points:
         try:  # values with blanks cannot travel as `-S key=value`
             set_param_args(sweep.overrides(point, seeds[0]))
@@ -273,7 +296,12 @@ def record(sweep: Sweep, name: str, entry: dict[str, Any]) -> None:
 def planned(sweep: Sweep) -> list[tuple[dict[str, Any], int, str]]:
     """(point, seed, experiment name), every point's first seed before any point's second: the
     queue runs in this order, so a sweep stopped early has compared every point once."""
-    return [(p, s, sweep.experiment(p, s)) for s in sweep.seeds for p in sweep.points]
+    return [
+        (p, s, sweep.experiment(p, s))
+        for s in sweep.seeds
+        for i, p in enumerate(sweep.points)
+        if s in sweep.seeds_of(i)
+    ]
 
 
 def run(sweep: Sweep, say: Callable[[str], None] = print, poll_s: float = POLL_S) -> int:
@@ -291,7 +319,7 @@ def run(sweep: Sweep, say: Callable[[str], None] = print, poll_s: float = POLL_S
     ]
     skipped = len(plan) - len(to_queue)
     say(
-        f"sweep {sweep.name}: {len(sweep.points)} point(s) x {len(sweep.seeds)} seed(s) = "
+        f"sweep {sweep.name}: {len(sweep.points)} point(s), {len(sweep.seeds)} seed(s): "
         f"{len(plan)} experiments up to `{sweep.stage}`; {skipped} done, failed or in the "
         f"queue already, {len(to_queue)} to queue"
     )
@@ -375,6 +403,8 @@ class PointResult:
     failed: dict[int, str] = field(default_factory=dict)  # seed -> reason
     # (seed, id) -> (given label, predicted)
     rows: dict[tuple[int, str], tuple[int, int]] = field(default_factory=dict)
+    # The metric on the held-out rows every complete point scored, mean over seeds: what ranks.
+    common: float | None = None
 
     @property
     def complete(self) -> bool:
@@ -439,8 +469,8 @@ def collect(
     found = finished_experiments() if experiments is None else experiments
     journal = read_journal(sweep)
     results = []
-    for point in sweep.points:
-        res = PointResult(point, {s: sweep.experiment(point, s) for s in sweep.seeds})
+    for i, point in enumerate(sweep.points):
+        res = PointResult(point, {s: sweep.experiment(point, s) for s in sweep.seeds_of(i)})
         for seed, name in res.experiments.items():
             entry = journal.get(name, {})
             res.seconds += entry.get("seconds", 0.0)
@@ -457,14 +487,35 @@ def collect(
     return results
 
 
+def score_common_rows(sweep: Sweep, results: list[PointResult], n_classes: int) -> int:
+    """Set each complete point's `common`: its metric on the held-out rows that every complete
+    point scored (same seed, same id), the mean over seeds. A point that drops rows
+    (`label_issues.action: drop`) holds fewer validation rows, and those it dropped are the
+    suspects, the hardest rows: its own mean would be over an easier set. Returns the row count."""
+    complete = [r for r in results if r.complete and len(r.experiments) == len(sweep.seeds)]
+    if not complete:
+        return 0
+    keys = set.intersection(*(set(r.rows) for r in complete))
+    for res in complete:
+        per_seed = []
+        for seed in sweep.seeds:
+            rows = [res.rows[k] for k in sorted(keys) if k[0] == seed]
+            if rows:
+                truth, pred = np.array(rows).T
+                per_seed.append(metric_value(sweep.metric, truth, pred, n_classes))
+        res.common = float(np.mean(per_seed)) if per_seed else math.nan
+    return len(keys)
+
+
 def ranked(sweep: Sweep, results: list[PointResult]) -> list[PointResult]:
-    """Complete points, best first (ties: the earlier point in the file)."""
+    """Complete points, best first by `common` (ties: the earlier point in the file)."""
     sign = -1 if sweep.direction == "max" else 1
-    complete = [r for r in results if r.complete]
-    return sorted(complete, key=lambda r: sign * r.mean)
+    complete = [r for r in results if r.complete and r.common is not None]
+    return sorted(complete, key=lambda r: sign * r.common)
 
 
 def summarize(sweep: Sweep, results: list[PointResult], n_classes: int) -> dict[str, Any]:
+    n_common = score_common_rows(sweep, results, n_classes)
     order = ranked(sweep, results)
     winner = order[0] if order else None
     points = []
@@ -474,10 +525,13 @@ def summarize(sweep: Sweep, results: list[PointResult], n_classes: int) -> dict[
             "experiments": res.experiments,
             "scores": {str(s): round(v, 6) for s, v in sorted(res.scores.items())},
             "mean": round(res.mean, 6) if res.scores else None,
+            "common_rows_mean": round(res.common, 6) if res.common is not None else None,
             "seconds": round(res.seconds, 1),
-            "status": "complete"
-            if res.complete
-            else ("failed" if res.failed else ("partial" if res.scores else "not run")),
+            "status": (
+                ("complete" if len(res.experiments) == len(sweep.seeds) else "stopped early")
+                if res.complete
+                else ("failed" if res.failed else ("partial" if res.scores else "not run"))
+            ),
         }
         if res.failed:
             entry["failed"] = {str(s): why for s, why in res.failed.items()}
@@ -500,6 +554,7 @@ def summarize(sweep: Sweep, results: list[PointResult], n_classes: int) -> dict[
         "set": sweep.fixed,
         "varied": sweep.varied,
         "first_point": sweep.points[0],
+        "ranked_on": f"{n_common} held-out rows every complete point scored (all seeds)",
         "bootstrap": {"samples": BOOTSTRAP_SAMPLES, "seed": BOOTSTRAP_SEED, "interval": 0.95},
         "points": points,
         "winner": None,
@@ -510,6 +565,7 @@ def summarize(sweep: Sweep, results: list[PointResult], n_classes: int) -> dict[
         summary["winner"] = {
             "point": winner.point,
             "mean": round(winner.mean, 6),
+            "common_rows_mean": round(winner.common, 6),
             "runner_up": runner_up.point if runner_up else None,
             "margin_over_runner_up": vs,
             "verdict": (
@@ -539,7 +595,14 @@ def interval_text(margin: dict[str, Any] | None) -> str:
 def table(sweep: Sweep, summary: dict[str, Any]) -> str:
     varied = summary["varied"]
     head = ["rank", "point"] + [f"s{s}" for s in sweep.seeds]
-    head += ["mean", "this - first point [95% CI]", "winner - this [95% CI]", "seconds", "status"]
+    head += [
+        "mean",
+        "common rows",
+        "this - first point [95% CI]",
+        "winner - this [95% CI]",
+        "seconds",
+        "status",
+    ]
     lines = []
     entries = sorted(summary["points"], key=lambda e: (e["rank"] is None, e["rank"] or 0))
     for e in entries:
@@ -550,6 +613,7 @@ def table(sweep: Sweep, summary: dict[str, Any]) -> str:
         ]
         row += [
             f"{100 * e['mean']:.2f}" if e["mean"] is not None else "-",
+            f"{100 * e['common_rows_mean']:.2f}" if e["common_rows_mean"] is not None else "-",
             interval_text(e.get("vs_first_point"))
             or ("first point" if e["point"] == summary["first_point"] else ""),
             interval_text(e.get("winner_margin")) or ("winner" if e["rank"] == 1 else ""),
@@ -559,7 +623,11 @@ def table(sweep: Sweep, summary: dict[str, Any]) -> str:
         lines.append(row)
     widths = [max(len(str(x)) for x in col) for col in zip(head, *lines, strict=True)]
     fmt = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths, strict=True))  # noqa: E731
-    out = [f"{sweep.name}: validation {sweep.metric} (%), {sweep.direction} wins", fmt(head)]
+    out = [
+        f"{sweep.name}: validation {sweep.metric} (%); ranked by `common rows`, the "
+        f"{summary['ranked_on']}; {sweep.direction} wins",
+        fmt(head),
+    ]
     out += [fmt(r) for r in lines]
     if summary["winner"]:
         w = summary["winner"]

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import platform
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -86,11 +87,28 @@ def get_logger(name: str) -> logging.Logger:
     return logger
 
 
+class ParamsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, plus YAML 1.2's floats without a dot (`5e-05`, `1e3`): what DVC's
+    `-S train.learning_rate=5e-5` writes into params.yaml, which YAML 1.1 reads as a string."""
+
+
+ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def read_params_file(path: Path) -> Any:
+    """params.yaml as the stages read it (ParamsLoader)."""
+    return yaml.load(path.read_text(encoding="utf-8"), Loader=ParamsLoader)  # noqa: S506
+
+
 def load_params(section: str, path: Path = PARAMS_FILE) -> dict[str, Any]:
     """The `section` of params.yaml; a missing file or section is a StageError."""
     if not path.exists():
         raise StageError(f"{path}: params file not found (run from the repository root)")
-    params = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    params = read_params_file(path) or {}
     if section not in params:
         raise StageError(f"{path}: no `{section}:` section")
     return params[section]

@@ -16,7 +16,15 @@ import yaml
 
 from stages import paths
 from stages.base_model import base_model_problem
-from stages.common import PARAMS_FILE, StageError, get_logger, parse_labels, run_main, write_json
+from stages.common import (
+    PARAMS_FILE,
+    StageError,
+    get_logger,
+    parse_labels,
+    read_params_file,
+    run_main,
+    write_json,
+)
 from stages.ingest import parse_sources
 from stages.params import parse_section
 from stages.sections import (
@@ -81,7 +89,7 @@ def main() -> None:
     if not PARAMS_FILE.exists():
         raise StageError(f"{PARAMS_FILE}: params file not found (run from the repository root)")
     try:
-        params = yaml.safe_load(PARAMS_FILE.read_text(encoding="utf-8"))
+        params = read_params_file(PARAMS_FILE)
     except yaml.YAMLError as err:
         raise StageError(f"{PARAMS_FILE}: not valid YAML ({err})") from None
     problems = params_problems(params)

@@ -230,3 +230,23 @@ def test_validate_params_checks_the_base_model_and_its_lora_modules(
         == []
     )
     assert problems_with(base_model="someone/not-cached-here") == []
+
+
+def test_floats_as_dvc_writes_them_load_as_floats(tmp_path) -> None:
+    # `dvc exp run -S train.learning_rate=5e-5` writes `learning_rate: 5e-05`, which YAML 1.1
+    # (PyYAML's safe loader) reads as a string; the stages read it as the float it is.
+    from stages.common import load_params
+    from stages.train_params import TrainParams
+
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    text = (
+        (REPO_ROOT / "params.yaml")
+        .read_text()
+        .replace(f"learning_rate: {params['train']['learning_rate']}", "learning_rate: 5e-05")
+    )
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    assert yaml.safe_load(text)["train"]["learning_rate"] == "5e-05"
+    train = parse_section(load_params("train", path), TrainParams, "train")
+    assert train.learning_rate == 5e-05
+    assert load_params("train", path)["launcher"] == "auto"  # strings stay strings

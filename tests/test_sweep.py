@@ -63,6 +63,7 @@ def test_points_are_the_grid_times_the_explicit_points_with_ranges(tmp_path):
         ({"seeds": [1, 1]}, "repeats a seed"),
         ({"grid": {"train.lora.r": []}}, "grid.train.lora.r: an empty list"),
         ({"grid": {"train.lora.r": [4, 8]}, "budget": {"max_experiments": 1}}, "2 experiments"),
+        ({"seeds": [1], "points": [{"seeds": [2]}]}, "points[0].seeds: a non-empty subset"),
         ({"set": {"train.epochs": 1}, "grid": {"train.epochs": [1, 2]}}, "both in `set`"),
         ({"grid": {"train.launcher": ["torchrun --nproc_per_node 2"]}}, "blanks or quotes"),
         ({"typo": 1}, "unknown key(s) ['typo']"),
@@ -183,3 +184,48 @@ def test_apply_writes_the_point_into_params_keeping_comments(tmp_path):
     diff = [(a, b) for a, b in zip(before.splitlines(), after.splitlines(), strict=True) if a != b]
     assert [b.split("#")[0].strip() for _, b in diff] == ["r: 32", "target_modules: all-linear"]
     assert sw.set_params(params, {"train.lora.r": 32}) == {}
+
+
+def test_a_point_that_drops_rows_is_ranked_on_the_rows_every_point_scored(tmp_path):
+    sweep = load(tmp_path, {"seeds": [1], "points": [{}, {"label_issues.action": "drop"}]})
+    # Flagging keeps the 10 hard rows (gets 4 of them right); dropping removes them from its
+    # validation slice, so its own score looks better while it is worse on the shared rows.
+    keep = rows_for([True] * 88 + [False] * 2 + [True] * 4 + [False] * 6)
+    drop = {k: v for k, v in rows_for([True] * 85 + [False] * 5 + [True] * 10).items()}
+    for i in range(90, 100):
+        del drop[(1, f"r{i}")]
+    flag_point = sw.PointResult({}, {1: "a"}, {1: 0.92}, rows=keep)
+    drop_point = sw.PointResult({"label_issues.action": "drop"}, {1: "b"}, {1: 85 / 90}, rows=drop)
+    summary = sw.summarize(sweep, [flag_point, drop_point], 4)
+    assert drop_point.mean > flag_point.mean  # on its own, easier rows
+    assert summary["winner"]["point"] == {}  # on the 90 rows both scored: 88 right against 85
+    assert summary["ranked_on"].startswith("90 held-out rows")
+    assert [e["common_rows_mean"] for e in summary["points"]] == [
+        pytest.approx(88 / 90, abs=1e-6),
+        pytest.approx(85 / 90, abs=1e-6),
+    ]
+
+
+def test_a_point_stopped_after_its_first_seed_is_shown_not_ranked(tmp_path, monkeypatch):
+    sweep = load(
+        tmp_path,
+        {"seeds": [1, 2], "points": [{}, {"train.lora.r": 16, "seeds": [1]}, {"train.lora.r": 4}]},
+    )
+    assert [(p, s) for p, s, _ in sw.planned(sweep)] == [
+        ({}, 1),
+        ({"train.lora.r": 16}, 1),
+        ({"train.lora.r": 4}, 1),
+        ({}, 2),
+        ({"train.lora.r": 4}, 2),
+    ]
+    accuracy = {
+        json.dumps({}): 0.80,
+        json.dumps({"train.lora.r": 16}): 0.99,  # best on its one seed, but not ranked
+        json.dumps({"train.lora.r": 4}): 0.85,
+    }
+    repo = FakeRepo(sweep, accuracy)
+    monkeypatch.chdir(tmp_path)
+    summary = sw.summarize(sweep, sw.collect(sweep, read=repo.read, experiments=repo.commits), 4)
+    status = [(e["status"], e["rank"]) for e in summary["points"]]
+    assert status == [("complete", 2), ("stopped early", None), ("complete", 1)]
+    assert summary["points"][1]["vs_first_point"]["margin"] == pytest.approx(0.19)

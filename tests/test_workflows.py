@@ -226,7 +226,7 @@ def test_a_sweep_queues_each_point_and_seed_ranks_on_validation_and_applies_the_
     git(work, "commit", "-qm", "a sweep")  # queued experiments run what is committed
 
     out = ok(newsclf(work, "sweep", "run", "sweeps/tiny.yaml"))
-    assert "3 point(s) x 2 seed(s) = 6 experiments up to `train`" in out
+    assert "3 point(s), 2 seed(s): 6 experiments up to `train`" in out
     assert out.count("queued tiny-") == 6 and "[6/6]" in out
     journal = json.loads((work / "reports" / "sweeps" / "tiny.json").read_text())
     failed = {name: e for name, e in journal.items() if e["status"] == "failed"}
