@@ -228,7 +228,10 @@ def load_sweep(path: Path, params_file: Path = PARAMS_FILE) -> Sweep:
 
 
 def run_tool(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run(args, capture_output=True, text=True, check=False)
+    try:
+        done = subprocess.run(args, capture_output=True, text=True, check=False)
+    except FileNotFoundError as err:
+        raise SweepError(f"`{args[0]}` not found on PATH (source .venv/bin/activate)") from err
     if check and done.returncode != 0:
         raise SweepError(f"`{' '.join(args)}` exited {done.returncode}: {done.stderr.strip()}")
     return done
@@ -400,6 +403,7 @@ class PointResult:
     experiments: dict[int, str]  # seed -> name
     scores: dict[int, float] = field(default_factory=dict)  # seed -> metric
     seconds: float = 0.0
+    untimed: int = 0  # experiments that ran while no `run` was following the queue
     failed: dict[int, str] = field(default_factory=dict)  # seed -> reason
     # (seed, id) -> (given label, predicted)
     rows: dict[tuple[int, str], tuple[int, int]] = field(default_factory=dict)
@@ -474,6 +478,7 @@ def collect(
         for seed, name in res.experiments.items():
             entry = journal.get(name, {})
             res.seconds += entry.get("seconds", 0.0)
+            res.untimed += name in found and "seconds" not in entry
             if name not in found:
                 if entry.get("status") == "failed":
                     res.failed[seed] = entry.get("reason", "failed")
@@ -527,6 +532,7 @@ def summarize(sweep: Sweep, results: list[PointResult], n_classes: int) -> dict[
             "mean": round(res.mean, 6) if res.scores else None,
             "common_rows_mean": round(res.common, 6) if res.common is not None else None,
             "seconds": round(res.seconds, 1),
+            "untimed_experiments": res.untimed,
             "status": (
                 ("complete" if len(res.experiments) == len(sweep.seeds) else "stopped early")
                 if res.complete
@@ -617,7 +623,7 @@ def table(sweep: Sweep, summary: dict[str, Any]) -> str:
             interval_text(e.get("vs_first_point"))
             or ("first point" if e["point"] == summary["first_point"] else ""),
             interval_text(e.get("winner_margin")) or ("winner" if e["rank"] == 1 else ""),
-            f"{e['seconds']:.0f}",
+            f"{e['seconds']:.0f}" + (" + ?" if e["untimed_experiments"] else ""),
             e["status"] + (f": {next(iter(e['failed'].values()))}" if e.get("failed") else ""),
         ]
         lines.append(row)
@@ -631,7 +637,8 @@ def table(sweep: Sweep, summary: dict[str, Any]) -> str:
     out += [fmt(r) for r in lines]
     if summary["winner"]:
         w = summary["winner"]
-        out.append(f"winner: {point_label(w['point'], varied)} ({w['verdict']} over the runner-up)")
+        said = w["verdict"] + ("" if w["runner_up"] is None else " over the runner-up")
+        out.append(f"winner: {point_label(w['point'], varied)} ({said})")
     return "\n".join(out)
 
 
