@@ -254,7 +254,12 @@ def queue_status() -> dict[str, str]:
     status = {}
     for line in out.splitlines():
         words = line.split()
-        if len(words) >= 3 and words[-1] in ("Queued", "Running", "Success", "Failed"):
+        # A name queued again keeps its old finished task in the list too: the live one wins.
+        if (
+            len(words) >= 3
+            and words[-1] in ("Queued", "Running", "Success", "Failed")
+            and status.get(words[1]) not in ("Queued", "Running")
+        ):
             status[words[1]] = words[-1]
     return status
 
@@ -327,6 +332,8 @@ def run(sweep: Sweep, say: Callable[[str], None] = print, poll_s: float = POLL_S
         f"queue already, {len(to_queue)} to queue"
     )
     for point, seed, name in to_queue:
+        if name in status:  # a finished task of that name (its journal entry was deleted)
+            run_tool("dvc", "queue", "remove", name, check=False)
         args = set_param_args(sweep.overrides(point, seed))
         run_tool("dvc", "exp", "run", "--queue", "-n", name, *args, sweep.stage)
         say(f"queued {name}: {' '.join(args[1::2])}")
@@ -363,16 +370,17 @@ def follow(sweep: Sweep, mine: set[str], say: Callable[[str], None], poll_s: flo
                 running_since[name] = now
                 say(f"running {name}")
             if state in ("Success", "Failed") and before in ("Queued", "Running"):
-                seconds = round(now - running_since.get(name, now), 1)
                 entry: dict[str, Any] = {"status": "done" if state == "Success" else "failed"}
-                entry["seconds"] = seconds
+                if name in running_since:  # else it started and ended between two polls
+                    entry["seconds"] = round(now - running_since[name], 1)
                 if state == "Failed":
                     entry["reason"] = failure_reason(name)
                     failures += 1
                 record(sweep, name, entry)
                 finished = len(mine & read_journal(sweep).keys())
                 say(
-                    f"[{finished}/{total}] {name}: {entry['status']} in {seconds:.0f} s"
+                    f"[{finished}/{total}] {name}: {entry['status']}"
+                    + (f" in {entry['seconds']:.0f} s" if "seconds" in entry else "")
                     + (f": {entry['reason']}" if state == "Failed" else "")
                 )
             last[name] = state
