@@ -15,9 +15,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_PIPELINE_MODULES = ("test_e2e.py", "test_workflows.py", "test_remote.py")
 
 
-# Started first, one on each worker: the longest work units (the tiny pipeline's modules; the
-# multi-process training runs). Left to xdist's order (most tests first) they started last.
-FIRST_SCOPES = ("tiny_pipeline", "tests/test_multiprocess.py")
+# Started first, in this order, on whichever worker is free: the longest work units (the tiny
+# pipeline's modules; the multi-process training runs; the sweep through DVC's queue). Left to
+# xdist's order (most tests first) they started last.
+FIRST_SCOPES = ("tiny_pipeline", "tests/test_multiprocess.py", "tests/test_sweep_queue.py")
 
 
 def pytest_xdist_make_scheduler(config, log):

@@ -1,16 +1,14 @@
 """The DVC workflows users drive, each with real `dvc` commands on clones of the tiny pipeline.
 
-Experiments (`exp run -S`, `exp show`; `--queue` + `queue start` through `newsclf sweep`), metrics
-and plots diffs across branches on a clone that never pulled, the local run-cache, and determinism
-of a run from scratch.
+Experiments (`exp run -S`, `exp show`; `--queue` and `queue start` run in test_sweep_queue.py),
+metrics and plots diffs across branches on a clone that never pulled, the local run-cache, and
+determinism of a run from scratch.
 The remote workflows (push, pull, `repro --pull`) are in test_remote.py.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,7 +24,6 @@ from tests.pipeline_fixture import (
     run_stages_in_one_process,
     set_params,
     stages_run,
-    tool_env,
 )
 
 pytestmark = pytest.mark.e2e  # on the worker that builds the tiny pipeline (tests/conftest.py)
@@ -91,7 +88,6 @@ def exp_records(root: Path) -> dict[str, dict]:
 
 
 def test_experiments_queue_and_branch_diffs(tmp_path: Path, tiny_pipeline: Path) -> None:
-    # (The queue, `dvc exp run --queue` + `dvc queue start`, runs the sweep test below.)
     work = clone(tiny_pipeline, tmp_path / "work", with_outputs=True)
 
     # `dvc exp run $(newsclf preset fast) -S ...`, as the README has it. The tiny pipeline already
@@ -191,80 +187,3 @@ def test_local_run_cache_restores_a_stage(tmp_path: Path, tiny_pipeline: Path) -
     # validate_params checks params every time they change: its output is in git, not cached.
     assert stages_run(out) == {"validate_params"}
     assert file_hashes(work, "data/interim") == before
-
-
-def newsclf(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    """`newsclf ARGS` in `cwd`, with this interpreter's dvc first on PATH."""
-    return subprocess.run(
-        [sys.executable, "-m", "newsclf.cli", *args],
-        cwd=cwd,
-        env=tool_env(),
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-
-
-def test_a_sweep_queues_each_point_and_seed_ranks_on_validation_and_applies_the_winner(
-    tmp_path: Path, tiny_pipeline: Path
-) -> None:
-    work = clone(tiny_pipeline, tmp_path / "work", with_outputs=True)
-    sweep = {
-        "name": "tiny",
-        "stage": "train",
-        "seeds": [1, 2],
-        "metric": "accuracy",
-        "points": [
-            {"train.learning_rate": 0.05},
-            {"train.learning_rate": 0.0001},
-            {"train.epochs": -1},  # refused by validate_params: recorded, and the sweep goes on
-        ],
-    }
-    (work / "sweeps").mkdir()
-    (work / "sweeps" / "tiny.yaml").write_text(yaml.safe_dump(sweep, sort_keys=False))
-    git(work, "add", "sweeps")
-    git(work, "commit", "-qm", "a sweep")  # queued experiments run what is committed
-
-    out = ok(newsclf(work, "sweep", "run", "sweeps/tiny.yaml"))
-    assert "3 point(s), 2 seed(s): 6 experiments up to `train`" in out
-    assert out.count("queued tiny-") == 6 and "[6/6]" in out
-    journal = json.loads((work / "reports" / "sweeps" / "tiny.json").read_text())
-    failed = {name: e for name, e in journal.items() if e["status"] == "failed"}
-    assert len(journal) == 6 and len(failed) == 2
-    for entry in failed.values():
-        assert (
-            "[validate_params] ERROR params.yaml: bad value(s) train.epochs=-1" in entry["reason"]
-        )
-
-    shown = ok(newsclf(work, "sweep", "show", "sweeps/tiny.yaml"))
-    summary = json.loads((work / "reports" / "sweep.json").read_text())
-    assert (work / "reports" / "sweep.png").is_file()
-    # The ranking is the validation accuracy each experiment's commit holds, mean over seeds.
-    refs = git(work, "for-each-ref", "--format=%(refname:lstrip=-1) %(objectname)", "refs/exps")
-    commits = dict(line.split() for line in refs.splitlines())
-    means = {}
-    for entry in summary["points"][:2]:
-        values = [
-            json.loads(git(work, "show", f"{commits[name]}:reports/train/validation.json"))[
-                "accuracy"
-            ]
-            for name in entry["experiments"].values()
-        ]
-        assert entry["status"] == "complete" and entry["mean"] == pytest.approx(
-            sum(values) / 2, abs=1e-6
-        )
-        means[entry["point"]["train.learning_rate"]] = entry["mean"]
-    assert summary["points"][2]["status"] == "failed" and summary["points"][2]["rank"] is None
-    best = max(means, key=lambda lr: (means[lr], lr == 0.05))  # a tie goes to the earlier point
-    assert summary["winner"]["point"] == {"train.learning_rate": best}
-    assert summary["winner"]["margin_over_runner_up"]["n_rows"] > 0
-    assert "winner: learning_rate=" in shown
-
-    applied = ok(newsclf(work, "sweep", "apply", "sweeps/tiny.yaml"))
-    assert yaml.safe_load((work / "params.yaml").read_text())["train"]["learning_rate"] == best
-    assert "params.yaml" in applied
-
-    # Run again: everything is done or recorded as failed, nothing is queued.
-    again = ok(newsclf(work, "sweep", "run", "sweeps/tiny.yaml"))
-    assert "6 done, failed or in the queue already, 0 to queue" in again
-    assert "nothing to run" in again and "Queued" not in ok(dvc(work, "queue", "status"))
