@@ -650,28 +650,66 @@ def table(sweep: Sweep, summary: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def plot(sweep: Sweep, results: list[PointResult], out: Path) -> None:
-    """The metric against each varied param: a dot per seed, a bar at the mean."""
+def plot(sweep: Sweep, results: list[PointResult], out: Path, summary: dict[str, Any]) -> None:
+    """Left: every point's validation metric (a dot per seed, a bar at the mean) and its margin over
+    the first point with the 95% interval, best first. Then one panel per varied param: the metric
+    against the param's value, for the first point and the points that set that param."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    varied = sweep.varied or ["(one point)"]
-    fig, axes = plt.subplots(1, len(varied), figsize=(4 * len(varied), 3.5), squeeze=False)
-    for ax, key in zip(axes[0], varied, strict=True):
-        labels = sorted({str(r.point.get(key, "default")) for r in results}, key=_natural)
-        for res in results:
-            x = labels.index(str(res.point.get(key, "default")))
+    varied = sweep.varied
+    entries = {id(r): e for r, e in zip(results, summary["points"], strict=True)}
+    order = sorted(
+        results, key=lambda r: (entries[id(r)]["rank"] is None, entries[id(r)]["rank"] or 0)
+    )
+    fig, axes = plt.subplots(
+        1,
+        2 + len(varied),
+        figsize=(5 + 4 + 3 * len(varied), 0.45 * len(results) + 2),
+        squeeze=False,
+        gridspec_kw={"width_ratios": [5, 4] + [3] * len(varied)},
+    )
+    metric_ax, margin_ax = axes[0][0], axes[0][1]
+    labels = [point_label(r.point, varied) for r in order]
+    for y, res in enumerate(order):
+        xs = [100 * v for v in res.scores.values()]
+        metric_ax.scatter(xs, [y] * len(xs), s=16, color="tab:blue", alpha=0.7)
+        if res.scores:
+            metric_ax.vlines(100 * res.mean, y - 0.3, y + 0.3, color="tab:red")
+        margin = entries[id(res)].get("vs_first_point")
+        if margin and margin["margin"] is not None:
+            low, mid, high = (100 * margin[k] for k in ("low", "margin", "high"))
+            color = "tab:green" if low > 0 else ("tab:red" if high < 0 else "tab:gray")
+            margin_ax.errorbar(
+                mid, y, xerr=[[mid - low], [high - mid]], fmt="o", color=color, capsize=3
+            )
+    for ax in (metric_ax, margin_ax):
+        ax.set_yticks(range(len(order)), labels if ax is metric_ax else [""] * len(order))
+        ax.invert_yaxis()
+        ax.grid(axis="x", alpha=0.3)
+    metric_ax.tick_params(axis="y", labelsize=8)
+    metric_ax.set_xlabel(f"validation {sweep.metric} (%): dots = seeds, red = mean")
+    margin_ax.axvline(0, color="black", linewidth=0.8)
+    margin_ax.set_xlabel("this - first point (pt), 95% paired interval")
+    first = results[0]
+    for ax, key in zip(axes[0][2:], varied, strict=True):
+        shown = [first] + [r for r in results[1:] if key in r.point]
+        values = [str(r.point.get(key, "first point")) for r in shown]
+        ticks = sorted(set(values), key=_natural)
+        for res, value in zip(shown, values, strict=True):
+            x = ticks.index(value)
             ys = [100 * v for v in res.scores.values()]
             ax.scatter([x] * len(ys), ys, s=14, alpha=0.6, color="tab:blue")
             if res.scores:
                 ax.hlines(100 * res.mean, x - 0.25, x + 0.25, color="tab:red")
-        ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
+        ax.set_xticks(range(len(ticks)), ticks, rotation=30, ha="right", fontsize=8)
         ax.set_title(key, fontsize=9)
-        ax.set_ylabel(f"validation {sweep.metric} (%)")
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(f"sweep {sweep.name}: dots = seeds, red = mean over seeds", fontsize=10)
+    fig.suptitle(
+        f"sweep {sweep.name}: validation {sweep.metric} on held-out train rows", fontsize=10
+    )
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110, metadata={"Software": None})
@@ -694,7 +732,7 @@ def show(sweep: Sweep, out: Path = REPORT, say: Callable[[str], None] = print) -
     summary = summarize(sweep, results, n_labels())
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    plot(sweep, results, out.with_suffix(".png"))
+    plot(sweep, results, out.with_suffix(".png"), summary)
     say(table(sweep, summary))
     say(f"wrote {out} and {out.with_suffix('.png')}")
     return summary

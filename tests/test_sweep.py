@@ -151,7 +151,7 @@ def test_selection_reads_validation_files_only_and_ranks_by_them(tmp_path, monke
     table = sw.table(sweep, summary)
     assert "first point" in table.splitlines()[-2]  # r=4 ranks last
     assert table.splitlines()[2].startswith("1     lora.r=8")
-    sw.plot(sweep, results, tmp_path / "sweep.png")
+    sw.plot(sweep, results, tmp_path / "sweep.png", summary)
     assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
