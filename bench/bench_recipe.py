@@ -65,6 +65,7 @@ def main() -> None:
         seeds=tuple(args.seeds),
         fixed={},
         points=(default, winner),
+        point_seeds=(),  # both recipes on every seed
     )
     sw.run(test_run, say=lambda line: print(line, flush=True))
 
