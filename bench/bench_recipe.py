@@ -15,15 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from bench import cpu_name
 from newsclf import sweep as sw
-from stages.common import write_json
+from stages.common import read_params_file, write_json
 
 OUT_FILE = Path("reports/bench_recipe.json")
 
@@ -32,7 +32,9 @@ def params_at(rev: str) -> dict:
     shown = subprocess.run(
         ["git", "show", f"{rev}:params.yaml"], capture_output=True, text=True, check=True
     )
-    return yaml.safe_load(shown.stdout)
+    path = Path(tempfile.mkdtemp()) / "params.yaml"
+    path.write_text(shown.stdout, encoding="utf-8")
+    return read_params_file(path)  # as the stages read it (YAML 1.2 floats)
 
 
 def value_at(params: dict, dotted: str):
@@ -76,6 +78,9 @@ def main() -> None:
         per_seed = {}
         for seed in test_run.seeds:
             name = test_run.experiment(point, seed)
+            if name not in found:
+                entry = journal.get(name, {})
+                raise SystemExit(f"{name} did not finish: {entry.get('reason', 'not run')}")
             metrics = json.loads(sw.read_at(found[name], "reports/metrics.json"))
             per_seed[str(seed)] = {
                 "experiment": name,

@@ -22,6 +22,7 @@ validation metric and direction to select by, params every point shares (`set`),
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import itertools
@@ -40,6 +41,7 @@ import numpy as np
 import yaml
 
 from newsclf.preset import PARAMS_FILE, PresetError, _has_key, set_param_args
+from stages.common import read_params_file
 
 # What selection may read from an experiment: validation scores of held-out train rows only.
 VALIDATION_FILE = "reports/train/validation.json"
@@ -135,7 +137,7 @@ def load_sweep(path: Path, params_file: Path = PARAMS_FILE) -> Sweep:
     if not path.is_file():
         raise SweepError(f"{path}: no such sweep file")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = read_params_file(path)  # YAML 1.2 floats (5e-5), as the stages read params
     except yaml.YAMLError as err:
         raise SweepError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(raw, dict):
@@ -184,9 +186,7 @@ def load_sweep(path: Path, params_file: Path = PARAMS_FILE) -> Sweep:
             if _canon(point) not in {_canon(p) for p in points}:
                 points.append(point)
                 point_seeds.append(tuple(s for s in seeds if s in own))
-    params = (
-        yaml.safe_load(params_file.read_text(encoding="utf-8")) if params_file.is_file() else {}
-    )
+    params = read_params_file(params_file) if params_file.is_file() else {}
     for key in itertools.chain(fixed, *points):
         if not isinstance(key, str) or not _has_key(params or {}, key):
             raise SweepError(f"{path}: `{key}` is not a key of {params_file}")
@@ -197,7 +197,13 @@ def load_sweep(path: Path, params_file: Path = PARAMS_FILE) -> Sweep:
     budget_raw = raw.get("budget") or {}
     if not isinstance(budget_raw, dict) or set(budget_raw) - {"max_experiments", "hours"}:
         raise SweepError(f"{path}: budget: a mapping of max_experiments and/or hours")
-    budget = Budget(int(budget_raw.get("max_experiments", 64)), budget_raw.get("hours"))
+    hours = budget_raw.get("hours")
+    max_experiments = budget_raw.get("max_experiments", 64)
+    if not isinstance(max_experiments, int) or max_experiments < 1:
+        raise SweepError(f"{path}: budget.max_experiments: a positive integer")
+    if hours is not None and (not isinstance(hours, int | float) or hours <= 0):
+        raise SweepError(f"{path}: budget.hours: a positive number of hours")
+    budget = Budget(max_experiments, hours)
     n = sum(len(own) for own in point_seeds)
     if n > budget.max_experiments:
         raise SweepError(
@@ -294,11 +300,14 @@ def record(sweep: Sweep, name: str, entry: dict[str, Any]) -> None:
     """Add one experiment's outcome to the journal, re-read first (another `run` may follow the
     same queue) and replaced atomically (a crash leaves the old file or the new one)."""
     path = journal_path(sweep)
-    journal = read_journal(sweep) | {name: entry}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(dict(sorted(journal.items())), indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # read-modify-replace, one writer at a time
+        journal = read_journal(sweep) | {name: entry}
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        text = json.dumps(dict(sorted(journal.items())), indent=2) + "\n"
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
 
 
 def planned(sweep: Sweep) -> list[tuple[dict[str, Any], int, str]]:
@@ -315,9 +324,13 @@ def planned(sweep: Sweep) -> list[tuple[dict[str, Any], int, str]]:
 def run(sweep: Sweep, say: Callable[[str], None] = print, poll_s: float = POLL_S) -> int:
     """Queue what is not done, run the queue with one worker, follow it to the end."""
     plan = planned(sweep)
-    journal = read_journal(sweep)
     done = finished_experiments()
     status = queue_status()
+    for _, _, name in plan:
+        # Failed while no `run` was following the queue: recorded now, not queued again.
+        if status.get(name) == "Failed" and name not in read_journal(sweep):
+            record(sweep, name, {"status": "failed", "reason": failure_reason(name)})
+    journal = read_journal(sweep)
     to_queue = [
         (point, seed, name)
         for point, seed, name in plan
@@ -355,10 +368,13 @@ def run(sweep: Sweep, say: Callable[[str], None] = print, poll_s: float = POLL_S
 
 
 def follow(sweep: Sweep, mine: set[str], say: Callable[[str], None], poll_s: float) -> int:
-    """Poll the queue until none of `mine` is queued or running; a line per finished experiment."""
+    """Poll the queue until none of `mine` is queued or running; a line per finished experiment.
+    Tasks already finished when it starts are not counted again (`run` recorded them)."""
     started = time.monotonic()
     running_since: dict[str, float] = {}
-    last: dict[str, str] = {}
+    last: dict[str, str] = {
+        n: s for n, s in queue_status().items() if n in mine and s in ("Success", "Failed")
+    }
     total = len(mine)
     failures = 0
     while True:
@@ -439,11 +455,18 @@ def metric_value(metric: str, truth: np.ndarray, pred: np.ndarray, n_classes: in
 
 
 def paired_interval(
-    metric: str, winner: PointResult, other: PointResult, n_classes: int
+    metric: str,
+    winner: PointResult,
+    other: PointResult,
+    n_classes: int,
+    rows: set[tuple[int, str]] | None = None,
+    better: str = "either",
 ) -> dict[str, Any]:
-    """The winner's margin over `other` on the held-out rows both scored (same seed, same id),
-    with a 95% percentile interval from BOOTSTRAP_SAMPLES paired resamples of those rows."""
-    keys = sorted(winner.rows.keys() & other.rows.keys())
+    """`winner`'s margin over `other` on the held-out rows both scored (same seed, same id), or
+    on `rows`, with a 95% percentile interval from BOOTSTRAP_SAMPLES paired resamples of those
+    rows (the trained models fixed: row noise, not seed-to-seed training noise). `significant`:
+    the interval excludes 0 (`better` "either"), or lies above it ("max") or below it ("min")."""
+    keys = sorted((winner.rows.keys() & other.rows.keys()) if rows is None else rows)
     if not keys:
         return {"n_rows": 0, "margin": None, "low": None, "high": None, "significant": False}
     truth = np.array([winner.rows[k][0] for k in keys])
@@ -465,7 +488,9 @@ def paired_interval(
         "margin": round(float(margin), 6),
         "low": round(float(low), 6),
         "high": round(float(high), 6),
-        "significant": bool(low > 0 or high < 0),
+        "significant": bool(
+            {"either": low > 0 or high < 0, "max": low > 0, "min": high < 0}[better]
+        ),
     }
 
 
@@ -500,15 +525,20 @@ def collect(
     return results
 
 
-def score_common_rows(sweep: Sweep, results: list[PointResult], n_classes: int) -> int:
+def score_common_rows(
+    sweep: Sweep, results: list[PointResult], n_classes: int
+) -> set[tuple[int, str]]:
     """Set each complete point's `common`: its metric on the held-out rows that every complete
     point scored (same seed, same id), the mean over seeds. A point that drops rows
     (`label_issues.action: drop`) holds fewer validation rows, and those it dropped are the
-    suspects, the hardest rows: its own mean would be over an easier set. Returns the row count."""
+    suspects, the hardest rows: its own mean would be over an easier set. Returns those rows;
+    none (no point ranked) when the complete points share no row of some seed."""
     complete = [r for r in results if r.complete and len(r.experiments) == len(sweep.seeds)]
     if not complete:
-        return 0
+        return set()
     keys = set.intersection(*(set(r.rows) for r in complete))
+    if {seed for seed, _ in keys} != set(sweep.seeds):
+        return set()
     for res in complete:
         per_seed = []
         for seed in sweep.seeds:
@@ -516,8 +546,8 @@ def score_common_rows(sweep: Sweep, results: list[PointResult], n_classes: int) 
             if rows:
                 truth, pred = np.array(rows).T
                 per_seed.append(metric_value(sweep.metric, truth, pred, n_classes))
-        res.common = float(np.mean(per_seed)) if per_seed else math.nan
-    return len(keys)
+        res.common = float(np.mean(per_seed))
+    return keys
 
 
 def ranked(sweep: Sweep, results: list[PointResult]) -> list[PointResult]:
@@ -528,7 +558,7 @@ def ranked(sweep: Sweep, results: list[PointResult]) -> list[PointResult]:
 
 
 def summarize(sweep: Sweep, results: list[PointResult], n_classes: int) -> dict[str, Any]:
-    n_common = score_common_rows(sweep, results, n_classes)
+    common = score_common_rows(sweep, results, n_classes)
     order = ranked(sweep, results)
     winner = order[0] if order else None
     points = []
@@ -550,7 +580,15 @@ def summarize(sweep: Sweep, results: list[PointResult], n_classes: int) -> dict[
         if res.failed:
             entry["failed"] = {str(s): why for s, why in res.failed.items()}
         if winner is not None and res.complete and res is not winner:
-            entry["winner_margin"] = paired_interval(sweep.metric, winner, res, n_classes)
+            # On the rows that ranked them when `res` is ranked too, else on the rows both scored.
+            entry["winner_margin"] = paired_interval(
+                sweep.metric,
+                winner,
+                res,
+                n_classes,
+                common if res.common is not None else None,
+                sweep.direction,
+            )
         reference = results[0]
         if res is not reference and res.scores and reference.scores:
             # How far this point's change moved the metric from the file's first point, on the
@@ -568,14 +606,18 @@ def summarize(sweep: Sweep, results: list[PointResult], n_classes: int) -> dict[
         "set": sweep.fixed,
         "varied": sweep.varied,
         "first_point": sweep.points[0],
-        "ranked_on": f"{n_common} held-out rows every complete point scored (all seeds)",
+        "ranked_on": f"{len(common)} held-out rows every complete point scored (all seeds)",
         "bootstrap": {"samples": BOOTSTRAP_SAMPLES, "seed": BOOTSTRAP_SEED, "interval": 0.95},
         "points": points,
         "winner": None,
     }
     if winner is not None:
         runner_up = order[1] if len(order) > 1 else None
-        vs = paired_interval(sweep.metric, winner, runner_up, n_classes) if runner_up else None
+        vs = (
+            paired_interval(sweep.metric, winner, runner_up, n_classes, common, sweep.direction)
+            if runner_up
+            else None
+        )
         summary["winner"] = {
             "point": winner.point,
             "mean": round(winner.mean, 6),
@@ -724,7 +766,7 @@ def _natural(text: str) -> tuple:
 
 
 def n_labels(params_file: Path = PARAMS_FILE) -> int:
-    return len(yaml.safe_load(params_file.read_text(encoding="utf-8"))["labels"])
+    return len(read_params_file(params_file)["labels"])
 
 
 def show(sweep: Sweep, out: Path = REPORT, say: Callable[[str], None] = print) -> dict[str, Any]:

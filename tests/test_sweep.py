@@ -1,6 +1,6 @@
 """`newsclf sweep`: the sweep file, the selection on held-out rows and its interval, `apply`.
 
-The run through DVC's queue on the tiny pipeline is in test_workflows.py.
+The run through DVC's queue, on a small project, is in test_sweep_queue.py.
 """
 
 from __future__ import annotations
@@ -94,6 +94,10 @@ def test_the_margin_interval_says_when_two_points_do_not_differ():
     near = sw.paired_interval("accuracy", winner, close, 4)
     assert near["low"] <= 0 <= near["high"] and not near["significant"]
     assert sw.paired_interval("macro_f1", winner, worse, 4)["significant"]
+    # One-sided where a direction is asked: a clear loss is no significant win.
+    backwards = sw.paired_interval("accuracy", worse, winner, 4, better="max")
+    assert backwards["high"] < 0 and not backwards["significant"]
+    assert sw.paired_interval("accuracy", worse, winner, 4, better="min")["significant"]
 
 
 class FakeRepo:
@@ -200,6 +204,9 @@ def test_a_point_that_drops_rows_is_ranked_on_the_rows_every_point_scored(tmp_pa
     assert drop_point.mean > flag_point.mean  # on its own, easier rows
     assert summary["winner"]["point"] == {}  # on the 90 rows both scored: 88 right against 85
     assert summary["ranked_on"].startswith("90 held-out rows")
+    # The winner's margin is on those same rows, so it agrees with the ranking.
+    margin = summary["points"][1]["winner_margin"]
+    assert margin["n_rows"] == 90 and margin["margin"] == pytest.approx(3 / 90, abs=1e-6)
     assert [e["common_rows_mean"] for e in summary["points"]] == [
         pytest.approx(88 / 90, abs=1e-6),
         pytest.approx(85 / 90, abs=1e-6),
@@ -229,3 +236,30 @@ def test_a_point_stopped_after_its_first_seed_is_shown_not_ranked(tmp_path, monk
     status = [(e["status"], e["rank"]) for e in summary["points"]]
     assert status == [("complete", 2), ("stopped early", None), ("complete", 1)]
     assert summary["points"][1]["vs_first_point"]["margin"] == pytest.approx(0.19)
+
+
+def test_floats_without_a_dot_are_numbers_in_the_sweep_and_in_what_apply_writes(tmp_path):
+    path = tmp_path / "s.yaml"
+    # As people write them; YAML 1.1 (yaml.safe_load) reads 5e-5 and 1e-4 as strings.
+    path.write_text(
+        "points:\n  - {train.learning_rate: 5e-5}\n"
+        "grid:\n  train.weight_decay: {low: 1e-4, high: 1e-2, num: 3, scale: log}\n"
+    )
+    assert yaml.safe_load(path.read_text())["points"][0]["train.learning_rate"] == "5e-5"
+    sweep = sw.load_sweep(path, REPO_ROOT / "params.yaml")
+    assert sweep.points[0] == {"train.learning_rate": 5e-05, "train.weight_decay": 0.0001}
+    params = tmp_path / "params.yaml"
+    params.write_text((REPO_ROOT / "params.yaml").read_text())
+    sw.set_params(params, sweep.points[0])
+    from stages.common import load_params
+
+    assert load_params("train", params)["learning_rate"] == 5e-05  # a number, not '5e-05'
+
+
+@pytest.mark.parametrize(
+    ("budget", "said"),
+    [({"hours": "two"}, "budget.hours"), ({"max_experiments": 0}, "budget.max_experiments")],
+)
+def test_a_bad_budget_is_refused(tmp_path, budget, said):
+    with pytest.raises(sw.SweepError, match=said):
+        load(tmp_path, {"budget": budget})
