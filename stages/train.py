@@ -481,8 +481,11 @@ def make_trainer(
         tokenizer.pad_token_id,
     )
     if setup.rank_zero:
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in model.parameters())
+        if hasattr(model, "get_nb_trainable_parameters"):  # PEFT's: counts 4-bit weights right
+            trainable, total = model.get_nb_trainable_parameters()
+        else:  # train.finetune: full
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            total = sum(p.numel() for p in model.parameters())
         log.info(
             "%d train rows, %d validation rows; %s trainable of %s parameters (%.2f%%)",
             len(train_ds),
