@@ -15,15 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from bench import cpu_name
 from newsclf import sweep as sw
-from stages.common import read_params_file, write_json
+from stages.common import ParamsLoader, write_json
 
 OUT_FILE = Path("reports/bench_recipe.json")
 
@@ -32,9 +32,7 @@ def params_at(rev: str) -> dict:
     shown = subprocess.run(
         ["git", "show", f"{rev}:params.yaml"], capture_output=True, text=True, check=True
     )
-    path = Path(tempfile.mkdtemp()) / "params.yaml"
-    path.write_text(shown.stdout, encoding="utf-8")
-    return read_params_file(path)  # as the stages read it (YAML 1.2 floats)
+    return yaml.load(shown.stdout, Loader=ParamsLoader)  # noqa: S506 (as the stages read it)
 
 
 def value_at(params: dict, dotted: str):

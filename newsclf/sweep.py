@@ -326,11 +326,13 @@ def run(sweep: Sweep, say: Callable[[str], None] = print, poll_s: float = POLL_S
     plan = planned(sweep)
     done = finished_experiments()
     status = queue_status()
+    journal = read_journal(sweep)
     for _, _, name in plan:
         # Failed while no `run` was following the queue: recorded now, not queued again.
-        if status.get(name) == "Failed" and name not in read_journal(sweep):
-            record(sweep, name, {"status": "failed", "reason": failure_reason(name)})
-    journal = read_journal(sweep)
+        if status.get(name) == "Failed" and name not in journal:
+            entry = {"status": "failed", "reason": failure_reason(name)}
+            record(sweep, name, entry)
+            journal[name] = entry
     to_queue = [
         (point, seed, name)
         for point, seed, name in plan
