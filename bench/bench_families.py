@@ -157,6 +157,7 @@ def run_family(model_type: str, root: Path, train_texts, test_texts, steps: int)
         export.parity.min_int8_agreement,
         export.int8_max_fp32_nodes,
         export.batch_size,
+        export.int8_smoothing,
     )
     start = time.perf_counter()
     exported = export_folder(

@@ -1,12 +1,21 @@
 """The main job and a small experiment, from a fresh clone, before and after a change.
 
-    python -m bench.bench_repro --before 2118bbd --after HEAD
+    python -m bench.bench_repro --before 2118bbd --after HEAD [--pin-avx2]
 
 For each revision: a fresh `git clone` beside this checkout (so the team remote `../shared` resolves
 as in CI), `make repro` timed as a whole (install included) and stage by stage (from the moment DVC
 prints `Running stage`), then `dvc exp run -S train.max_train_samples=400 -S train.epochs=1` timed
-end to end. The two revisions run one after the other on an otherwise idle machine. Writes
-`reports/bench_repro.json` and prints a table. Each command is bounded by `--max-seconds`.
+end to end. The two revisions run one after the other on an otherwise idle machine. Each run
+records the CPU, its flags that pick kernels (AVX-512, VNNI, bf16, AMX), what the stages resolved
+(training precision and processes) and the test accuracy of each shipped graph, with the int8
+graph's agreement and the int8 instructions it was measured on.
+
+`--pin-avx2` runs everything with PyTorch, oneDNN and MKL pinned to AVX2 (`ATEN_CPU_CAPABILITY`,
+`ONEDNN_MAX_CPU_ISA`, `MKL_ENABLE_INSTRUCTIONS`): what an AVX2-only CPU (AMD EPYC Zen 3) computes
+in PyTorch, timed on this one; `train.precision: auto` then resolves to fp32, as it does there.
+ONNX Runtime keeps this CPU's kernels (its AVX2 int8 figures: bench/bench_int8_isa.py, under QEMU).
+Writes `reports/bench_repro.json` (`reports/bench_repro_avx2.json` pinned) and prints a table. Each
+command is bounded by `--max-seconds`.
 """
 
 from __future__ import annotations
@@ -24,14 +33,35 @@ from bench import cpu_name
 from stages.common import write_json
 
 OUT_FILE = Path("reports/bench_repro.json")
+PINNED_FILE = Path("reports/bench_repro_avx2.json")
+# PyTorch's own kernels, oneDNN's and MKL's, each capped at AVX2.
+AVX2_PINS = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+}
+# The /proc/cpuinfo flags that change which kernels run, and so speed and int8 figures.
+KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni")
+KERNEL_FLAGS += ("amx_bf16", "amx_int8")
 SMALL_EXPERIMENT = ["-S", "train.max_train_samples=400", "-S", "train.epochs=1"]
 
 
-def timed(cmd: list[str], cwd: Path, max_s: float) -> tuple[float, dict[str, float], str]:
-    """Run `cmd` in the clone `cwd` with its own .venv first on PATH (stages call `python`); its
-    wall time, the seconds from each `Running stage` line to the next (or to the end), and its
-    output."""
-    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+def cpu_flags() -> list[str]:
+    """The kernel-picking flags this CPU has (KERNEL_FLAGS), from /proc/cpuinfo."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            return [flag for flag in KERNEL_FLAGS if flag in flags]
+    return []
+
+
+def timed(
+    cmd: list[str], cwd: Path, max_s: float, pins: dict[str, str]
+) -> tuple[float, dict[str, float], str]:
+    """Run `cmd` in the clone `cwd` with its own .venv first on PATH (stages call `python`) and
+    the environment `pins`; its wall time, the seconds from each `Running stage` line to the next
+    (or to the end), and its output."""
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")} | pins
     path = [p for p in env["PATH"].split(":") if ".venv" not in p]
     env["PATH"] = ":".join([str(cwd / ".venv" / "bin"), *path])
     start = time.perf_counter()
@@ -58,7 +88,29 @@ def timed(cmd: list[str], cwd: Path, max_s: float) -> tuple[float, dict[str, flo
     return round(end - start, 1), stages, "".join(lines)
 
 
-def run_revision(repo: Path, rev: str, max_s: float) -> dict:
+def shipped_figures(clone: Path) -> dict:
+    """What the run resolved and each shipped graph's test figures, from its own reports."""
+    export = json.loads((clone / "reports" / "export.json").read_text())
+    resolved = (clone / "reports" / "train" / "resolved.yaml").read_text()
+    wanted = ("precision:", "launcher:", "world_size:", "bf16_support:")
+    figures = {
+        "resolved": [
+            line.strip() for line in resolved.splitlines() if line.strip().startswith(wanted)
+        ],
+        "test_accuracy": {k: v for k, v in export["accuracy"].items() if k != "n_texts"},
+    }
+    parity = export["parity"]
+    if "int8_top1_agreement" in parity:
+        figures["int8"] = {
+            "top1_agreement": parity["int8_top1_agreement"],
+            "meets_bound": parity["int8_meets_bound"],
+            "measured_on": parity.get("int8_measured_on"),
+            "kept_fp32": len(export.get("int8", {}).get("kept_fp32", [])),
+        }
+    return figures
+
+
+def run_revision(repo: Path, rev: str, max_s: float, pins: dict[str, str]) -> dict:
     clone = repo.parent / f"bench_repro_{rev}"
     if clone.exists():
         shutil.rmtree(clone)
@@ -67,10 +119,11 @@ def run_revision(repo: Path, rev: str, max_s: float) -> dict:
     sha = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=clone, capture_output=True, text=True
     ).stdout.strip()
-    total, stages, _ = timed(["make", "repro"], clone, max_s)
+    total, stages, _ = timed(["make", "repro"], clone, max_s, pins)
     metrics = json.loads((clone / "reports" / "metrics.json").read_text())
+    shipped = shipped_figures(clone)
     dvc = str(clone / ".venv" / "bin" / "dvc")
-    exp_total, exp_stages, _ = timed([dvc, "exp", "run", *SMALL_EXPERIMENT], clone, max_s)
+    exp_total, exp_stages, _ = timed([dvc, "exp", "run", *SMALL_EXPERIMENT], clone, max_s, pins)
     return {
         "rev": sha,
         "make_repro": {
@@ -78,12 +131,14 @@ def run_revision(repo: Path, rev: str, max_s: float) -> dict:
             "stages_s": stages,
             "accuracy": metrics["accuracy"],
             "macro_f1": metrics["macro_f1"],
-        },
+        }
+        | shipped,
         "small_experiment": {
             "args": " ".join(SMALL_EXPERIMENT),
             "total_s": exp_total,
             "stages_s": exp_stages,
-        },
+        }
+        | shipped_figures(clone),
     }
 
 
@@ -95,18 +150,23 @@ def main() -> None:
     parser.add_argument(
         "--only", choices=("before", "after"), help="run one revision, kept beside the JSON's other"
     )
+    parser.add_argument(
+        "--pin-avx2", action="store_true", help="PyTorch, oneDNN and MKL as on an AVX2-only CPU"
+    )
     args = parser.parse_args()
     repo = Path.cwd()
-    result = json.loads(OUT_FILE.read_text()) if args.only and OUT_FILE.exists() else {}
-    result["cpu"] = cpu_name()
+    out_file = PINNED_FILE if args.pin_avx2 else OUT_FILE
+    pins = AVX2_PINS if args.pin_avx2 else {}
+    result = json.loads(out_file.read_text()) if args.only and out_file.exists() else {}
+    result |= {"cpu": cpu_name(), "cpu_flags": cpu_flags(), "pinned": pins}
     for name, rev in (("before", args.before), ("after", args.after)):
         if args.only in (None, name):
-            result[name] = run_revision(repo, rev, args.max_seconds)
-            write_json(result, OUT_FILE)  # what has run so far survives a stop
+            result[name] = run_revision(repo, rev, args.max_seconds, pins)
+            write_json(result, out_file)  # what has run so far survives a stop
     if "before" not in result or "after" not in result:
         print(json.dumps(result, indent=1))
         return
-    print(result["cpu"])
+    print(f"{result['cpu']}; flags {' '.join(result['cpu_flags'])}; pinned {pins or 'no'}")
     print(f"{'':>22} {'before':>10} {'after':>10}")
     for label, key in (
         ("make repro (s)", "make_repro"),
@@ -126,7 +186,19 @@ def main() -> None:
         f"{'accuracy':>22} {result['before']['make_repro']['accuracy']:>10} "
         f"{result['after']['make_repro']['accuracy']:>10}"
     )
-    print(f"wrote {OUT_FILE}")
+    for label, key in (("small exp. accuracy", "small_experiment"),):
+        print(
+            f"{label:>22} {result['before'][key]['test_accuracy']['fp32']:>10} "
+            f"{result['after'][key]['test_accuracy']['fp32']:>10}"
+        )
+    for part in ("make_repro", "small_experiment"):
+        for name in ("before", "after"):
+            int8 = result[name][part].get("int8")
+            if int8:
+                print(
+                    f"  {part} {name}: int8 {int8} test accuracy {result[name][part]['test_accuracy']}"
+                )
+    print(f"wrote {out_file}")
 
 
 if __name__ == "__main__":

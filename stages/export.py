@@ -218,12 +218,16 @@ def int8_candidates(path: Path) -> list[str]:
     ]
 
 
-def quantize_int8(src: Path, dst: Path, keep_fp32: Sequence[str]) -> None:
+def quantize_int8(src: Path, dst: Path, keep_fp32: Sequence[str], seven_bit: bool = True) -> None:
     """Dynamic int8 quantisation of the encoder's weights (activations quantised per batch).
 
     Measured on MiniLM (docs/export_predict.md): per-channel weight scales lift int8/fp32 top-1
-    agreement by about 3 points over per-tensor ones at no speed cost. The nodes in `keep_fp32`
-    (chosen by `choose_fp32_nodes`) stay fp32.
+    agreement by about 3 points over per-tensor ones at no speed cost. Weights take 7 bits
+    (`reduce_range`): a CPU without VNNI multiplies u8 activations by s8 weights with AVX2's
+    VPMADDUBSW, whose pairwise sums saturate at 16 bits for 8-bit weights (255 * 128 * 2 > 32767)
+    and cannot for 7-bit ones, so VNNI and AVX2 CPUs compute the same integer products
+    (`seven_bit=False`, full 8-bit weights, is for bench_int8_settings' comparison). The nodes in
+    `keep_fp32` (chosen by `choose_fp32_nodes`) stay fp32.
     """
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -240,9 +244,97 @@ def quantize_int8(src: Path, dst: Path, keep_fp32: Sequence[str]) -> None:
         str(dst),
         weight_type=QuantType.QInt8,
         per_channel=True,
+        reduce_range=seven_bit,
         nodes_to_quantize=[name for name in candidates if name not in keep_fp32],
         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
     )
+
+
+def activation_ranges(
+    path: Path, tensors: Sequence[str], ids: Sequence[list[int]], pad_id: int, batch_size: int
+) -> dict[str, np.ndarray]:
+    """Each named tensor's largest absolute value per channel (its last axis) over the texts."""
+    import onnx
+    import onnxruntime as ort
+
+    from newsclf.predict import pad_batch, session_options
+
+    model = onnx.load(str(path))
+    for name in tensors:
+        model.graph.output.append(
+            onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+        )
+    session = ort.InferenceSession(
+        model.SerializeToString(),
+        sess_options=session_options(None),
+        providers=["CPUExecutionProvider"],
+    )
+    ranges: dict[str, np.ndarray] = {}
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    for start in range(0, len(order), batch_size):
+        batch = pad_batch([ids[i] for i in order[start : start + batch_size]], pad_id)
+        for name, value in zip(tensors, session.run(list(tensors), batch), strict=True):
+            peak = np.abs(value).reshape(-1, value.shape[-1]).max(axis=0)
+            ranges[name] = np.maximum(ranges[name], peak) if name in ranges else peak
+    return ranges
+
+
+def smooth_for_int8(
+    src: Path, dst: Path, ids: Sequence[list[int]], pad_id: int, alpha: float, batch_size: int
+) -> dict[str, Any]:
+    """Write to `dst` the graph at `src` with its weight MatMuls' activation outliers moved into
+    their weights (SmoothQuant, Xiao et al. 2023), the graph int8 quantisation starts from.
+
+    Dynamic int8 quantises each MatMul's input with one scale per batch, set by its largest
+    channel; a few channels of a transformer's activations are far larger than the rest, so the
+    others keep few levels. Per input channel j, s_j = max|X_j| ** alpha / max|W_j| ** (1 - alpha)
+    (max|X_j| over the calibration texts `ids`); X_j / s_j (an inserted Mul) times s_j * W_j
+    computes the same product in fp32, with flatter activations and per-channel-scaled weights
+    taking the difference. The fused Attention nodes keep their inputs as they are.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(src))
+    graph = model.graph
+    weights = {init.name: init for init in graph.initializer}
+    uses: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    # A weight another node also reads (tied weights) is left alone: rescaling it would change both.
+    targets = [
+        node
+        for node in graph.node
+        if node.op_type == "MatMul"
+        and len(node.input) == 2
+        and node.input[1] in weights
+        and uses[node.input[1]] == 1
+    ]
+    ranges = activation_ranges(src, sorted({n.input[0] for n in targets}), ids, pad_id, batch_size)
+    smoothing: dict[str, onnx.NodeProto] = {}
+    for node in targets:
+        weight = numpy_helper.to_array(weights[node.input[1]]).astype(np.float32)
+        act = np.maximum(ranges[node.input[0]], 1e-5)
+        scale = act**alpha / np.maximum(np.abs(weight).max(axis=1), 1e-5) ** (1 - alpha)
+        scale = np.maximum(scale, 1e-5).astype(np.float32)
+        weights[node.input[1]].CopyFrom(
+            numpy_helper.from_array(weight * scale[:, None], node.input[1])
+        )
+        inverse, smoothed = f"{node.name}/smooth_scale", f"{node.name}/smoothed_input"
+        graph.initializer.append(numpy_helper.from_array(1.0 / scale, inverse))
+        smoothing[node.name] = onnx.helper.make_node(
+            "Mul", [node.input[0], inverse], [smoothed], name=f"{node.name}/smooth"
+        )
+        node.input[0] = smoothed
+    # Each Mul goes right before its MatMul: the node list stays topologically sorted.
+    nodes = [
+        step for node in graph.node for step in (smoothing.get(node.name), node) if step is not None
+    ]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.save(model, str(dst))
+    return {"alpha": alpha, "nodes": len(targets)}
 
 
 def session_batches(
@@ -427,34 +519,45 @@ def choose_fp32_nodes(
     min_agreement: float,
     max_nodes: int,
     batch_size: int,
+    smoothing: float | None = None,
 ) -> dict[str, Any]:
     """The nodes to leave fp32 in the int8 model, chosen by `pick_fp32_nodes` on calibration texts
-    of the model at hand; the int8 model with that choice is left at `int8_path`. Agreement is
-    top-1 agreement with fp32 on all calibration texts (a trial that cannot reach `min_agreement` stops early: `agreement_trial`); a node's sensitivity is the
-    mean squared logit error when only it is quantised, on the first SENSITIVITY_TEXTS of them.
-    Returns the choice with its measurements (for export.json)."""
+    of the model at hand; the int8 model with that choice is left at `int8_path`. With
+    `smoothing` (SmoothQuant's alpha) the int8 graphs are quantised from `smooth_for_int8`'s
+    rewrite of the fp32 graph, whose activation ranges come from the same texts. Agreement is
+    top-1 agreement with fp32 on all calibration texts (a trial that cannot reach
+    `min_agreement` stops early: `agreement_trial`); a node's sensitivity is the mean squared
+    logit error when only it is quantised, on the first SENSITIVITY_TEXTS of them. Returns the
+    choice with its measurements (for export.json)."""
     reference = session_logits(fp32_path, calibration_ids, pad_id, batch_size)
     candidates = int8_candidates(fp32_path)
     probe = calibration_ids[:SENSITIVITY_TEXTS]
+    with tempfile.TemporaryDirectory() as tmp:
+        source, smoothed = fp32_path, None
+        if smoothing is not None:
+            source = Path(tmp) / FP32_FILE
+            smoothed = smooth_for_int8(
+                fp32_path, source, calibration_ids, pad_id, smoothing, batch_size
+            )
 
-    def agreement_keeping(keep: list[str]) -> Trial:
-        quantize_int8(fp32_path, int8_path, keep)
-        return agreement_trial(
-            int8_path, calibration_ids, reference.argmax(1), pad_id, batch_size, min_agreement
+        def agreement_keeping(keep: list[str]) -> Trial:
+            quantize_int8(source, int8_path, keep)
+            return agreement_trial(
+                int8_path, calibration_ids, reference.argmax(1), pad_id, batch_size, min_agreement
+            )
+
+        def sensitivities_of(nodes: Sequence[str]) -> dict[str, float]:
+            return measure_sensitivities(
+                source, nodes, candidates, probe, reference[: len(probe)], pad_id, batch_size
+            )
+
+        keep, steps, sensitivity = pick_fp32_nodes(
+            candidates, agreement_keeping, sensitivities_of, min_agreement, max_nodes
         )
-
-    def sensitivities_of(nodes: Sequence[str]) -> dict[str, float]:
-        return measure_sensitivities(
-            fp32_path, nodes, candidates, probe, reference[: len(probe)], pad_id, batch_size
-        )
-
-    keep, steps, sensitivity = pick_fp32_nodes(
-        candidates, agreement_keeping, sensitivities_of, min_agreement, max_nodes
-    )
-    # int8_path holds the last trial's graph: a prefix of the same ranking, so its count says
-    # whether it is the one chosen (the bisection may have tried another count last).
-    if steps[-1]["kept_fp32"] != len(keep):
-        quantize_int8(fp32_path, int8_path, keep)
+        # int8_path holds the last trial's graph: a prefix of the same ranking, so its count says
+        # whether it is the one chosen (the bisection may have tried another count last).
+        if steps[-1]["kept_fp32"] != len(keep):
+            quantize_int8(source, int8_path, keep)
     log.info(
         "int8: %d of %d nodes kept fp32 %s; calibration agreement %s",
         len(keep),
@@ -464,6 +567,8 @@ def choose_fp32_nodes(
     )
     return {
         "n_calibration_texts": len(calibration_ids),
+        "weights": "int8 per output channel, 7-bit range (no AVX2 saturation)",
+        "smoothing": smoothed,
         "candidates": len(candidates),
         "kept_fp32": keep,
         "steps": steps,
@@ -537,6 +642,7 @@ class Int8Plan:
     min_agreement: float
     max_fp32_nodes: int
     batch_size: int
+    smoothing: float | None = None  # SmoothQuant's alpha (`smooth_for_int8`), or none
 
 
 def onnx_meta(
@@ -618,6 +724,7 @@ def build_onnx(
             int8.min_agreement,
             int8.max_fp32_nodes,
             int8.batch_size,
+            int8.smoothing,
         )
         meta["models"]["int8"] = INT8_FILE
     return Built(model, tokenizer, meta, choice, fusions)
@@ -739,6 +846,7 @@ def int8_plan(train: pl.DataFrame | None, params: ExportParams) -> Int8Plan | No
         params.parity.min_int8_agreement,
         params.int8_max_fp32_nodes,
         params.batch_size,
+        params.int8_smoothing,
     )
 
 

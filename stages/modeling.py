@@ -51,6 +51,11 @@ def native_bf16(cuda: bool) -> tuple[bool, str]:
         )
         if present
     ]
+    # ATEN_CPU_CAPABILITY=avx2 (make test-portable, bench_repro --pin-avx2) keeps PyTorch's own
+    # kernels off AVX-512, where its bf16 would be emulated as on a CPU without the flags.
+    capability = torch.backends.cpu.get_cpu_capability()
+    if found and capability != "AVX512":
+        return False, f"CPU with {' and '.join(found)}, PyTorch kernels pinned to {capability}"
     if found:
         return True, f"CPU with {' and '.join(found)}"
     return False, "CPU without AVX512-BF16 or AMX"

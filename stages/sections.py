@@ -180,6 +180,7 @@ class ExportParams:
     quantize: bool
     int8_calibration_texts: int
     int8_max_fp32_nodes: int
+    int8_smoothing: float | None  # SmoothQuant's alpha for the int8 graph's MatMuls; None: off
     batch_size: int
     parity: ParityParams
 
@@ -189,6 +190,10 @@ class ExportParams:
             {
                 "int8_calibration_texts": (self.int8_calibration_texts >= 1, ">= 1"),
                 "int8_max_fp32_nodes": (self.int8_max_fp32_nodes >= 0, ">= 0"),
+                "int8_smoothing": (
+                    self.int8_smoothing is None or 0 < self.int8_smoothing <= 1,
+                    "null or in (0, 1]",
+                ),
                 "batch_size": (self.batch_size >= 1, ">= 1"),
             },
         )

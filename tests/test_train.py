@@ -216,6 +216,21 @@ def test_precision_follows_native_bf16_and_refuses_emulated_bf16(monkeypatch, mo
     assert resolve_precision("fp32", cuda=False) == "fp32"
 
 
+def test_bf16_is_not_native_when_pytorch_is_pinned_below_avx512(monkeypatch) -> None:
+    """ATEN_CPU_CAPABILITY=avx2 on a CPU with AVX512-BF16: PyTorch's kernels would emulate bf16,
+    as on an AVX2-only CPU, so `auto` must resolve to fp32 there too (and say why)."""
+    import torch
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert native_bf16(cuda=False) == (
+        False,
+        "CPU with AVX512-BF16, PyTorch kernels pinned to AVX2",
+    )
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert native_bf16(cuda=False)[0] is True
+
+
 def test_fully_trained_modules_stay_out_of_quantization(tiny_bert_dir):
     """`pooler` in modules_to_save: transformers' own skip-list matching leaves `bert.pooler.dense`
     quantized, and PEFT then fails; full names from the model keep it (and the head) fp32."""
