@@ -56,6 +56,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--steps", type=int, default=8, help="profiled steps (after 2 warm-up)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        help="the auto launcher's process count to take a share of (default: this machine's cores)",
+    )
     args = parser.parse_args()
     from transformers import AutoTokenizer
 
@@ -73,7 +78,7 @@ def main() -> None:
     encoded = tokenizer(train["text"].to_list(), truncation=True, max_length=params.max_length)
     ids = encoded["input_ids"]
     # The auto launcher's share a process: as many processes as cores that divide the batch.
-    cores = available_cores() if params.launcher == "auto" else 1
+    cores = (args.processes or available_cores()) if params.launcher == "auto" else 1
     batch = params.batch_size // max(k for k in range(1, cores + 1) if params.batch_size % k == 0)
     order = (
         grouped_batches([len(x) for x in ids], batch, params.seed, args.steps + 2)
