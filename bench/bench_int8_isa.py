@@ -32,6 +32,7 @@ import polars as pl
 OUT_FILE = Path("reports/bench_int8_isa.json")
 TEST = Path("data/processed/test.parquet")
 REFERENCE = Path("data/evaluated/test_logits.parquet")
+EXPORT_REPORT = Path("reports/export.json")
 # What an AVX2-only CPU runs: QEMU's Haswell model has AVX2 + FMA, no AVX-512 or VNNI. numpy's own
 # AVX2 sort kernels crash QEMU 7.2 (docs/testing.md), so numpy keeps to x86-64-v2 code there.
 EMULATED_ENV = {"NPY_DISABLE_CPU_FEATURES": "X86_V3"}
@@ -118,7 +119,16 @@ def main() -> None:
     result = {
         "cpu": cpu_model(),
         "model_dir": str(args.model_dir),
-        "int8_export": meta.get("int8_export"),
+        # How export made the int8 graph (weights, smoothing, nodes kept fp32), where it is known.
+        "int8_export": (
+            {
+                k: v
+                for k, v in json.loads(EXPORT_REPORT.read_text()).get("int8", {}).items()
+                if k != "sensitivity"
+            }
+            if args.model_dir == Path("models/onnx") and EXPORT_REPORT.is_file()
+            else None
+        ),
         "n_texts": len(rows),
         "pytorch_accuracy": round(float((reference.argmax(1) == labels).mean()), 6),
         "native": {

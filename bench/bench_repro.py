@@ -12,7 +12,9 @@ graph's agreement and the int8 instructions it was measured on.
 
 `--pin-avx2` runs everything with PyTorch, oneDNN and MKL pinned to AVX2 (`ATEN_CPU_CAPABILITY`,
 `ONEDNN_MAX_CPU_ISA`, `MKL_ENABLE_INSTRUCTIONS`): what an AVX2-only CPU (AMD EPYC Zen 3) computes
-in PyTorch, timed on this one; `train.precision: auto` then resolves to fp32, as it does there.
+in PyTorch, timed on this one. Each clone's `precision: auto` params are set to fp32, what `auto`
+resolves to on such a CPU (a revision older than the pin-aware `native_bf16` would otherwise pick
+bf16, emulated under the pins).
 ONNX Runtime keeps this CPU's kernels (its AVX2 int8 figures: bench/bench_int8_isa.py, under QEMU).
 Writes `reports/bench_repro.json` (`reports/bench_repro_avx2.json` pinned) and prints a table. Each
 command is bounded by `--max-seconds`.
@@ -116,6 +118,10 @@ def run_revision(repo: Path, rev: str, max_s: float, pins: dict[str, str]) -> di
         shutil.rmtree(clone)
     subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True)
     subprocess.run(["git", "checkout", "-q", rev], cwd=clone, check=True)
+    if pins:
+        params = clone / "params.yaml"
+        text = re.sub(r"^(\s+precision:\s*)auto\b", r"\1fp32", params.read_text(), flags=re.M)
+        params.write_text(text)
     sha = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=clone, capture_output=True, text=True
     ).stdout.strip()
@@ -186,11 +192,11 @@ def main() -> None:
         f"{'accuracy':>22} {result['before']['make_repro']['accuracy']:>10} "
         f"{result['after']['make_repro']['accuracy']:>10}"
     )
-    for label, key in (("small exp. accuracy", "small_experiment"),):
-        print(
-            f"{label:>22} {result['before'][key]['test_accuracy']['fp32']:>10} "
-            f"{result['after'][key]['test_accuracy']['fp32']:>10}"
-        )
+    small = [
+        result[name]["small_experiment"].get("test_accuracy", {}).get("fp32", "-")
+        for name in ("before", "after")
+    ]
+    print(f"{'small exp. accuracy':>22} {small[0]:>10} {small[1]:>10}")
     for part in ("make_repro", "small_experiment"):
         for name in ("before", "after"):
             int8 = result[name][part].get("int8")

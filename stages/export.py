@@ -224,7 +224,7 @@ def quantize_int8(src: Path, dst: Path, keep_fp32: Sequence[str], seven_bit: boo
     Measured on MiniLM (docs/export_predict.md): per-channel weight scales lift int8/fp32 top-1
     agreement by about 3 points over per-tensor ones at no speed cost. Weights take 7 bits
     (`reduce_range`): a CPU without VNNI multiplies u8 activations by s8 weights with AVX2's
-    VPMADDUBSW, whose pairwise sums saturate at 16 bits for 8-bit weights (255 * 128 * 2 > 32767)
+    VPMADDUBSW, whose pairwise sums saturate at 16 bits for 8-bit weights (255 * 127 * 2 > 32767)
     and cannot for 7-bit ones, so VNNI and AVX2 CPUs compute the same integer products
     (`seven_bit=False`, full 8-bit weights, is for bench_int8_settings' comparison). The nodes in
     `keep_fp32` (chosen by `choose_fp32_nodes`) stay fp32.
@@ -302,37 +302,54 @@ def smooth_for_int8(
     for node in graph.node:
         for name in node.input:
             uses[name] = uses.get(name, 0) + 1
-    # A weight another node also reads (tied weights) is left alone: rescaling it would change both.
+    nodes = list(graph.node)
+    # By position (names may repeat or be empty). A weight another node also reads (tied weights)
+    # is left alone: rescaling it would change both.
     targets = [
-        node
-        for node in graph.node
+        i
+        for i, node in enumerate(nodes)
         if node.op_type == "MatMul"
         and len(node.input) == 2
         and node.input[1] in weights
         and uses[node.input[1]] == 1
     ]
-    ranges = activation_ranges(src, sorted({n.input[0] for n in targets}), ids, pad_id, batch_size)
-    smoothing: dict[str, onnx.NodeProto] = {}
-    for node in targets:
+    if not targets:
+        shutil.copyfile(src, dst)
+        return {"alpha": alpha, "nodes": 0}
+    inputs = sorted({nodes[i].input[0] for i in targets})
+    ranges = activation_ranges(src, inputs, ids, pad_id, batch_size)
+    smoothing: dict[int, onnx.NodeProto] = {}
+    for i in targets:
+        node = nodes[i]
         weight = numpy_helper.to_array(weights[node.input[1]]).astype(np.float32)
-        act = np.maximum(ranges[node.input[0]], 1e-5)
-        scale = act**alpha / np.maximum(np.abs(weight).max(axis=1), 1e-5) ** (1 - alpha)
-        scale = np.maximum(scale, 1e-5).astype(np.float32)
+        act = ranges[node.input[0]]
+        scale = np.maximum(act, 1e-5) ** alpha / np.maximum(np.abs(weight).max(axis=1), 1e-5) ** (
+            1 - alpha
+        )
+        # A channel the calibration texts never moved keeps its scale: dividing it by a tiny one
+        # would let a single non-zero value at inference set the whole batch's int8 range.
+        scale = np.where(act > 1e-6, np.maximum(scale, 1e-5), 1.0).astype(np.float32)
         weights[node.input[1]].CopyFrom(
             numpy_helper.from_array(weight * scale[:, None], node.input[1])
         )
-        inverse, smoothed = f"{node.name}/smooth_scale", f"{node.name}/smoothed_input"
-        graph.initializer.append(numpy_helper.from_array(1.0 / scale, inverse))
-        smoothing[node.name] = onnx.helper.make_node(
-            "Mul", [node.input[0], inverse], [smoothed], name=f"{node.name}/smooth"
+        prefix = f"newsclf_smooth_{i}"
+        graph.initializer.append(numpy_helper.from_array(1.0 / scale, f"{prefix}/scale"))
+        smoothing[i] = onnx.helper.make_node(
+            "Mul",
+            [node.input[0], f"{prefix}/scale"],
+            [f"{prefix}/output"],
+            name=f"{prefix}/Mul",
         )
-        node.input[0] = smoothed
+        node.input[0] = f"{prefix}/output"
     # Each Mul goes right before its MatMul: the node list stays topologically sorted.
-    nodes = [
-        step for node in graph.node for step in (smoothing.get(node.name), node) if step is not None
+    ordered = [
+        step
+        for i, node in enumerate(nodes)
+        for step in (smoothing.get(i), node)
+        if step is not None
     ]
     del graph.node[:]
-    graph.node.extend(nodes)
+    graph.node.extend(ordered)
     onnx.save(model, str(dst))
     return {"alpha": alpha, "nodes": len(targets)}
 

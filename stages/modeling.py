@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -51,11 +52,15 @@ def native_bf16(cuda: bool) -> tuple[bool, str]:
         )
         if present
     ]
-    # ATEN_CPU_CAPABILITY=avx2 (make test-portable, bench_repro --pin-avx2) keeps PyTorch's own
-    # kernels off AVX-512, where its bf16 would be emulated as on a CPU without the flags.
+    # ATEN_CPU_CAPABILITY=avx2 / ONEDNN_MAX_CPU_ISA=AVX2 (make test-portable, bench_repro
+    # --pin-avx2) keep PyTorch's own kernels or oneDNN's (its bf16 matmuls) off AVX-512, where bf16
+    # would be emulated as on a CPU without the flags.
     capability = torch.backends.cpu.get_cpu_capability()
+    onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
     if found and capability != "AVX512":
         return False, f"CPU with {' and '.join(found)}, PyTorch kernels pinned to {capability}"
+    if found and not onednn.startswith(("ALL", "AVX512", "AMX")):
+        return False, f"CPU with {' and '.join(found)}, oneDNN pinned to {onednn}"
     if found:
         return True, f"CPU with {' and '.join(found)}"
     return False, "CPU without AVX512-BF16 or AMX"

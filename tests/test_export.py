@@ -431,7 +431,8 @@ def test_int8_nodes_are_chosen_by_sensitivity_on_the_outlier_model(
     what holds on any CPU is asserted: the outlier's node is found first, and the rule was kept."""
     texts = varied_texts(120)
     adapter = near_tie_adapter(outlier_base, tmp_path / "adapter", texts)
-    plan = Int8Plan(texts, min_agreement=0.995, max_fp32_nodes=8, batch_size=8)
+    # Smoothed as the stage smooths (its MatMuls; the outlier feeds an Attention node).
+    plan = Int8Plan(texts, min_agreement=0.995, max_fp32_nodes=8, batch_size=8, smoothing=0.8)
     chosen = export_to(adapter, outlier_base, tmp_path / "onnx", plan, texts).built.int8_choice
     kept, steps, sensitivity = chosen["kept_fp32"], chosen["steps"], chosen["sensitivity"]
     assert "agreement" not in steps[0]  # the near tie: quantising every node misses ...

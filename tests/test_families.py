@@ -77,7 +77,7 @@ def export_tiny(adapter: Path, base: Path, out: Path):
         out,
         17,
         MAX_LENGTH,
-        Int8Plan(texts * 2, min_agreement=0.0, max_fp32_nodes=1, batch_size=4),
+        Int8Plan(texts * 2, min_agreement=0.0, max_fp32_nodes=1, batch_size=4, smoothing=0.8),
         texts,
         merged_logits(adapter, str(base), AG_NEWS_LABELS, texts, MAX_LENGTH, 4),
         ParityParams(n_texts=len(texts), max_abs_logit_diff=1e-4, min_int8_agreement=0.0),

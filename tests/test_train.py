@@ -222,12 +222,18 @@ def test_bf16_is_not_native_when_pytorch_is_pinned_below_avx512(monkeypatch) -> 
     import torch
 
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     assert native_bf16(cuda=False) == (
         False,
         "CPU with AVX512-BF16, PyTorch kernels pinned to AVX2",
     )
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert native_bf16(cuda=False)[0] is True
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert native_bf16(cuda=False) == (False, "CPU with AVX512-BF16, oneDNN pinned to AVX2")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx512_core_bf16")
     assert native_bf16(cuda=False)[0] is True
 
 
