@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from bench import cpu_name
-from stages.common import write_json
+from stages.common import cpu_flags, write_json
 
 OUT_FILE = Path("reports/bench_repro.json")
 PINNED_FILE = Path("reports/bench_repro_avx2.json")
@@ -48,13 +48,10 @@ KERNEL_FLAGS += ("amx_bf16", "amx_int8")
 SMALL_EXPERIMENT = ["-S", "train.max_train_samples=400", "-S", "train.epochs=1"]
 
 
-def cpu_flags() -> list[str]:
-    """The kernel-picking flags this CPU has (KERNEL_FLAGS), from /proc/cpuinfo."""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            return [flag for flag in KERNEL_FLAGS if flag in flags]
-    return []
+def kernel_flags() -> list[str]:
+    """The kernel-picking flags this CPU has (KERNEL_FLAGS)."""
+    flags = cpu_flags() or set()
+    return [flag for flag in KERNEL_FLAGS if flag in flags]
 
 
 def timed(
@@ -164,7 +161,7 @@ def main() -> None:
     out_file = PINNED_FILE if args.pin_avx2 else OUT_FILE
     pins = AVX2_PINS if args.pin_avx2 else {}
     result = json.loads(out_file.read_text()) if args.only and out_file.exists() else {}
-    result |= {"cpu": cpu_name(), "cpu_flags": cpu_flags(), "pinned": pins}
+    result |= {"cpu": cpu_name(), "cpu_flags": kernel_flags(), "pinned": pins}
     for name, rev in (("before", args.before), ("after", args.after)):
         if args.only in (None, name):
             result[name] = run_revision(repo, rev, args.max_seconds, pins)

@@ -31,7 +31,7 @@ from stages.common import available_cores, load_labels, write_json
 from stages.modeling import resolve_base_model
 from stages.params import load_section
 from stages.processed import read_processed
-from stages.train import build_peft_model
+from stages.train import build_peft_model, data_parallel_processes
 from stages.train_params import TrainParams
 
 GROUPS = {
@@ -79,7 +79,7 @@ def main() -> None:
     ids = encoded["input_ids"]
     # The auto launcher's share a process: as many processes as cores that divide the batch.
     cores = (args.processes or available_cores()) if params.launcher == "auto" else 1
-    batch = params.batch_size // max(k for k in range(1, cores + 1) if params.batch_size % k == 0)
+    batch = params.batch_size // data_parallel_processes(params.batch_size, cores)
     order = (
         grouped_batches([len(x) for x in ids], batch, params.seed, args.steps + 2)
         if params.group_by_length

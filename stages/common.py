@@ -60,14 +60,21 @@ INT8_INSTRUCTIONS = (
 )
 
 
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str] | None:
+    """This CPU's flags from /proc/cpuinfo (its first `flags` line), or None where it has none."""
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []:
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return None
+
+
 def int8_instructions(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     """The best int8 instruction set of this CPU (INT8_INSTRUCTIONS), from /proc/cpuinfo's flags:
     recorded beside every int8 agreement figure, which depends on it."""
-    for line in cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []:
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            return next((name for flag, name in INT8_INSTRUCTIONS if flag in flags), "no AVX2")
-    return "unknown (no CPU flags in /proc/cpuinfo)"
+    flags = cpu_flags(cpuinfo)
+    if flags is None:
+        return "unknown (no CPU flags in /proc/cpuinfo)"
+    return next((name for flag, name in INT8_INSTRUCTIONS if flag in flags), "no AVX2")
 
 
 def available_cores() -> int:

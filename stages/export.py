@@ -255,25 +255,16 @@ def activation_ranges(
 ) -> dict[str, np.ndarray]:
     """Each named tensor's largest absolute value per channel (its last axis) over the texts."""
     import onnx
-    import onnxruntime as ort
-
-    from newsclf.predict import pad_batch, session_options
 
     model = onnx.load(str(path))
     for name in tensors:
         model.graph.output.append(
             onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
         )
-    session = ort.InferenceSession(
-        model.SerializeToString(),
-        sess_options=session_options(None),
-        providers=["CPUExecutionProvider"],
-    )
     ranges: dict[str, np.ndarray] = {}
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    for start in range(0, len(order), batch_size):
-        batch = pad_batch([ids[i] for i in order[start : start + batch_size]], pad_id)
-        for name, value in zip(tensors, session.run(list(tensors), batch), strict=True):
+    batches = session_batches(model.SerializeToString(), ids, pad_id, batch_size, outputs=tensors)
+    for _, values in batches:
+        for name, value in zip(tensors, values, strict=True):
             peak = np.abs(value).reshape(-1, value.shape[-1]).max(axis=0)
             ranges[name] = np.maximum(ranges[name], peak) if name in ranges else peak
     return ranges
@@ -355,22 +346,30 @@ def smooth_for_int8(
 
 
 def session_batches(
-    path: Path, ids: Sequence[list[int]], pad_id: int, batch_size: int, threads: int | None = None
-) -> Iterator[tuple[list[int], np.ndarray]]:
-    """Tokenised texts through an ONNX file, batched by length as predict runs it: each batch's
-    row numbers and logits, shortest texts first. `threads` caps ORT's intra-op pool."""
+    model: Path | bytes,
+    ids: Sequence[list[int]],
+    pad_id: int,
+    batch_size: int,
+    threads: int | None = None,
+    outputs: Sequence[str] | None = None,
+) -> Iterator[tuple[list[int], list[np.ndarray]]]:
+    """Tokenised texts through an ONNX graph (a file, or serialised bytes), batched by length as
+    predict runs it: each batch's row numbers and its outputs (the graph's own, or those named),
+    shortest texts first. `threads` caps ORT's intra-op pool."""
     import onnxruntime as ort
 
     from newsclf.predict import pad_batch, session_options
 
     session = ort.InferenceSession(
-        str(path), sess_options=session_options(threads), providers=["CPUExecutionProvider"]
+        model if isinstance(model, bytes) else str(model),
+        sess_options=session_options(threads),
+        providers=["CPUExecutionProvider"],
     )
+    names = list(outputs) if outputs is not None else None
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        (logits,) = session.run(None, pad_batch([ids[i] for i in rows], pad_id))
-        yield rows, logits
+        yield rows, session.run(names, pad_batch([ids[i] for i in rows], pad_id))
 
 
 def session_logits(
@@ -378,7 +377,7 @@ def session_logits(
 ) -> np.ndarray:
     """Logits of tokenised texts through an ONNX file, batched by length as predict runs it."""
     out: np.ndarray | None = None
-    for rows, logits in session_batches(path, ids, pad_id, batch_size, threads):
+    for rows, (logits,) in session_batches(path, ids, pad_id, batch_size, threads):
         if out is None:
             out = np.empty((len(ids), logits.shape[1]), dtype=np.float32)
         out[rows] = logits
@@ -408,7 +407,7 @@ def agreement_trial(
     stopped as soon as the misses so far put it below `min_agreement` whatever the rest gives:
     pass or miss is decided exactly, on the fewest texts that decide it."""
     misses = 0
-    for rows, logits in session_batches(path, ids, pad_id, batch_size):
+    for rows, (logits,) in session_batches(path, ids, pad_id, batch_size):
         misses += int((logits.argmax(1) != reference_top1[rows]).sum())
         if (len(ids) - misses) / len(ids) < min_agreement:
             return Trial((len(ids) - misses) / len(ids), complete=False)

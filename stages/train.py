@@ -657,6 +657,11 @@ class LaunchPlan:
     said: str
 
 
+def data_parallel_processes(batch_size: int, devices: int) -> int:
+    """The most processes, at most one per device, that divide `batch_size` evenly."""
+    return max(k for k in range(1, devices + 1) if batch_size % k == 0)
+
+
 def launch_plan(launcher: str, batch_size: int, cores: int, gpus: int) -> LaunchPlan:
     """`auto`: one data-parallel process per GPU, or per core on a CPU (one thread each: 1.96x
     faster than one process of two threads at equal accuracy on 2 cores, bench_multiprocess), as
@@ -667,7 +672,7 @@ def launch_plan(launcher: str, batch_size: int, cores: int, gpus: int) -> Launch
     if launcher != "auto":
         return LaunchPlan(shlex.split(launcher), f"launcher `{launcher}`")
     devices, what = (gpus, "GPU") if gpus else (cores, "core")
-    n = max(k for k in range(1, devices + 1) if batch_size % k == 0)
+    n = data_parallel_processes(batch_size, devices)
     if n == 1:
         return LaunchPlan(None, f"one process ({devices} {what}(s))")
     command = [sys.executable, "-m", launch.__name__, "--standalone"]  # torchrun (stages/launch.py)
