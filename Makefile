@@ -32,7 +32,7 @@ test: install
 test-fast: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/pytest -q -m "not e2e and not slow"
+	$(BIN)/pytest -q -m "not e2e and not slow and not browser"
 
 # The kernel-dependent tests (marker `kernels`) as a CPU with AVX2 only (no AVX-512, VNNI or bf16)
 # computes them, from any x86-64 machine: PyTorch and oneDNN pinned to AVX2, the whole process

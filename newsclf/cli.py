@@ -1,6 +1,8 @@
 """The `newsclf` console command: `newsclf predict` classifies news texts with the exported model;
-`newsclf serve` serves it over HTTP (newsclf/serve.py); `newsclf preset NAME` prints a params
-preset as `dvc exp run` arguments.
+`newsclf serve` serves it over HTTP (newsclf/serve.py); `newsclf monitor DIR` checks the texts
+`serve --log DIR` logged for drift (newsclf/monitor.py); `newsclf review` serves a page to decide
+label suspects (newsclf/review.py); `newsclf preset NAME` prints a params preset as `dvc exp run`
+arguments.
 
 Texts come from arguments, a file (`--file`: one text per line, or CSV/Parquet with a `text`
 column) or stdin (newsclf/inputs.py). They stream: read, scored and printed a chunk at a time, so
@@ -26,6 +28,7 @@ MAX_LISTED = 5  # notices name at most this many inputs, then count the rest
 # Texts per chunk, in batches: sorting by length inside 32 batches pads about as little as sorting
 # the whole input (bench/bench_predict.py), and a chunk of 2,048 texts holds a few MB.
 CHUNK_BATCHES = 32
+ABSTAINED = "-"  # the label column of a text below --min-confidence
 
 
 def notice(message: str) -> None:
@@ -62,14 +65,18 @@ def table_row(item, pred, labels: Sequence[str]) -> str:
     preview = " ".join(item.text.split())
     preview = preview if len(preview) <= 60 else preview[:57] + "..."
     scores = "  ".join(f"{pred.scores[lab]:>8.3f}" for lab in labels)
-    return f"{item.number:>8}  {pred.label:<{width}}  {scores}  {preview}"
+    label = ABSTAINED if pred.abstained else pred.label
+    return f"{item.number:>8}  {label:<{width}}  {scores}  {preview}"
 
 
 def json_row(unit: str, item, pred) -> str:
+    """`label` is null for a text below --min-confidence; `top_label` is the model's either way."""
     record = {unit: item.number}
     if item.id is not None:
         record["id"] = item.id
-    return json.dumps(record | {"label": pred.label, "scores": pred.scores})
+    return json.dumps(
+        record | {"label": pred.label, "top_label": pred.top_label, "scores": pred.scores}
+    )
 
 
 def progress_bar(source):
@@ -108,14 +115,15 @@ def chunks_saying_where_output_ends(source, printed: Printed) -> Iterator[list]:
 
 def predict(args: argparse.Namespace) -> int:
     """Classify chunk by chunk: read, encode, score and print, results in input order."""
-    from newsclf.predict import OnnxClassifier
+    from newsclf.predict import OnnxClassifier, check_min_confidence
 
+    min_confidence = check_min_confidence(args.min_confidence)
     source = open_source(args.texts, args.file, args.batch_size * CHUNK_BATCHES, sys.stdin.isatty())
     classifier = OnnxClassifier(args.model, precision=args.precision, threads=args.threads)
     if classifier.notice:
         notice(classifier.notice)
     labels = classifier.labels
-    empty, truncated = Tally(), Tally()
+    empty, truncated, abstained = Tally(), Tally(), Tally()
     classified, printed = 0, Printed()
     with progress_bar(source) as bar:
         for chunk in chunks_saying_where_output_ends(source, printed):
@@ -126,7 +134,12 @@ def predict(args: argparse.Namespace) -> int:
             truncated.add(
                 [i.number for i, cut in zip(items, encoded.truncated, strict=True) if cut]
             )
-            predictions = classifier.predictions(classifier.logits(encoded.ids, args.batch_size))
+            predictions = classifier.predictions(
+                classifier.logits(encoded.ids, args.batch_size), min_confidence
+            )
+            abstained.add(
+                [i.number for i, p in zip(items, predictions, strict=True) if p.abstained]
+            )
             if args.json:
                 lines = [
                     json_row(source.unit, i, p) for i, p in zip(items, predictions, strict=True)
@@ -149,6 +162,12 @@ def predict(args: argparse.Namespace) -> int:
         notice(
             f"{truncated.count} text(s) longer than {classifier.max_length} tokens were "
             f"truncated: {source.unit} {truncated.said()}"
+        )
+    if abstained.count:
+        notice(
+            f"{abstained.count} text(s) scored below --min-confidence {min_confidence:g} got no "
+            f"label (shown as {ABSTAINED}{'' if not args.json else ', label null in JSON'}): "
+            f"{source.unit} {abstained.said()}"
         )
     if not classified:
         raise InputError(f"{source.name}: no texts to classify")
@@ -187,6 +206,14 @@ def build_parser() -> argparse.ArgumentParser:
         "fp32 on a CUDA GPU",
     )
     p.add_argument("--threads", type=int, default=None, help="ORT threads (default: one per core)")
+    p.add_argument(
+        "--min-confidence",
+        type=float,
+        default=None,
+        metavar="P",
+        help="give no label to a text whose top (calibrated) score is below P, 0-1: route those "
+        "to a person (the model card gives the share answered at 95%% and 98%% accuracy)",
+    )
     p.set_defaults(run=predict)
     p = commands.add_parser(
         "serve",
@@ -236,6 +263,26 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="on SIGTERM/SIGINT, how long requests in flight may take to finish",
     )
+    p.add_argument(
+        "--log",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="append every scored text (the text itself, its time, label, scores and the model "
+        "file's hash) to rotating Parquet files in DIR, for `newsclf monitor` (off by default)",
+    )
+    p.add_argument(
+        "--log-max-mb",
+        type=float,
+        default=1024.0,
+        help="with --log: the oldest files are deleted once DIR's log files pass this size",
+    )
+    p.add_argument(
+        "--log-rows-per-file",
+        type=int,
+        default=50_000,
+        help="with --log: texts per Parquet file (a file is also written every 60 s)",
+    )
     p.set_defaults(run=serve)
     p = commands.add_parser(
         "preset",
@@ -258,6 +305,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=Path("reports/sweep.json"), help="show: where to write"
     )
     p.set_defaults(run=sweep)
+    p = commands.add_parser(
+        "monitor",
+        help="check the texts `serve --log DIR` logged for drift from the train texts",
+        description="Five drift checks of the logged texts against the model's train texts and "
+        "its test-split confidence, bounds in params.yaml `monitor:`; writes monitor.json and "
+        "monitor.html. Exit status 0: no drift, 1: drift, 2: a usage or input fault "
+        "(docs/monitoring.md).",
+    )
+    p.add_argument("log_dir", type=Path, metavar="DIR", help="the folder of `serve --log DIR`")
+    p.add_argument(
+        "--model", type=Path, default=DEFAULT_MODEL_DIR, help="exported model folder (models/onnx)"
+    )
+    p.add_argument(
+        "--reference",
+        type=Path,
+        default=Path("data/processed/train.parquet"),
+        help="the model's train table (data/processed/train.parquet)",
+    )
+    p.add_argument("--out", type=Path, default=Path("reports/monitor"), help="report folder")
+    p.add_argument("--params", type=Path, default=Path("params.yaml"), help="its `monitor:` bounds")
+    p.add_argument("--since", help="only texts logged at or after this ISO date/time (UTC)")
+    p.add_argument("--model-sha256", help="only texts scored by this model file (hash prefix)")
+    p.set_defaults(run=monitor)
+    from newsclf.review import add_review_parser
+
+    add_review_parser(commands)  # `newsclf review [export|import]`
     return parser
 
 
@@ -267,9 +340,15 @@ def sweep(args: argparse.Namespace) -> int:
     return sweep_main(args.action, args.file, args.out)
 
 
+def monitor(args: argparse.Namespace) -> int:
+    from newsclf.monitor import run_command
+
+    return run_command(args)  # prints its own error line: exit status 2, not 1
+
+
 def serve(args: argparse.Namespace) -> int:
     from newsclf.predict import read_meta
-    from newsclf.serve import Limits, ServeConfig
+    from newsclf.serve import Limits, ServeConfig, TextLogConfig
     from newsclf.serve import serve as run_server
 
     for name in ("max_batch", "batch_size", "max_texts", "max_chars", "max_body_bytes"):
@@ -279,6 +358,8 @@ def serve(args: argparse.Namespace) -> int:
         raise InputError("--max-wait-ms must be 0 or more")
     if args.body_timeout_s <= 0:
         raise InputError("--body-timeout-s must be more than 0")
+    if args.log_max_mb <= 0 or args.log_rows_per_file < 1:
+        raise InputError("--log-max-mb must be more than 0 and --log-rows-per-file at least 1")
     read_meta(args.model)  # a missing model folder fails here, before the server starts
     config = ServeConfig(
         model_dir=args.model,
@@ -288,6 +369,9 @@ def serve(args: argparse.Namespace) -> int:
         max_wait_ms=args.max_wait_ms,
         ort_batch=args.batch_size,
         limits=Limits(args.max_texts, args.max_chars, args.max_body_bytes, args.body_timeout_s),
+        log=TextLogConfig(args.log, int(args.log_max_mb * 2**20), args.log_rows_per_file)
+        if args.log is not None
+        else None,
     )
     return run_server(config, args.host, args.port, args.graceful_s)
 

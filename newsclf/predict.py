@@ -52,8 +52,41 @@ class Encoded:
 
 @dataclass(frozen=True)
 class Prediction:
-    label: str
+    """`label`: the top label, or None when its score is below the asked min confidence (the
+    text is abstained on: a person should look); `top_label` is the top label either way."""
+
+    label: str | None
     scores: dict[str, float]
+    top_label: str
+
+    @property
+    def abstained(self) -> bool:
+        return self.label is None
+
+
+# The range evaluate fits a temperature in (stages/calibration.py's T_MIN, T_MAX; a test checks
+# they agree): outside it a folder's temperature is corrupt, and would flatten or overflow scores.
+TEMPERATURE_RANGE = (0.05, 20.0)
+
+
+def check_temperature(value: object, meta_path: Path) -> float:
+    """A folder's calibration temperature; a PredictError naming the file unless it is a number
+    within TEMPERATURE_RANGE."""
+    low, high = TEMPERATURE_RANGE
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise PredictError(
+            f"{meta_path}: calibration.temperature {value!r} is not a number from {low} to {high}"
+        )
+    return float(value)
+
+
+def check_min_confidence(value: object) -> float | None:
+    """A min confidence as given (None: answer every text); a PredictError unless in [0, 1]."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise PredictError(f"min confidence {value!r}: expected a number from 0 to 1")
+    return float(value)
 
 
 def default_providers() -> list[str]:
@@ -115,6 +148,14 @@ class OnnxClassifier:
         # Set when the precision used is not the one asked for or its graph's parity is short.
         self.notice: str | None = None
         self.precision = self._pick_precision(precision, meta["models"], meta.get("int8_parity"))
+        # Scores are softmax(logits / temperature): the temperature evaluate fitted on held-out
+        # rows. A folder exported before calibration existed has none: raw softmax, and
+        # `calibrated` False (serve's /metadata says so).
+        calibration = meta.get("calibration") or {}
+        self.temperature = check_temperature(
+            calibration.get("temperature", 1.0), model_dir / META_FILE
+        )
+        self.calibrated = bool(calibration.get("fitted", False))
         model_path = model_dir / meta["models"][self.precision]
         for path in (model_path, model_dir / TOKENIZER_FILE):
             if not path.is_file():
@@ -198,15 +239,24 @@ class OnnxClassifier:
                 on_batch(len(rows))
         return out
 
-    def predictions(self, logits: np.ndarray) -> list[Prediction]:
-        """Softmax probabilities and the top label for each row of logits."""
-        shifted = logits - logits.max(axis=1, keepdims=True)
-        probs = np.exp(shifted)
+    def predictions(
+        self, logits: np.ndarray, min_confidence: float | None = None
+    ) -> list[Prediction]:
+        """Calibrated probabilities (softmax of logits / temperature) and the top label for each
+        row of logits; with `min_confidence`, a row whose top score is below it gets no label."""
+        scaled = logits.astype(np.float64) / self.temperature
+        scaled -= scaled.max(axis=1, keepdims=True)
+        probs = np.exp(scaled)
         probs /= probs.sum(axis=1, keepdims=True)
-        return [
-            Prediction(
-                label=self.labels[int(row.argmax())],
-                scores={name: float(p) for name, p in zip(self.labels, row, strict=True)},
+        out = []
+        for row in probs:
+            top = int(row.argmax())
+            sure = min_confidence is None or row[top] >= min_confidence
+            out.append(
+                Prediction(
+                    label=self.labels[top] if sure else None,
+                    scores={name: float(p) for name, p in zip(self.labels, row, strict=True)},
+                    top_label=self.labels[top],
+                )
             )
-            for row in probs
-        ]
+        return out

@@ -5,7 +5,15 @@
 - `GET /health`: 200 once the model is loaded, 503 while it loads (the server accepts connections
   from the start, so a load balancer can tell "starting" from "down").
 - `GET /metadata`: labels, base model, precision, max length, the served model file and its
-  SHA-256, and the test accuracy the export stage measured for each graph.
+  SHA-256, the calibration temperature, and the test accuracy the export stage measured for each
+  graph.
+- `GET /metrics`: Prometheus' text format: requests by status, texts by outcome, latency and
+  batch-size histograms, predictions by label, abstentions, and the model file's hash.
+
+Scores are calibrated (softmax of logits / the temperature in `newsclf_onnx.json`). A request may
+carry `"min_confidence": P` (0-1): a text whose top score is below P gets `"label": null` (its
+scores and `top_label` still given), for a person to decide. With `--log DIR` every scored text is
+appended to rotating Parquet files (newsclf/textlog.py) for `newsclf monitor`.
 
 Texts of concurrent requests are scored together: a micro-batcher collects them until `max_batch`
 texts are waiting or `max_wait_ms` have passed since the first, then tokenizes them at once and
@@ -26,6 +34,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +45,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from newsclf.predict import OnnxClassifier, PredictError, read_meta
+from newsclf.predict import OnnxClassifier, PredictError, check_min_confidence, read_meta
+from newsclf.textlog import LogRow, TextLog, now_utc
 
 MAX_SHOWN_CHARS = 40  # of a refused text, in an error
 CLIENT_CLOSED_REQUEST = 499  # logged for a client gone mid-body (nginx's code; never sent)
@@ -62,6 +72,16 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class TextLogConfig:
+    """`--log`: where scored texts go, and the bounds on the files (newsclf/textlog.py)."""
+
+    folder: Path
+    max_bytes: int
+    rows_per_file: int
+    flush_s: float = 60.0
+
+
+@dataclass(frozen=True)
 class ServeConfig:
     model_dir: Path
     precision: str
@@ -70,6 +90,92 @@ class ServeConfig:
     max_wait_ms: float
     ort_batch: int
     limits: Limits
+    log: TextLogConfig | None = None
+
+
+# Seconds: from a one-text request on an idle server (~5 ms) to a full request under load.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class TextLogCollector:
+    """`--log`'s health for /metrics: failed writes and rows dropped (none without --log)."""
+
+    def __init__(self) -> None:
+        self.text_log: TextLog | None = None
+
+    def describe(self) -> list:
+        return []  # nothing to check at registration: the log opens once the model loads
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        if self.text_log is None:
+            return
+        yield CounterMetricFamily(
+            "newsclf_log_write_errors",
+            "--log: Parquet writes that failed (their rows are kept and tried again)",
+            value=self.text_log.write_errors,
+        )
+        yield CounterMetricFamily(
+            "newsclf_log_rows_dropped",
+            "--log: rows dropped because writes kept failing and the buffer was full",
+            value=self.text_log.rows_dropped,
+        )
+
+
+class ServiceMetrics:
+    """What GET /metrics exposes, in a registry of the app's own (so apps in one process, as in
+    tests, never share counters)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Histogram, Info
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "newsclf_requests",
+            "POST /predict requests by HTTP status",
+            ["status"],
+            registry=self.registry,
+        )
+        self.texts = Counter(
+            "newsclf_texts",
+            "Texts of /predict requests by outcome: answered (200), rejected (the request got a "
+            "4xx), error (a 500)",
+            ["status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "newsclf_request_latency_seconds",
+            "POST /predict time from request to answer",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_texts = Histogram(
+            "newsclf_batch_texts",
+            "Texts per micro-batch scored together",
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.predictions = Counter(
+            "newsclf_predictions",
+            "Texts answered, by top label",
+            ["label"],
+            registry=self.registry,
+        )
+        self.abstentions = Counter(
+            "newsclf_abstentions",
+            "Texts below their request's min_confidence (label null)",
+            registry=self.registry,
+        )
+        self.model = Info("newsclf_model", "The model served", registry=self.registry)
+        self.text_log = TextLogCollector()
+        self.registry.register(self.text_log)
+
+    def exposition(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
 
 
 @dataclass
@@ -115,10 +221,17 @@ class MicroBatcher:
     """Groups texts from concurrent requests into ONNX Runtime batches."""
 
     def __init__(
-        self, classifier: OnnxClassifier, max_batch: int, max_wait_s: float, ort_batch: int
+        self,
+        classifier: OnnxClassifier,
+        max_batch: int,
+        max_wait_s: float,
+        ort_batch: int,
+        on_batch: Callable[[int], None] | None = None,
     ) -> None:
+        """`on_batch(texts)` is called for each micro-batch scored (for /metrics)."""
         self.classifier, self.max_batch, self.max_wait_s = classifier, max_batch, max_wait_s
         self.ort_batch = ort_batch
+        self.on_batch = on_batch
         self.queue: asyncio.Queue[Waiting] = asyncio.Queue()
         self.batches = 0  # ONNX Runtime calls made, for /metadata's stats
 
@@ -159,6 +272,8 @@ class MicroBatcher:
                 score, self.classifier, [item.text for item in batch], self.ort_batch
             )
             self.batches += 1
+            if self.on_batch is not None:
+                self.on_batch(len(batch))
         except Exception as err:
             try:  # does the model still score a text? Then one text failed them all.
                 await asyncio.to_thread(score, self.classifier, [PROBE_TEXT], 1)
@@ -205,6 +320,7 @@ class Served:
     classifier: OnnxClassifier
     batcher: MicroBatcher
     metadata: dict
+    text_log: TextLog | None = None
     tasks: list[asyncio.Task] = field(default_factory=list)
 
 
@@ -236,9 +352,48 @@ def load(config: ServeConfig) -> tuple[OnnxClassifier, dict]:
         "model_file": model_file.name,
         "model_sha256": digest.hexdigest(),
         "test_accuracy": meta.get("test_accuracy", {}),
+        "calibration": {"temperature": classifier.temperature, "fitted": classifier.calibrated},
         "notice": classifier.notice,
     }
     return classifier, metadata
+
+
+def open_text_log(config: TextLogConfig, labels: list[str]) -> TextLog:
+    try:
+        return TextLog(
+            config.folder,
+            labels,
+            rows_per_file=config.rows_per_file,
+            flush_s=config.flush_s,
+            max_bytes=config.max_bytes,
+        )
+    except OSError as err:
+        raise PredictError(f"--log {config.folder}: cannot write there ({err})") from err
+
+
+def log_rows(predictions: list, scored: list[Scored], texts: list[str], model_sha256: str):
+    when = now_utc()
+    return [
+        LogRow(
+            time=when,
+            text=text,
+            label=p.label,
+            top_label=p.top_label,
+            confidence=p.scores[p.top_label],
+            scores=list(p.scores.values()),
+            model_sha256=model_sha256,
+            truncated=s.truncated,
+        )
+        for text, p, s in zip(texts, predictions, scored, strict=True)
+    ]
+
+
+def request_min_confidence(payload: dict) -> float | None | JSONResponse:
+    """The request's `min_confidence` (None when absent), or the 422 that says what is wrong."""
+    try:
+        return check_min_confidence(payload.get("min_confidence"))
+    except PredictError as err:
+        return refuse(422, f"`min_confidence`: {err}", "min_confidence in [0, 1]")
 
 
 def check_texts(payload: object, limits: Limits) -> list[str] | JSONResponse:
@@ -315,10 +470,14 @@ def create_app(
     server then stops: `serve`)."""
     state: dict[str, Served] = {}
     failed: dict[str, str] = {}
+    metrics = ServiceMetrics()
 
     async def load_model() -> None:
         try:
             classifier, metadata = await asyncio.to_thread(load, config)
+            text_log = (
+                open_text_log(config.log, classifier.labels) if config.log is not None else None
+            )
         except Exception as err:  # a corrupt or foreign file: say which, and stop
             message = str(err) if isinstance(err, PredictError) else f"{type(err).__name__}: {err}"
             failed["error"] = message
@@ -327,9 +486,21 @@ def create_app(
                 on_load_failure(message)
             return
         batcher = MicroBatcher(
-            classifier, config.max_batch, config.max_wait_ms / 1000, config.ort_batch
+            classifier,
+            config.max_batch,
+            config.max_wait_ms / 1000,
+            config.ort_batch,
+            on_batch=metrics.batch_texts.observe,
         )
-        served = Served(classifier, batcher, metadata)
+        metrics.model.info(
+            {
+                "model_sha256": metadata["model_sha256"],
+                "model_file": metadata["model_file"],
+                "precision": metadata["precision"],
+            }
+        )
+        metrics.text_log.text_log = text_log
+        served = Served(classifier, batcher, metadata, text_log)
         served.tasks.append(asyncio.create_task(batcher.run()))
         state["served"] = served
 
@@ -341,6 +512,8 @@ def create_app(
         loading.cancel()
         for task in state["served"].tasks if "served" in state else []:
             task.cancel()
+        if "served" in state and state["served"].text_log is not None:
+            await asyncio.to_thread(state["served"].text_log.close)  # what is buffered, written
 
     def not_ready() -> JSONResponse:
         if failed:
@@ -358,7 +531,25 @@ def create_app(
         served = state["served"]
         return JSONResponse(served.metadata | {"batches_scored": served.batcher.batches})
 
-    async def predict(request: Request) -> JSONResponse:
+    async def metrics_endpoint(request: Request) -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def predict(request: Request) -> Response:
+        """`answer`, counted and timed for /metrics."""
+        start = time.perf_counter()
+        try:
+            response = await answer(request)
+        except Exception:
+            metrics.requests.labels("500").inc()
+            metrics.latency.observe(time.perf_counter() - start)
+            raise
+        metrics.requests.labels(str(response.status_code)).inc()
+        metrics.latency.observe(time.perf_counter() - start)
+        return response
+
+    async def answer(request: Request) -> Response:
         if "served" not in state:
             return not_ready()
         served = state["served"]
@@ -376,7 +567,13 @@ def create_app(
             return refuse(400, f"the body is not valid JSON ({err})")
         texts = check_texts(payload, config.limits)
         if isinstance(texts, JSONResponse):
+            if isinstance(payload, dict) and isinstance(payload.get("texts"), list):
+                metrics.texts.labels("rejected").inc(len(payload["texts"]))
             return texts
+        min_confidence = request_min_confidence(payload)
+        if isinstance(min_confidence, JSONResponse):
+            metrics.texts.labels("rejected").inc(len(texts))
+            return min_confidence
         scored = await served.batcher.score(texts)
         faults = [(i, r) for i, r in enumerate(scored) if isinstance(r, TextFault)]
         if faults:  # the request's own texts failed: the first is named, nothing is scored
@@ -384,6 +581,7 @@ def create_app(
             more = (
                 f" ({len(faults) - 1} more text(s) of this request too)" if len(faults) > 1 else ""
             )
+            metrics.texts.labels("rejected").inc(len(texts))
             return refuse(
                 422,
                 f"texts[{index}] cannot be scored: {fault}{more}; "
@@ -391,12 +589,30 @@ def create_app(
             )
         for result in scored:
             if isinstance(result, Exception):  # the server's fault: a 500
+                metrics.texts.labels("error").inc(len(texts))
                 raise result
-        predictions = served.classifier.predictions(np.stack([s.logits for s in scored]))
+        predictions = served.classifier.predictions(
+            np.stack([s.logits for s in scored]), min_confidence
+        )
+        metrics.texts.labels("answered").inc(len(texts))
+        for p in predictions:
+            metrics.predictions.labels(p.top_label).inc()
+            if p.abstained:
+                metrics.abstentions.inc()
+        if served.text_log is not None:
+            served.text_log.append(
+                log_rows(predictions, scored, texts, served.metadata["model_sha256"])
+            )
         return JSONResponse(
             {
                 "predictions": [
-                    {"index": i, "label": p.label, "scores": p.scores, "truncated": s.truncated}
+                    {
+                        "index": i,
+                        "label": p.label,
+                        "top_label": p.top_label,
+                        "scores": p.scores,
+                        "truncated": s.truncated,
+                    }
                     for i, (p, s) in enumerate(zip(predictions, scored, strict=True))
                 ]
             }
@@ -406,6 +622,7 @@ def create_app(
         Route("/predict", predict, methods=["POST"]),
         Route("/health", health, methods=["GET"]),
         Route("/metadata", metadata, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
     ]
     return Starlette(routes=routes, lifespan=lifespan)
 

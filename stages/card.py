@@ -50,6 +50,7 @@ def card_context(
     sources: list[dict],
     models: dict[str, str],
     int8_bound: float,
+    calibration: dict[str, Any],
 ) -> dict[str, Any]:
     """What the card shows. `reports`: the JSON of ingest, clean, label_issues, augment, metrics
     and train (dvclive's metrics.json), and `resolved` (what train's `auto` params became)."""
@@ -80,6 +81,7 @@ def card_context(
         },
         "evaluation": metrics,
         "export": export_report | {"int8_bound": int8_bound},
+        "calibration": calibration,
     }
 
 

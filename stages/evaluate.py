@@ -26,7 +26,7 @@ import polars as pl
 import torch
 from tqdm import tqdm
 
-from stages import paths
+from stages import calibration, paths
 from stages.common import (
     StageError,
     get_logger,
@@ -53,6 +53,9 @@ from stages.sections import EvaluateParams
 from stages.train_params import TrainParams
 
 log = get_logger("evaluate")
+# Accuracies at which metrics.json reports the share of texts the model can answer (selective
+# classification: the rest abstain, `--min-confidence`).
+COVERAGE_TARGETS = (0.95, 0.98)
 
 
 def load_classifier(adapter_dir: Path, base_model: str, label_names: tuple[str, ...]):
@@ -85,6 +88,8 @@ def predict_logits(
     from a dozen to hundreds of tokens, so this saves most of the padding a random order costs.
     `precision` bf16 scores under bf16 autocast, as a model trained with it ran.
     """
+    if not texts:
+        return np.zeros((0, model.config.num_labels), dtype=np.float32)
     enc = tokenizer(texts, truncation=True, max_length=max_length)
     ids = enc["input_ids"]
     order = np.argsort([len(x) for x in ids], kind="stable")
@@ -120,8 +125,33 @@ def merged_logits(
 ) -> np.ndarray:
     """Logits of the shipped model (the adapter merged into its fp32 base) for `texts`: what
     `evaluate` scores and writes for `export`'s parity check."""
+    return merged_logits_of(adapter_dir, base_model, label_names, [texts], max_length, batch_size)[
+        0
+    ]
+
+
+def merged_logits_of(
+    adapter_dir: Path,
+    base_model: str,
+    label_names: tuple[str, ...],
+    text_sets: list[list[str]],
+    max_length: int,
+    batch_size: int,
+) -> list[np.ndarray]:
+    """`merged_logits` of several sets of texts (the test rows, the held-out rows the
+    temperature is fitted on) from one load of the model."""
     model, tokenizer = load_classifier(adapter_dir, base_model, label_names)
-    return predict_logits(model, tokenizer, texts, max_length, batch_size, desc="merged fp32")
+    return [
+        predict_logits(
+            model,
+            tokenizer,
+            texts,
+            max_length,
+            batch_size,
+            desc=f"merged fp32 ({i + 1}/{len(text_sets)})",
+        )
+        for i, texts in enumerate(text_sets)
+    ]
 
 
 def as_trained_proba(
@@ -292,6 +322,100 @@ def error_rows(
     )
 
 
+def held_out_labels(val_rows: pl.DataFrame) -> np.ndarray:
+    """The labels the held-out rows are scored against: as ingested (`given_label`, before any
+    `label_issues.action` relabelling), as train's validation and the test split are."""
+    column = "given_label" if "given_label" in val_rows.columns else "label"
+    return val_rows[column].to_numpy().astype(np.int64)
+
+
+@dataclass(frozen=True)
+class Calibrated:
+    """Temperature scaling fitted on held-out train rows, and what it does on the test split."""
+
+    summary: dict[str, Any]  # metrics.json's `calibration` and `selective` figures
+    record: dict[str, Any]  # reports/calibration.json: the temperature export ships, and more
+    reliability: pl.DataFrame  # reliability diagram, before and after
+    risk_coverage: pl.DataFrame  # accuracy of the answered texts against the share answered
+    probs: np.ndarray  # calibrated test probabilities
+
+
+def calibrate(
+    test_logits: np.ndarray,
+    test_labels: np.ndarray,
+    held_out_logits: np.ndarray,
+    held_out_labels: np.ndarray,
+) -> Calibrated:
+    """Fit the temperature on the held-out rows (never the test split), then measure ECE, Brier
+    score and log loss on the test rows before and after, the reliability diagram, and the
+    risk-coverage curve of the calibrated scores with the share answerable at each
+    COVERAGE_TARGETS accuracy. The held-out rows are train's validation slice, which
+    `train.val_fraction` (> 0) always makes."""
+    if len(held_out_labels) == 0:
+        raise StageError("calibration: no held-out train rows to fit the temperature on")
+    temperature = calibration.fit_temperature(held_out_logits, held_out_labels)
+    before = calibration.softmax(test_logits)
+    after = calibration.softmax(test_logits, temperature)
+    scored = {
+        name: calibration.scores(p, test_labels)
+        for name, p in (("before", before), ("after", after))
+    }
+    curve = calibration.risk_coverage(after, test_labels)
+    selective: dict[str, Any] = {}
+    for target in COVERAGE_TARGETS:
+        coverage, threshold = calibration.coverage_at_accuracy(curve, target)
+        percent = round(target * 100)
+        selective[f"coverage_at_{percent}_accuracy"] = coverage
+        selective[f"min_confidence_at_{percent}_accuracy"] = threshold
+    summary = {
+        "calibration": {
+            "temperature": temperature,
+            "held_out_rows": int(len(held_out_labels)),
+            "ece_bins": calibration.ECE_BINS,
+        }
+        | {
+            f"{measure}_{name}": value for name, s in scored.items() for measure, value in s.items()
+        },
+        "selective": selective,
+    }
+    reliability = pl.DataFrame(
+        [
+            {"scores": name} | row
+            for name, p in (("uncalibrated", before), ("calibrated", after))
+            for row in calibration.reliability_bins(p, test_labels)
+            if row["rows"]
+        ]
+        # The diagonal a calibrated model lies on, as its own series.
+        + [
+            {
+                "scores": "perfect",
+                "bin_low": x,
+                "bin_high": x,
+                "rows": 0,
+                "confidence": x,
+                "accuracy": x,
+            }
+            for x in (0.0, 1.0)
+        ]
+    ).with_columns(pl.col("bin_low", "bin_high", "confidence", "accuracy").round(6))
+    record = {
+        "temperature": round(temperature, 6),
+        "fitted": True,  # newsclf_onnx.json's flag: folders exported before calibration lack it
+        "held_out_rows": int(len(held_out_labels)),
+        "method": "temperature scaling (NLL on held-out train rows)",
+        # The calibrated confidence of the test rows: what `newsclf monitor` compares served
+        # texts with (a description of held-out data, never used to choose anything).
+        "confidence_reference": calibration.confidence_histogram(after),
+    }
+    return Calibrated(
+        summary=_rounded(summary),
+        record=record,
+        reliability=reliability,
+        risk_coverage=pl.DataFrame(calibration.curve_points(curve)).with_columns(pl.all().round(6)),
+        probs=after,
+    )
+
+
 @dataclass(frozen=True)
 class Evaluation:
     """What `evaluate` writes: the metrics report and the tables behind its plots."""
@@ -302,6 +426,7 @@ class Evaluation:
     roc: pl.DataFrame
     errors: pl.DataFrame
     quantization: str
+    calibrated: Calibrated
 
 
 def run(
@@ -311,18 +436,27 @@ def run(
     label_names: tuple[str, ...],
     batch_size: int,
     adapter_dir: Path = paths.ADAPTER,
+    *,
+    val_rows: pl.DataFrame,
 ) -> Evaluation:
     """Score the adapter in `adapter_dir` (merged, and as trained for a quantized base) and the
-    baseline trained on `train_rows` on the rows of `test_df`."""
+    baseline trained on `train_rows` on the rows of `test_df`; calibrate the merged model's
+    scores on `val_rows` (train's held-out rows)."""
     labels = test_df["label"].to_list()
     texts = test_df["text"].to_list()
     max_length = train_params.max_length
 
-    logits = merged_logits(
-        adapter_dir, train_params.base_model, label_names, texts, max_length, batch_size
+    logits, val_logits = merged_logits_of(
+        adapter_dir,
+        train_params.base_model,
+        label_names,
+        [texts, val_rows["text"].to_list()],
+        max_length,
+        batch_size,
     )
     probs = probabilities(logits)
     model_metrics = compute_metrics(probs, labels, label_names)
+    calibrated = calibrate(logits, np.asarray(labels), val_logits, held_out_labels(val_rows))
 
     quantization, as_trained = as_trained_proba(
         adapter_dir, train_params, label_names, texts, batch_size
@@ -343,12 +477,15 @@ def run(
     return Evaluation(
         report=metrics_report(
             model_metrics, baseline_metrics, train_rows.height, as_trained_metrics
-        ),
+        )
+        | calibrated.summary,
         logits=logits_table(test_df, logits),
         confusion=confusion_rows(labels, probs.argmax(axis=1), label_names),
         roc=roc_curves(labels, probs, label_names),
-        errors=error_rows(test_df, probs, label_names),
+        # The confidence users are shown: the calibrated one.
+        errors=error_rows(test_df, calibrated.probs, label_names),
         quantization=quantization,
+        calibrated=calibrated,
     )
 
 
@@ -363,12 +500,17 @@ def main() -> None:
 
     test_df = read_processed(paths.TEST, "test", label_names)
     train_df = read_processed(paths.TRAIN, "train", label_names)
-    train_rows, _ = split_train_val(
+    train_rows, val_rows = split_train_val(
         train_df, train_params.val_fraction, train_params.seed, train_params.max_train_samples
     )
-    result = run(test_df, train_rows, train_params, label_names, params.batch_size)
+    result = run(
+        test_df, train_rows, train_params, label_names, params.batch_size, val_rows=val_rows
+    )
     report = result.report
     write_json(report, paths.METRICS)
+    write_json(result.calibrated.record, paths.CALIBRATION)
+    write_csv(result.calibrated.reliability, paths.RELIABILITY)
+    write_csv(result.calibrated.risk_coverage, paths.RISK_COVERAGE)
     write_table(result.logits, paths.TEST_LOGITS)
     write_csv(result.confusion, paths.CONFUSION)
     write_csv(result.roc, paths.ROC)
@@ -384,6 +526,22 @@ def main() -> None:
         report["baseline_accuracy"],
         result.errors.height,
         paths.ERRORS,
+    )
+    c, sel = report["calibration"], report["selective"]
+    log.info(
+        "calibration: temperature %.3f fitted on %d held-out rows; test ECE %.4f -> %.4f, "
+        "Brier %.4f -> %.4f, log loss %.4f -> %.4f; answerable at 95%% accuracy: %.1f%% of texts, "
+        "at 98%%: %.1f%%",
+        c["temperature"],
+        c["held_out_rows"],
+        c["ece_before"],
+        c["ece_after"],
+        c["brier_before"],
+        c["brier_after"],
+        c["log_loss_before"],
+        c["log_loss_after"],
+        100 * sel["coverage_at_95_accuracy"],
+        100 * sel["coverage_at_98_accuracy"],
     )
 
 

@@ -908,14 +908,16 @@ def run(
     adapter_dir: Path = paths.ADAPTER,
     out_dir: Path = paths.ONNX,
     base_model_name: str | None = None,
+    calibration: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Export the adapter in `adapter_dir` merged into its fp32 base to `out_dir` (ONNX fp32, and
     int8 calibrated on `train` when `params.quantize`), check parity against `reference` (the
     merged PyTorch model's logits of the `test` rows) and score accuracy on `test`: the fp32
     model's from `reference`, the int8 graph's from its parity pass. `base_model_name` is the
     base as `train.base_model` names it (default: `base_model`), which the folder's metadata
-    records. Returns the export report and the speed
-    report (timings, kept apart: they vary per run)."""
+    records. `calibration`: evaluate's temperature (reports/calibration.json), which the folder
+    carries so that predict and serve return calibrated scores (none: scores stay raw softmax).
+    Returns the export report and the speed report (timings, kept apart: they vary per run)."""
     if test.is_empty():
         raise StageError(f"{paths.TEST}: no rows")
     exported = export_folder(
@@ -936,6 +938,11 @@ def run(
     )
     meta = exported.built.meta
     meta["base_model"] = base_model_name or base_model
+    if calibration is not None:
+        meta["calibration"] = {
+            key: calibration[key]
+            for key in ("temperature", "fitted", "held_out_rows", "method", "confidence_reference")
+        }
     meta["test_accuracy"] = {name: accuracy[name] for name in meta["models"]} | {
         "n_texts": accuracy["n_texts"]
     }
@@ -986,6 +993,7 @@ def main() -> None:
     reference = read_reference(paths.TEST_LOGITS, test)
     train = read_processed(paths.TRAIN, "train", label_names) if params.quantize else None
     base_path = resolve_base_model(train_params.base_model)
+    calibration = json.loads(require_file(paths.CALIBRATION).read_text())
     report, speed = run(
         test,
         reference,
@@ -995,6 +1003,7 @@ def main() -> None:
         base_path,
         train_params.max_length,
         base_model_name=train_params.base_model,
+        calibration=calibration,
     )
     write_json(report, paths.EXPORT_REPORT)
     write_json(speed, paths.EXPORT_SPEED)
@@ -1008,6 +1017,7 @@ def main() -> None:
             load_section("ingest", IngestParams).sources,
             read_meta(paths.ONNX)["models"],
             params.parity.min_int8_agreement,
+            calibration,
         ),
         paths.ONNX,
     )

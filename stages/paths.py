@@ -50,6 +50,11 @@ METRICS = Path("reports/metrics.json")
 CONFUSION = Path("reports/plots/confusion.csv")
 ROC = Path("reports/plots/roc.csv")
 ERRORS = Path("reports/errors.csv")
+# Temperature scaling (fitted on held-out train rows): the temperature export ships, and the
+# reliability diagram and risk-coverage curve behind metrics.json's calibration figures.
+CALIBRATION = Path("reports/calibration.json")
+RELIABILITY = Path("reports/plots/reliability.csv")
+RISK_COVERAGE = Path("reports/plots/risk_coverage.csv")
 # The shipped model's PyTorch logits per test row: export checks its ONNX graphs against them.
 TEST_LOGITS = Path("data/evaluated/test_logits.parquet")
 

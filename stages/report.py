@@ -257,6 +257,27 @@ def training_chart(curves: dict[str, pl.DataFrame]) -> str:
     return png_data_uri(fig)
 
 
+def calibration_chart(reliability: pl.DataFrame, risk_coverage: pl.DataFrame) -> str:
+    """Reliability diagram (accuracy against mean confidence per bin, before and after
+    temperature scaling, beside the diagonal) and the risk-coverage curve."""
+    fig, (rel_ax, cov_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
+    rel_ax.plot([0, 1], [0, 1], ":", color="grey", label="calibrated would lie here")
+    for name, style in (("uncalibrated", "o--"), ("calibrated", "o-")):
+        rows = reliability.filter(pl.col("scores") == name)
+        rel_ax.plot(rows["confidence"], rows["accuracy"], style, label=name)
+    rel_ax.set_xlabel("mean confidence (bin)")
+    rel_ax.set_ylabel("accuracy (bin)")
+    rel_ax.set_xlim(0, 1)
+    rel_ax.set_ylim(0, 1)
+    rel_ax.legend(fontsize=8)
+    cov_ax.plot(risk_coverage["coverage"], risk_coverage["accuracy"], "-")
+    cov_ax.set_xlabel("share of texts answered (most confident first)")
+    cov_ax.set_ylabel("accuracy of those answered")
+    cov_ax.set_xlim(0, 1)
+    fig.tight_layout()
+    return png_data_uri(fig)
+
+
 def confusion_chart(matrix: np.ndarray, label_names: Sequence[str]) -> str:
     # Four classes fit the default size; more classes widen the chart so their names stay legible.
     extra = 0.5 * max(0, len(label_names) - 4)
@@ -332,9 +353,12 @@ def render_html(
     curves: dict[str, pl.DataFrame],
     matrix: np.ndarray,
     label_names: Sequence[str],
+    reliability: pl.DataFrame,
+    risk_coverage: pl.DataFrame,
 ) -> str:
     """The whole page, from templates/report.html.j2; every chart inline."""
     charts = {
+        "calibration": calibration_chart(reliability, risk_coverage),
         "funnel": funnel_chart(steps),
         "balance": class_balance_chart(balance),
         "tokens": token_lengths_chart(lengths),
@@ -367,6 +391,8 @@ def main() -> None:
         read_curves(paths.TRAIN_CURVES),
         confusion_matrix(read_csv(paths.CONFUSION), label_names),
         label_names,
+        read_csv(paths.RELIABILITY),
+        read_csv(paths.RISK_COVERAGE),
     )
     paths.REPORT_PAGE.write_text(page, encoding="utf-8")
     log.info("wrote %s (%.0f kB)", paths.REPORT_PAGE, len(page.encode()) / 1024)

@@ -207,3 +207,31 @@ class ReportParams:
 
     def __post_init__(self) -> None:
         check_values(self, {"top_suspects": (self.top_suspects >= 0, ">= 0")})
+
+
+@dataclass(frozen=True)
+class MonitorParams:
+    """The `monitor:` section of params.yaml: `newsclf monitor`'s bounds (newsclf/monitor.py)."""
+
+    min_texts: int  # fewer logged texts than this: too few to judge
+    max_label_tvd: float  # predicted label shares vs train's: total variation distance
+    max_confidence_drop: float  # mean top-label confidence below the test split's
+    max_length_ks: float  # KS statistic of text lengths vs train's
+    max_oov_increase: float  # unseen-word share above train's own held-out share
+    max_domain_auc: float  # ROC AUC of a classifier telling logged from train texts
+    sample_texts: int  # texts per side for the vocabulary and domain checks
+    seed: int
+
+    def __post_init__(self) -> None:
+        check_values(
+            self,
+            {
+                "min_texts": (self.min_texts >= 10, ">= 10"),
+                "max_label_tvd": (0 < self.max_label_tvd <= 1, "in (0, 1]"),
+                "max_confidence_drop": (0 < self.max_confidence_drop <= 1, "in (0, 1]"),
+                "max_length_ks": (0 < self.max_length_ks <= 1, "in (0, 1]"),
+                "max_oov_increase": (0 < self.max_oov_increase <= 1, "in (0, 1]"),
+                "max_domain_auc": (0.5 < self.max_domain_auc <= 1, "in (0.5, 1]"),
+                "sample_texts": (self.sample_texts >= 100, ">= 100"),
+            },
+        )

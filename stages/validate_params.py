@@ -34,6 +34,7 @@ from stages.sections import (
     ExportParams,
     IngestParams,
     LabelIssuesParams,
+    MonitorParams,
     ReportParams,
     TokenizeParams,
 )
@@ -52,6 +53,7 @@ SECTIONS: dict[str, type] = {
     "evaluate": EvaluateParams,
     "export": ExportParams,
     "report": ReportParams,
+    "monitor": MonitorParams,  # not a stage: `newsclf monitor` reads it
 }
 TOP_LEVEL = ("labels", *SECTIONS)
 

@@ -100,6 +100,15 @@ def check_model_card(project: Path) -> None:
         f"`train.lora.r` | `{params['train']['lora']['r']}`",
     ):
         assert figure in body, figure
+    # The temperature evaluate fitted travels in the folder, and the card quotes the calibration.
+    calibration = json.loads((reports / "calibration.json").read_text())
+    folder_meta = json.loads((project / "models" / "onnx" / "newsclf_onnx.json").read_text())
+    assert folder_meta["calibration"]["temperature"] == calibration["temperature"]
+    assert folder_meta["calibration"]["confidence_reference"]["n"] == metrics["n_test"]
+    assert (
+        f"expected calibration error {metrics['calibration']['ece_before']:.4f} before, "
+        f"{metrics['calibration']['ece_after']:.4f} after" in body
+    )
     for label, scores in metrics["per_class"].items():
         assert f"| {label} | {scores['precision']} | {scores['recall']} | {scores['f1']} |" in body
     for source in ingest["sources"]:

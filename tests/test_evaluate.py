@@ -6,7 +6,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from stages import paths
+from stages import calibration, paths
 from stages.common import StageError
 from stages.evaluate import (
     baseline_proba,
@@ -123,8 +123,15 @@ def test_evaluate_scores_a_trained_adapter_end_to_end(quantization, trained_adap
     trained = trained_adapter(quantization)
     train_rows = trained.train_rows
     test = news_rows(4, split="test")
+    held_out = news_rows(2, split="train")
     evaluation = evaluate_stage.run(
-        test, train_rows, trained.params, LABEL_NAMES, 4, adapter_dir=trained.adapter_dir
+        test,
+        train_rows,
+        trained.params,
+        LABEL_NAMES,
+        4,
+        adapter_dir=trained.adapter_dir,
+        val_rows=held_out,
     )
     report = evaluation.report
     assert report["n_test"] == test.height == 16
@@ -144,8 +151,25 @@ def test_evaluate_scores_a_trained_adapter_end_to_end(quantization, trained_adap
     assert set(report["per_class"]) == set(LABEL_NAMES)
     assert evaluation.roc.columns == ["class", "fpr", "tpr"]
     assert set(evaluation.roc["class"]) == set(LABEL_NAMES)
+    # Calibrated on the held-out rows: a temperature, the test figures before and after, and
+    # the same labels (the errors table, on calibrated scores, lists the same rows).
+    calibrated = report["calibration"]
+    assert calibrated["held_out_rows"] == held_out.height == 8
+    assert evaluation.calibrated.record["fitted"]
+    assert calibration.T_MIN <= calibrated["temperature"] <= calibration.T_MAX
+    assert {"ece_before", "ece_after", "brier_after", "log_loss_after"} <= set(calibrated)
+    assert 0 <= report["selective"]["coverage_at_95_accuracy"] <= 1
+    assert evaluation.calibrated.probs.argmax(1).tolist() == [
+        LABEL_NAMES.index(p) for p in confusion["predicted"]
+    ]
     again = evaluate_stage.run(
-        test, train_rows, trained.params, LABEL_NAMES, 4, adapter_dir=trained.adapter_dir
+        test,
+        train_rows,
+        trained.params,
+        LABEL_NAMES,
+        4,
+        adapter_dir=trained.adapter_dir,
+        val_rows=held_out,
     )
     assert again.report == report
 

@@ -154,7 +154,7 @@ def test_validate_params_names_every_fault_of_every_section_at_once() -> None:
     del params["report"]
     assert params_problems(params) == [
         "params.yaml: unknown section(s) ['trian']; expected ['labels', 'ingest', 'clean', "
-        "'tokenize', 'label_issues', 'augment', 'train', 'evaluate', 'export', 'report']",
+        "'tokenize', 'label_issues', 'augment', 'train', 'evaluate', 'export', 'report', 'monitor']",
         "params.yaml: missing section(s) ['report']",
         "params.yaml: bad value(s) ingest.max_rejected_share=2.0 (must be between 0 and 1)",
         "params.yaml clean.min_chars: expected int, got str 'x'",

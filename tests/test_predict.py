@@ -12,7 +12,7 @@ import polars as pl
 import pytest
 
 from newsclf.cli import main
-from newsclf.predict import OnnxClassifier
+from newsclf.predict import OnnxClassifier, PredictError
 from tests.conftest import EXPORT_MAX_LENGTH as MAX_LENGTH
 from tests.pipeline_fixture import AG_NEWS_LABELS as LABEL_NAMES
 
@@ -52,7 +52,8 @@ def test_arguments_json(model_dir: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert [row["label"] for row in rows] == expected_labels(model_dir, HEADLINES)
     assert [row["argument"] for row in rows] == [1, 2, 3]
     for row in rows:
-        assert set(row) == {"argument", "label", "scores"}
+        assert set(row) == {"argument", "label", "top_label", "scores"}
+        assert row["top_label"] == row["label"]  # no --min-confidence: every text answered
         assert list(row["scores"]) == list(LABEL_NAMES)
         assert sum(row["scores"].values()) == pytest.approx(1.0, abs=1e-5)
         assert row["label"] == max(row["scores"], key=row["scores"].get)
@@ -326,3 +327,64 @@ def test_results_stream_out_before_the_input_ends(model_dir: Path) -> None:
         assert json.loads(lines.get(timeout=10))["line"] == 4
     finally:
         proc.kill()
+
+
+def test_scores_are_divided_by_the_folders_temperature(model_dir: Path, tmp_path: Path) -> None:
+    """A folder carrying a temperature gives softmax(logits / T); labels do not change."""
+    import shutil
+
+    calibrated = tmp_path / "calibrated"
+    shutil.copytree(model_dir, calibrated)
+    meta_path = calibrated / "newsclf_onnx.json"
+    meta = json.loads(meta_path.read_text())
+    meta["calibration"] = {"temperature": 2.5, "fitted": True}
+    meta_path.write_text(json.dumps(meta))
+    raw, scaled = OnnxClassifier(model_dir), OnnxClassifier(calibrated)
+    assert (raw.temperature, scaled.temperature, scaled.calibrated) == (1.0, 2.5, True)
+    logits = raw.logits(raw.encode(HEADLINES).ids)
+    expected = np.exp(logits / 2.5) / np.exp(logits / 2.5).sum(axis=1, keepdims=True)
+    for pred, row, raw_pred in zip(
+        scaled.predictions(logits), expected, raw.predictions(logits), strict=True
+    ):
+        assert list(pred.scores.values()) == pytest.approx(row.tolist(), abs=1e-6)
+        assert pred.label == raw_pred.label
+    for corrupt in (0, None, "2", float("inf"), 1e-300, 1e6):
+        meta["calibration"]["temperature"] = corrupt
+        meta_path.write_text(json.dumps(meta))
+        with pytest.raises(PredictError, match="calibration.temperature .* is not a number from"):
+            OnnxClassifier(calibrated)
+
+
+def test_the_temperature_range_is_the_one_evaluate_fits_in() -> None:
+    from newsclf.predict import TEMPERATURE_RANGE
+    from stages.calibration import T_MAX, T_MIN
+
+    assert TEMPERATURE_RANGE == (T_MIN, T_MAX)
+
+
+def test_min_confidence_leaves_unsure_texts_without_a_label(
+    model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    classifier = OnnxClassifier(model_dir)
+    preds = classifier.predictions(classifier.logits(classifier.encode(HEADLINES).ids))
+    top = sorted(p.scores[p.label] for p in preds)
+    # A threshold between the least and the most confident text: some answered, some not.
+    threshold = (top[0] + top[-1]) / 2
+    args = ["predict", "--model", str(model_dir), "--json", "--min-confidence", str(threshold)]
+    code, out, err = run_cli([*args, *HEADLINES], capsys)
+    assert code == 0
+    rows = json_lines(out)
+    unsure = [row["argument"] for row in rows if row["label"] is None]
+    assert unsure == [i + 1 for i, p in enumerate(preds) if p.scores[p.label] < threshold]
+    assert 0 < len(unsure) < len(rows)
+    for row, pred in zip(rows, preds, strict=True):
+        assert row["top_label"] == pred.label  # the model's answer, given either way
+    assert f"{len(unsure)} text(s) scored below --min-confidence" in err
+    code, out, _ = run_cli(
+        ["predict", "--model", str(model_dir), "--min-confidence", "1", *HEADLINES], capsys
+    )
+    assert code == 0 and all(line.split()[1] == "-" for line in out.splitlines()[1:])
+    code, _, err = run_cli(
+        ["predict", "--model", str(model_dir), "--min-confidence", "1.5", "x"], capsys
+    )
+    assert code == 1 and "min confidence 1.5: expected a number from 0 to 1" in err

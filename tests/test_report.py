@@ -77,6 +77,23 @@ def reports_fixture() -> dict[str, dict]:
             "n_train": 54,
             "n_test": 20,
             "per_class": per_class,
+            "calibration": {
+                "temperature": 1.5,
+                "held_out_rows": 12,
+                "ece_bins": 15,
+                "ece_before": 0.0812,
+                "ece_after": 0.0345,
+                "brier_before": 0.2,
+                "brier_after": 0.19,
+                "log_loss_before": 0.5,
+                "log_loss_after": 0.45,
+            },
+            "selective": {
+                "coverage_at_95_accuracy": 0.6,
+                "min_confidence_at_95_accuracy": 0.8,
+                "coverage_at_98_accuracy": 0.3,
+                "min_confidence_at_98_accuracy": 0.9,
+            },
         },
         "export": {
             "opset": 17,
@@ -202,6 +219,14 @@ def render(reports: dict[str, dict], suspect_text: str) -> str:
         curves,
         np.array([[5, 0, 0, 0], [0, 5, 0, 0], [0, 1, 3, 1], [0, 0, 1, 4]]),
         LABEL_NAMES,
+        pl.DataFrame(
+            {
+                "scores": ["uncalibrated", "calibrated", "perfect", "perfect"],
+                "confidence": [0.9, 0.8, 0.0, 1.0],
+                "accuracy": [0.8, 0.8, 0.0, 1.0],
+            }
+        ),
+        pl.DataFrame({"coverage": [0.5, 1.0], "accuracy": [1.0, 0.85]}),
     )
 
 
@@ -212,7 +237,8 @@ def test_page_is_self_contained_escaped_and_reproducible() -> None:
     # Nothing is fetched: no script, stylesheet link, frame, or non-inline image.
     assert "<script" not in page and "<link" not in page and "<iframe" not in page
     sources = re.findall(r'src="([^"]*)"', page)
-    assert len(sources) == 5  # funnel, class balance, token lengths, training, confusion
+    # funnel, class balance, token lengths, training, confusion, calibration
+    assert len(sources) == 6
     assert all(src.startswith("data:image/png;base64,") for src in sources)
     assert "url(" not in page and "@import" not in page
     assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in page  # markupsafe spells " as &#34;
@@ -224,9 +250,11 @@ def test_page_is_self_contained_escaped_and_reproducible() -> None:
         "Augmentation",
         "Training curves",
         "Test results",
+        "Calibration and abstaining",
         "ONNX export",
     ):
         assert f"<h2>{section}" in page
+    assert "0.0812 before, 0.0345 after" in page and "60.00% of texts at 95% accuracy" in page
     assert "85.00%" in page and "exact_duplicate: 4" in page and "200" in page
     assert "86.00%" in page  # accuracy as trained, beside the merged model's
     assert "below the bound" in page and "1 of 24 int8 nodes kept fp32" in page

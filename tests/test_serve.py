@@ -407,3 +407,151 @@ def test_shutdown_finishes_the_requests_in_flight(model_dir: Path) -> None:
     assert status == 200, log
     assert same_answers(answer["predictions"], offline(model_dir, TEXTS[:2]))
     assert "Application shutdown complete" in log
+
+
+def metric_samples(client) -> dict[tuple[str, tuple], float]:
+    """GET /metrics parsed by prometheus_client's own parser: {(sample name, labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain; version=")
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(response.text)
+        for s in family.samples
+    }
+
+
+def test_min_confidence_and_the_metrics_that_count_requests(model_dir: Path) -> None:
+    """A fresh app: /metrics counts requests by status, texts, batches, predictions by label and
+    abstentions, and names the model file's hash; `min_confidence` leaves unsure texts unlabelled."""
+    with loaded_client(model_dir, "auto") as fresh:
+        scores = [
+            max(p["scores"].values())
+            for p in fresh.post("/predict", json={"texts": TEXTS}).json()["predictions"]
+        ]
+        threshold = (min(scores) + max(scores)) / 2
+        answer = fresh.post("/predict", json={"texts": TEXTS, "min_confidence": threshold}).json()
+        unsure = [p["index"] for p in answer["predictions"] if p["label"] is None]
+        assert unsure == [i for i, s in enumerate(scores) if s < threshold] and unsure
+        assert all(p["top_label"] for p in answer["predictions"])
+        bad = fresh.post("/predict", json={"texts": TEXTS[:2], "min_confidence": 2})
+        assert bad.status_code == 422 and bad.json()["limit"] == "min_confidence in [0, 1]"
+        assert fresh.post("/predict", json={"texts": []}).status_code == 422
+        samples = metric_samples(fresh)
+        sha = fresh.get("/metadata").json()["model_sha256"]
+    n = len(TEXTS)
+    assert samples[("newsclf_requests_total", (("status", "200"),))] == 2
+    assert samples[("newsclf_requests_total", (("status", "422"),))] == 2
+    assert samples[("newsclf_texts_total", (("status", "answered"),))] == 2 * n
+    assert samples[("newsclf_texts_total", (("status", "rejected"),))] == 2
+    predicted = sum(v for (name, _), v in samples.items() if name == "newsclf_predictions_total")
+    assert predicted == 2 * n
+    assert samples[("newsclf_abstentions_total", ())] == len(unsure)
+    assert samples[("newsclf_request_latency_seconds_count", ())] == 4
+    assert samples[("newsclf_batch_texts_sum", ())] == 2 * n
+    info = [labels for (name, labels) in samples if name == "newsclf_model_info"]
+    assert dict(info[0])["model_sha256"] == sha
+
+
+def test_log_writes_every_scored_text_to_parquet(model_dir: Path, tmp_path: Path) -> None:
+    """`--log DIR`: each answered text, its labels and scores, in Parquet files written when the
+    app stops (and every `rows_per_file` texts); refused requests are not logged."""
+    import polars as pl
+    import pyarrow.parquet as pq
+
+    from newsclf.serve import TextLogConfig
+    from newsclf.textlog import LABELS_KEY, log_files
+
+    config = ServeConfig(
+        model_dir,
+        "auto",
+        None,
+        max_batch=16,
+        max_wait_ms=2,
+        ort_batch=8,
+        limits=LIMITS,
+        log=TextLogConfig(tmp_path / "log", max_bytes=10**7, rows_per_file=4),
+    )
+    with TestClient(create_app(config)) as logged:
+        deadline = time.monotonic() + 60
+        while logged.get("/health").status_code != 200:
+            assert time.monotonic() < deadline, "the model did not load"
+            time.sleep(0.05)
+        first = logged.post("/predict", json={"texts": TEXTS}).json()["predictions"]
+        second = logged.post("/predict", json={"texts": TEXTS[:1], "min_confidence": 1.0}).json()
+        assert logged.post("/predict", json={"texts": ["ok", ""]}).status_code == 422
+        sha = logged.get("/metadata").json()["model_sha256"]
+    files = log_files(tmp_path / "log")
+    # 7 texts, at most 4 a file (a file of 4 when the buffer filled, the rest at shutdown).
+    assert 2 <= len(files) <= 3
+    assert all(pl.scan_parquet(f).select(pl.len()).collect().item() <= 4 for f in files)
+    rows = pl.read_parquet(files).sort("time", maintain_order=True)
+    assert rows["text"].to_list() == [*TEXTS, TEXTS[0]]
+    assert rows["label"].to_list() == [p["label"] for p in first] + [None]
+    assert rows["top_label"].to_list()[-1] == second["predictions"][0]["top_label"]
+    assert rows["model_sha256"].unique().to_list() == [sha]
+    labels = json.loads(pq.read_schema(files[0]).metadata[LABELS_KEY])
+    assert [dict(zip(labels, s, strict=True)) for s in rows["scores"].to_list()[:1]][0] == (
+        pytest.approx(first[0]["scores"], abs=1e-6)
+    )
+    assert not list((tmp_path / "log").glob(".*partial"))
+
+
+def test_text_log_rotates_and_keeps_disk_use_bounded(tmp_path: Path) -> None:
+    from newsclf.textlog import LogRow, TextLog, log_files, now_utc
+
+    log = TextLog(tmp_path, ["a", "b"], rows_per_file=10, flush_s=3600, max_bytes=1)
+    rows = [
+        LogRow(now_utc(), f"text {i}", "a", "a", 0.9, [0.9, 0.1], "sha", False) for i in range(35)
+    ]
+    log.append(rows)
+    log.close()
+    # 4 files written (10, 10, 10, 5 rows); over max_bytes, all but the newest deleted.
+    assert (log.files_written, log.files_deleted) == (4, 3)
+    (newest,) = log_files(tmp_path)
+    import polars as pl
+
+    assert pl.read_parquet(newest)["text"].to_list() == [f"text {i}" for i in range(30, 35)]
+    with pytest.raises(RuntimeError, match="closed"):
+        log.append(rows[:1])
+
+
+def test_a_failed_log_write_keeps_its_rows_and_is_retried(tmp_path: Path, monkeypatch) -> None:
+    """A folder gone mid-run (or a full disk): the write fails, is counted, its rows are kept,
+    and once the folder is back the next try writes them all; nothing is lost."""
+    import shutil
+
+    import polars as pl
+
+    from newsclf import textlog
+
+    monkeypatch.setattr(textlog, "RETRY_S", 0.05)
+    folder = tmp_path / "log"
+    log = textlog.TextLog(folder, ["a", "b"], rows_per_file=5, flush_s=3600, max_bytes=10**7)
+    shutil.rmtree(folder)
+    rows = [
+        textlog.LogRow(textlog.now_utc(), f"text {i}", "a", "a", 0.9, [0.9, 0.1], "sha", False)
+        for i in range(12)
+    ]
+    log.append(rows)  # 12 rows: two full files due, and the folder is gone
+    deadline = time.monotonic() + 10
+    while log.write_errors == 0:
+        assert time.monotonic() < deadline, "the failed write was not counted"
+        time.sleep(0.01)
+    folder.mkdir()
+    assert log.close() == 0  # the retry, then the rest at close
+    written = pl.read_parquet(textlog.log_files(folder))["text"].to_list()
+    assert sorted(written) == sorted(r.text for r in rows)
+    assert log.rows_dropped == 0
+
+
+def test_serve_imports_neither_torch_nor_transformers() -> None:
+    code = (
+        "import sys, newsclf.cli, newsclf.serve, newsclf.textlog; "
+        "newsclf.serve.ServiceMetrics(); "
+        "heavy = {'torch', 'transformers', 'polars', 'sklearn'} & set(sys.modules); "
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
