@@ -15,6 +15,7 @@ from __future__ import annotations
 import random
 from os.path import commonprefix
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -28,13 +29,18 @@ from stages.common import (
     get_logger,
     load_labels,
     read_table,
+    require_file,
     run_main,
     write_json,
     write_table,
 )
 from stages.modeling import resolve_base_model
 from stages.params import load_section
+from stages.reviews import DECISIONS, read_reviews, reviews_table, stale_reviews
 from stages.sections import AugmentParams, OpsParams
+
+# Stale decisions' ids listed in reports/augment.json (the count is always whole).
+STALE_IDS_LISTED = 20
 
 OPS: tuple[str, ...] = ("synonym", "swap", "delete", "insert")
 # `given_label`: the label as ingested, before `label_issues.action` relabelled it; validation
@@ -229,8 +235,14 @@ def enabled_ops(ops: OpsParams) -> dict[str, float]:
     return {name: op.rate for name in OPS if (op := getattr(ops, name)).enabled}
 
 
-def apply_label_actions(train: pl.DataFrame, issues: pl.DataFrame) -> pl.DataFrame:
-    """Train rows after `label_issues`: dropped rows removed, relabelled rows given the new label."""
+def apply_label_actions(
+    train: pl.DataFrame, issues: pl.DataFrame, reviews: pl.DataFrame | None = None
+) -> pl.DataFrame:
+    """Train rows after `label_issues` and people's decisions: dropped rows removed, relabelled
+    rows given the new label. `reviews` (`stages.reviews.reviews_table`, already cleared of stale
+    decisions by `applicable_reviews`): a keep, relabel or drop decides its row whatever
+    `label_issues.action` did (a kept row comes back, with the label the reviewer confirmed);
+    skip leaves the automatic action."""
     missing = {"id", "action", "suggested_label"} - set(issues.columns)
     if missing:
         raise StageError(f"{paths.LABEL_ISSUES}: missing column(s) {sorted(missing)}")
@@ -243,15 +255,62 @@ def apply_label_actions(train: pl.DataFrame, issues: pl.DataFrame) -> pl.DataFra
             f"{paths.LABEL_ISSUES}: {unscored.height} train row(s) not scored (first id "
             f"{unscored['id'][0]}); it is stale: rerun `dvc repro label_issues`"
         )
+    decided = (reviews if reviews is not None else reviews_table({}, ())).filter(
+        pl.col("decision") != "skip"
+    )
+    joined = joined.join(
+        decided.select("id", "decision", "review_label"), on="id", how="left", maintain_order="left"
+    )
+    human = pl.col("decision").is_not_null()
     return (
-        joined.filter(pl.col("action") != "dropped")
+        joined.filter(
+            pl.when(human)
+            .then(pl.col("decision") != "drop")
+            .otherwise(pl.col("action") != "dropped")
+        )
         .with_columns(
-            label=pl.when(pl.col("action") == "relabelled")
+            label=pl.when(human)
+            .then(pl.col("review_label"))
+            .when(pl.col("action") == "relabelled")
             .then(pl.col("suggested_label"))
             .otherwise(pl.col("label"))
         )
-        .drop("action", "suggested_label")
+        .drop("action", "suggested_label", "decision", "review_label")
     )
+
+
+def applicable_reviews(
+    train: pl.DataFrame, reviews: pl.DataFrame
+) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """The decisions that apply to `train` (its row exists and its text is the one reviewed),
+    and what the reviews file holds: decisions by kind, and the stale ones (count and ids),
+    which are reported and never applied to another row."""
+    stale = stale_reviews(train, reviews)
+    stale_ids = stale["missing"] + stale["text_changed"]
+    applicable = reviews.filter(~pl.col("id").is_in(stale_ids))
+    counts = applicable["decision"].value_counts()
+    by_decision = dict(zip(counts["decision"].to_list(), counts["count"].to_list(), strict=True))
+    report = {
+        "decisions": reviews.height,
+        "applied": applicable.filter(pl.col("decision") != "skip").height,
+        **{f"{d}": int(by_decision.get(d, 0)) for d in DECISIONS},
+        "stale": {
+            "count": len(stale_ids),
+            "row_missing": stale["missing"][:STALE_IDS_LISTED],
+            "text_changed": stale["text_changed"][:STALE_IDS_LISTED],
+        },
+    }
+    if stale_ids:
+        log.warning(
+            "reviews: %d decision(s) not applied: %d on rows no longer in the train split (%s), "
+            "%d on texts changed since the review (%s)",
+            len(stale_ids),
+            len(stale["missing"]),
+            ", ".join(stale["missing"][:5]) or "-",
+            len(stale["text_changed"]),
+            ", ".join(stale["text_changed"][:5]) or "-",
+        )
+    return applicable, report
 
 
 def attach_tokens(rows: pl.DataFrame, tokens: pl.DataFrame) -> pl.DataFrame:
@@ -372,15 +431,23 @@ def run(
     issues: pl.DataFrame,
     params: AugmentParams,
     label_names: tuple[str, ...],
+    reviews: pl.DataFrame | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
-    """The stage without its files: (train table, test table, report)."""
+    """The stage without its files: (train table, test table, report). `reviews`: people's
+    decisions (`stages.reviews.reviews_table`), none by default."""
     check_contract(clean, paths.CLEAN, label_names)
     rates = enabled_ops(params.ops)
     n_aug = params.n_aug
     train_in = clean.filter(pl.col("split") == "train")
     test = as_original(clean.filter(pl.col("split") == "test").with_columns(given_label="label"))
-    train = apply_label_actions(train_in.with_columns(given_label="label"), issues)
-    n_relabelled = int((train["label"] != train["given_label"]).sum())
+    applicable, reviews_report = applicable_reviews(
+        train_in, reviews if reviews is not None else reviews_table({}, label_names)
+    )
+    automatic = apply_label_actions(train_in.with_columns(given_label="label"), issues)
+    train = apply_label_actions(train_in.with_columns(given_label="label"), issues, applicable)
+    n_relabelled = int((automatic["label"] != automatic["given_label"]).sum())
+    reviewed = train.filter(pl.col("id").is_in(applicable["id"].to_list()))
+    reviews_report["labels_changed"] = int((reviewed["label"] != reviewed["given_label"]).sum())
     synonyms: dict[str, list[str]] = {}
     added = pl.DataFrame(schema=_out_schema())
     counts = {op: {"added": 0, "skipped": 0} for op in rates}
@@ -393,8 +460,11 @@ def run(
     report = {
         "train_rows_in": train_in.height,
         "test_rows": test.height,
-        "dropped_by_label_issues": train_in.height - train.height,
+        # What label_issues.action alone would do; `reviews` says what people decided over it.
+        "dropped_by_label_issues": train_in.height - automatic.height,
         "relabelled_by_label_issues": n_relabelled,
+        "reviews": reviews_report,
+        "train_rows_kept": train.height,
         "n_aug": n_aug,
         "ops": {op: {"rate": rate, **counts[op]} for op, rate in rates.items()},
         "added": added.height,
@@ -407,13 +477,20 @@ def run(
 def main() -> None:
     params = load_section("augment", AugmentParams)
     log.info("params %s", params)
+    label_names = load_labels()
+    reviews_file = Path(params.reviews)
+    require_file(reviews_file)  # declared in dvc.yaml: an absent file is a misnamed param
+    reviews = reviews_table(read_reviews(reviews_file, label_names), label_names)
+    log.info("reviews: %d decision(s) in %s", reviews.height, reviews_file)
     train, test, report = run(
         read_table(paths.CLEAN),
         read_table(paths.TOKENS),
         read_table(paths.LABEL_ISSUES),
         params,
-        load_labels(),
+        label_names,
+        reviews,
     )
+    report["reviews"]["file"] = str(reviews_file)
     write_table(train, paths.TRAIN)
     write_table(test, paths.TEST)
     write_json(report, paths.AUGMENT_REPORT)

@@ -161,6 +161,22 @@ def out_of_fold_probs(
 ) -> np.ndarray:
     """Average of each model's out-of-fold class probabilities: no row is scored by a model that
     was trained on it."""
+    by_model = out_of_fold_probs_by_model(
+        texts, labels, embeddings, models, folds, seed, label_names
+    )
+    return np.mean([by_model[m] for m in models], axis=0)
+
+
+def out_of_fold_probs_by_model(
+    texts: list[str],
+    labels: np.ndarray,
+    embeddings: np.ndarray | None,
+    models: list[str],
+    folds: int,
+    seed: int,
+    label_names: tuple[str, ...],
+) -> dict[str, np.ndarray]:
+    """Each model's out-of-fold class probabilities (one row per text, one column per class)."""
     validate_train(labels, folds, label_names)
     n_labels = len(label_names)
     if any(m.startswith("embedding") for m in models) and embeddings is None:
@@ -189,7 +205,7 @@ def out_of_fold_probs(
             probs["embedding_knn"][test_idx] = _knn_proba(
                 embeddings[train_idx], y_train, embeddings[test_idx], n_labels
             )
-    return np.mean([probs[m] for m in models], axis=0)
+    return probs
 
 
 def score_issues(
@@ -364,9 +380,10 @@ def detect(
         embeddings = embed_texts(
             texts, resolve_base_model(params.embedding_model), precision=precision
         )
-    probs = out_of_fold_probs(
+    by_model = out_of_fold_probs_by_model(
         texts, labels, embeddings, models, params.folds, params.seed, label_names
     )
+    probs = np.mean([by_model[m] for m in models], axis=0)
     table = score_issues(
         train,
         probs,
@@ -374,6 +391,16 @@ def detect(
         params.action,
         params.relabel_min_confidence,
     )
+    # Each detector's probabilities and their mean, per row: what a reviewer judges by.
+    detectors = pl.DataFrame(
+        {"id": train["id"]}
+        | {f"probs_{m}": by_model[m].round(6).tolist() for m in models}
+        | {"oof_probs": probs.round(6).tolist()},
+        schema={"id": pl.String}
+        | {f"probs_{m}": pl.List(pl.Float64) for m in models}
+        | {"oof_probs": pl.List(pl.Float64)},
+    )
+    table = table.join(detectors, on="id", how="left", maintain_order="left")
     settings = {
         "models": models,
         "folds": params.folds,

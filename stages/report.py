@@ -95,8 +95,9 @@ def funnel(reports: dict[str, dict[str, Any]]) -> list[FunnelStep]:
     kept = ingest["kept_per_split"]
     cleaned = clean["per_split"]
     removed = {rule: n for rule, n in clean["removed_by_rule"].items() if n}
-    dropped = augment["dropped_by_label_issues"]
-    after_issues = augment["train_rows_in"] - dropped
+    # After label_issues.action and people's decisions over it (`augment.reviews`).
+    after_issues = augment["train_rows_kept"]
+    dropped = augment["train_rows_in"] - after_issues
     return [
         FunnelStep("raw files", raw["train"], raw["test"], {}),
         FunnelStep("ingest", kept.get("train", 0), kept.get("test", 0), rejected),
@@ -105,7 +106,7 @@ def funnel(reports: dict[str, dict[str, Any]]) -> list[FunnelStep]:
             "label_issues",
             after_issues,
             augment["test_rows"],
-            {"dropped as label issue": dropped} if dropped else {},
+            {"dropped as label issue or by a reviewer": dropped} if dropped else {},
         ),
         FunnelStep("augment", augment["train_rows_out"], augment["test_rows"], {}),
         FunnelStep(

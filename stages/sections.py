@@ -10,6 +10,7 @@ cannot say (ranges, a rule between two keys) each class checks in `__post_init__
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from stages.params import check_values
@@ -127,6 +128,7 @@ class OpsParams:
 class AugmentParams:
     """The `augment:` section of params.yaml (stages/params.py parses it)."""
 
+    reviews: str  # the reviews file (stages/reviews.py), relative to the repository root
     n_aug: int
     seed: int
     ops: OpsParams
@@ -138,6 +140,10 @@ class AugmentParams:
         check_values(
             self,
             {
+                "reviews": (
+                    bool(self.reviews.strip()) and not Path(self.reviews).is_absolute(),
+                    "a path inside the repository (DVC tracks it as a dependency)",
+                ),
                 "n_aug": (self.n_aug >= 0, ">= 0"),
                 "synonym_top_k": (self.synonym_top_k >= 1, ">= 1"),
                 "synonym_min_similarity": (-1 <= self.synonym_min_similarity <= 1, "in [-1, 1]"),

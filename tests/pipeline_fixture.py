@@ -21,7 +21,15 @@ from newsclf.preset import load_preset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # What a stage may import or read from the repository (beyond the data it is given).
-PIPELINE_PATHS = ("stages", "metrics", "newsclf", "presets", "dvc.yaml", "params.yaml")
+PIPELINE_PATHS = (
+    "stages",
+    "metrics",
+    "newsclf",
+    "presets",
+    "data/reviews",
+    "dvc.yaml",
+    "params.yaml",
+)
 
 TRAIN_CSV = (
     '"3","Wall St. Bears Claw Back","Reuters - Short-sellers, Wall Street\'s dwindling\\band of '

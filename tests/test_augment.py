@@ -17,6 +17,7 @@ from stages import augment as au
 from stages import paths
 from stages.common import StageError
 from stages.params import parse_section
+from stages.reviews import COLUMNS
 from tests.pipeline_fixture import AG_NEWS_LABELS as LABEL_NAMES
 
 TEXTS = (
@@ -202,6 +203,7 @@ def issues_for(clean: pl.DataFrame, **actions: str) -> pl.DataFrame:
 
 
 PARAMS = {
+    "reviews": "data/reviews/labels.csv",
     "n_aug": 3,
     "seed": 42,
     "ops": ALL_OPS,
@@ -329,6 +331,10 @@ def test_main_writes_outputs(
     tokens.write_parquet(interim / "tokens.parquet")
     issues_for(clean).write_parquet(interim / "label_issues.parquet")
     monkeypatch.chdir(tmp_path)
+    with pytest.raises(StageError, match="data/reviews/labels.csv"):
+        au.main()  # the reviews file is a declared input: its absence is named, not ignored
+    (tmp_path / "data" / "reviews").mkdir()
+    (tmp_path / "data" / "reviews" / "labels.csv").write_text(",".join(COLUMNS) + "\n")
     au.main()
     train = pl.read_parquet(paths.TRAIN)
     test = pl.read_parquet(paths.TEST)
@@ -337,3 +343,46 @@ def test_main_writes_outputs(
     first = paths.TRAIN.read_bytes()
     au.main()
     assert paths.TRAIN.read_bytes() == first  # byte-identical on a rerun
+
+
+def test_people_decisions_override_label_issues_and_stale_ones_are_reported() -> None:
+    """A reviewer's keep brings back a row label_issues dropped, relabel and drop decide their
+    rows, skip leaves the automatic action; a decision on a changed text is never applied."""
+    from stages import reviews as rv
+
+    clean, tokens = frames()
+    train = clean.filter(pl.col("split") == "train")
+    text = dict(train.select("id", "text").iter_rows())
+    given = dict(train.select("id", "label").iter_rows())
+    name = dict(enumerate(LABEL_NAMES))
+    decided = {
+        "tr1": rv.make_review("tr1", text["tr1"], "keep", name[given["tr1"]], LABEL_NAMES, "ana"),
+        "tr0": rv.make_review(
+            "tr0", text["tr0"], "relabel", name[given["tr0"]], LABEL_NAMES, "ana", "Sci/Tech"
+        ),
+        "tr2": rv.make_review("tr2", text["tr2"], "drop", name[given["tr2"]], LABEL_NAMES, "ana"),
+        "tr3": rv.make_review(
+            "tr3", "a text since edited", "drop", name[given["tr3"]], LABEL_NAMES, "ana"
+        ),
+        "gone:1": rv.make_review("gone:1", "x", "skip", "World", LABEL_NAMES, "ana"),
+    }
+    params = augment_params({**PARAMS, "n_aug": 0})
+    out, _, report = au.run(
+        clean,
+        tokens,
+        issues_for(clean, tr1="dropped", tr3="relabelled"),
+        params,
+        LABEL_NAMES,
+        rv.reviews_table(decided, LABEL_NAMES),
+    )
+    labels = dict(out.select("id", "label").iter_rows())
+    assert sorted(labels) == ["tr0", "tr1", "tr3"]  # tr1 kept by a person, tr2 dropped by one
+    assert labels["tr1"] == given["tr1"]
+    assert labels["tr0"] == LABEL_NAMES.index("Sci/Tech")
+    assert labels["tr3"] == 0  # its decision is stale: label_issues' relabel applies
+    r = report["reviews"]
+    assert (r["decisions"], r["applied"], r["keep"], r["relabel"], r["drop"]) == (5, 3, 1, 1, 1)
+    assert r["stale"] == {"count": 2, "row_missing": ["gone:1"], "text_changed": ["tr3"]}
+    assert r["labels_changed"] == int(given["tr0"] != LABEL_NAMES.index("Sci/Tech"))
+    # What label_issues alone would have done stays reported beside it.
+    assert report["dropped_by_label_issues"] == 1 and report["train_rows_kept"] == 3

@@ -63,6 +63,18 @@ def reports_fixture() -> dict[str, dict]:
             "train_rows_in": 32,
             "test_rows": 20,
             "dropped_by_label_issues": 2,
+            "train_rows_kept": 30,
+            "reviews": {
+                "file": "data/reviews/labels.csv",
+                "decisions": 3,
+                "applied": 2,
+                "keep": 1,
+                "relabel": 1,
+                "drop": 0,
+                "skip": 0,
+                "labels_changed": 1,
+                "stale": {"count": 1, "row_missing": ["train.csv:9"], "text_changed": []},
+            },
             "n_aug": 1,
             "added": 30,
             "train_rows_out": 60,
@@ -136,7 +148,7 @@ def test_funnel_accounts_for_every_row() -> None:
     assert by_step["clean"].left == {"exact_duplicate": 4, "test_leakage": 1}
     assert by_step["clean"].train == 37 - 5
     assert by_step["label_issues"].train == 30
-    assert by_step["label_issues"].left == {"dropped as label issue": 2}
+    assert by_step["label_issues"].left == {"dropped as label issue or by a reviewer": 2}
     assert by_step["augment"].train == 60
     assert by_step["train / evaluate"].train == 54
     assert list(by_step["train / evaluate"].left.values()) == [6]
@@ -254,6 +266,7 @@ def test_page_is_self_contained_escaped_and_reproducible() -> None:
         "ONNX export",
     ):
         assert f"<h2>{section}" in page
+    assert "1 decision(s) not applied</strong>: their row is gone\n(train.csv:9)" in page
     assert "0.0812 before, 0.0345 after" in page and "60.00% of texts at 95% accuracy" in page
     assert "85.00%" in page and "exact_duplicate: 4" in page and "200" in page
     assert "86.00%" in page  # accuracy as trained, beside the merged model's
