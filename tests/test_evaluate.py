@@ -124,15 +124,19 @@ def test_evaluate_scores_a_trained_adapter_end_to_end(quantization, trained_adap
     train_rows = trained.train_rows
     test = news_rows(4, split="test")
     held_out = news_rows(2, split="train")
-    evaluation = evaluate_stage.run(
-        test,
-        train_rows,
-        trained.params,
-        LABEL_NAMES,
-        4,
-        adapter_dir=trained.adapter_dir,
-        val_rows=held_out,
-    )
+
+    def evaluate():
+        return evaluate_stage.run(
+            test,
+            train_rows,
+            trained.params,
+            LABEL_NAMES,
+            4,
+            adapter_dir=trained.adapter_dir,
+            val_rows=held_out,
+        )
+
+    evaluation = evaluate()
     report = evaluation.report
     assert report["n_test"] == test.height == 16
     assert report["n_train"] == train_rows.height == 32
@@ -162,16 +166,7 @@ def test_evaluate_scores_a_trained_adapter_end_to_end(quantization, trained_adap
     assert evaluation.calibrated.probs.argmax(1).tolist() == [
         LABEL_NAMES.index(p) for p in confusion["predicted"]
     ]
-    again = evaluate_stage.run(
-        test,
-        train_rows,
-        trained.params,
-        LABEL_NAMES,
-        4,
-        adapter_dir=trained.adapter_dir,
-        val_rows=held_out,
-    )
-    assert again.report == report
+    assert evaluate().report == report
 
 
 def test_evaluate_names_a_missing_adapter(tmp_path):

@@ -5,6 +5,7 @@ Label Studio and spreadsheet round trips, and one real browser driving the page 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -389,14 +390,11 @@ def browser_or_skip() -> tuple[Callable, str]:
     return sync_playwright, chromium
 
 
-@pytest.fixture
-def served(issues: Path, reviews_file: Path) -> Iterator[str]:
-    """The app on a real uvicorn server on a free port of 127.0.0.1, in a thread."""
+@contextlib.contextmanager
+def serving(app) -> Iterator[str]:
+    """`app` on a real uvicorn server on a free port of 127.0.0.1, in a thread: its URL."""
     import uvicorn
 
-    app = review.create_app(
-        review.load_review_set(issues, LABELS), reviews_file, "ana", ["127.0.0.1"]
-    )
     listening = socket.socket()
     listening.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
@@ -405,11 +403,22 @@ def served(issues: Path, reviews_file: Path) -> Iterator[str]:
     deadline = time.monotonic() + 10
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert server.started
-    yield f"http://127.0.0.1:{listening.getsockname()[1]}/"
-    server.should_exit = True
-    thread.join(timeout=10)
-    listening.close()
+    assert server.started, "the review server did not start in 10 s"
+    try:
+        yield f"http://127.0.0.1:{listening.getsockname()[1]}/"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        listening.close()
+
+
+@pytest.fixture
+def served(issues: Path, reviews_file: Path) -> Iterator[str]:
+    app = review.create_app(
+        review.load_review_set(issues, LABELS), reviews_file, "ana", ["127.0.0.1"]
+    )
+    with serving(app) as url:
+        yield url
 
 
 @pytest.mark.browser

@@ -196,17 +196,12 @@ def test_decisions_made_in_the_browser_change_the_next_training_table(
     """`newsclf review` on the tiny pipeline's suspects: in Chromium one row is relabelled by its
     class key, one dropped, one kept; after a reload the page shows them; `dvc status` sees the
     reviews file changed, and `dvc repro augment` trains on the changed table."""
-    import socket
-    import threading
-    import time
-
     import polars as pl
-    import uvicorn
 
     from newsclf import review
     from stages.reviews import read_reviews
     from tests.pipeline_fixture import AG_NEWS_LABELS as LABELS
-    from tests.test_review import browser_or_skip
+    from tests.test_review import browser_or_skip, serving
 
     sync_playwright, chromium = browser_or_skip()
     work = clone(tiny_pipeline, tmp_path / "work", with_outputs=True, upto="augment")
@@ -215,49 +210,32 @@ def test_decisions_made_in_the_browser_change_the_next_training_table(
         work / "data" / "interim" / "label_issues.parquet", LABELS, all_ranked=3
     )
     app = review.create_app(review_set, reviews_file, "tester", ["127.0.0.1"])
-    listening = socket.socket()
-    listening.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [listening]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "the review server did not start"
-        time.sleep(0.02)
-    url = f"http://127.0.0.1:{listening.getsockname()[1]}/"
-    try:
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=chromium)
-            try:
-                page = browser.new_page()
-                page.goto(url)
-                page.locator(".item.current").wait_for()
-                order = page.locator(".item").evaluate_all(
-                    "(items) => items.map(i => i.dataset.id)"
-                )
-                first, second, third = order[:3]
-                given = dict(
-                    pl.read_parquet(work / "data" / "interim" / "label_issues.parquet")
-                    .select("id", "label")
-                    .iter_rows()
-                )
-                new_label = LABELS[(given[first] + 1) % len(LABELS)]
-                page.keyboard.press(review.class_keys(LABELS)[new_label])
-                page.locator(f'.item.current[data-id="{second}"]').wait_for()
-                page.keyboard.press("d")
-                page.locator(f'.item.current[data-id="{third}"]').wait_for()
-                page.keyboard.press("k")
-                page.locator("#progress").filter(has_text="3 of").wait_for()
-                page.reload()
-                page.locator(".item .badge.drop").wait_for()
-                badges = page.locator(".item .badge").all_inner_texts()[:3]
-                assert badges == [f"relabel → {new_label}", "drop", "keep"]
-            finally:
-                browser.close()
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        listening.close()
+    with serving(app) as url, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium)
+        try:
+            page = browser.new_page()
+            page.goto(url)
+            page.locator(".item.current").wait_for()
+            order = page.locator(".item").evaluate_all("(items) => items.map(i => i.dataset.id)")
+            first, second, third = order[:3]
+            given = dict(
+                pl.read_parquet(work / "data" / "interim" / "label_issues.parquet")
+                .select("id", "label")
+                .iter_rows()
+            )
+            new_label = LABELS[(given[first] + 1) % len(LABELS)]
+            page.keyboard.press(review.class_keys(LABELS)[new_label])
+            page.locator(f'.item.current[data-id="{second}"]').wait_for()
+            page.keyboard.press("d")
+            page.locator(f'.item.current[data-id="{third}"]').wait_for()
+            page.keyboard.press("k")
+            page.locator("#progress").filter(has_text="3 of").wait_for()
+            page.reload()
+            page.locator(".item .badge.drop").wait_for()
+            badges = page.locator(".item .badge").all_inner_texts()[:3]
+            assert badges == [f"relabel → {new_label}", "drop", "keep"]
+        finally:
+            browser.close()
     decided = read_reviews(reviews_file, LABELS)
     assert {k: r.decision for k, r in decided.items()} == {
         first: "relabel",
