@@ -1,12 +1,13 @@
 """`newsclf serve` throughput with `--log DIR` on against off, same model, same run.
 
     python -m bench.bench_serve_log                 # after `dvc repro export`
-    python -m bench.bench_serve_log --rounds 3 --requests 3000
+    python -m bench.bench_serve_log --rounds 8 --requests 3000
 
 Two servers (one logging to a temporary folder, one not) take turns: each round sends
-`--requests` one-text requests over `--concurrency` connections to the server without the log,
-then to the one with it (bench_serve's client: every answer checked against the text's offline
-label). The ratio is the median round's texts/s with the log over without; the target is >= 0.95.
+`--requests` one-text requests over `--concurrency` connections to each (bench_serve's client:
+every answer checked against the text's offline label), the order alternating from round to round
+so that a drift in the machine's load falls on both alike. The ratio is the median over rounds of
+each round's texts/s with the log over without; the target is >= 0.95.
 The logging server's files are counted and read back at the end (rows = texts answered).
 Bounded: requests per round and `--max-seconds` per phase. Writes `reports/bench_serve_log.json`.
 """
@@ -36,7 +37,7 @@ def main() -> None:
     parser.add_argument("--texts", type=int, default=2000, help="distinct test texts sent")
     parser.add_argument("--requests", type=int, default=2000, help="requests per round and server")
     parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--max-seconds", type=float, default=300.0, help="per load phase")
     args = parser.parse_args()
 
@@ -57,8 +58,8 @@ def main() -> None:
         }
         ports = {"off": port_off, "on": port_on}
         try:
-            for _ in range(args.rounds):
-                for name in ("off", "on"):
+            for i in range(args.rounds):
+                for name in ("off", "on") if i % 2 == 0 else ("on", "off"):
                     rounds[name].append(
                         asyncio.run(
                             load(
