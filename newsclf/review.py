@@ -273,23 +273,38 @@ def review_json(review: Review) -> dict[str, str]:
     }
 
 
+def stale_reason(row: dict[str, Any], review: Review) -> str | None:
+    """Why a decision no longer holds for this row (as augment judges it: `stages.reviews.
+    stale_reviews`): another text, or another given label under this id; None when it holds."""
+    if review.text_sha256 != row["text_sha256"]:
+        return "text_changed"
+    if review.given_label != row["given_label"]:
+        return "label_changed"
+    return None
+
+
 def row_status(row: dict[str, Any], reviews: dict[str, Review]) -> str:
-    """undecided (no decision), decided, or stale (a decision on another text of this id)."""
+    """undecided (no decision), decided, or stale (a decision on another text or given label of
+    this id)."""
     review = reviews.get(row["id"])
     if review is None:
         return "undecided"
-    return "decided" if review.text_sha256 == row["text_sha256"] else "stale"
+    return "decided" if stale_reason(row, review) is None else "stale"
 
 
 def row_state(row: dict[str, Any], reviews: dict[str, Review]) -> dict[str, Any]:
     """The row with its decision as the reviews file has it now. A stale decision is shown apart
-    (`stale_decision`): the row is undecided again."""
+    (`stale_decision`, with its `stale_reason`): the row is undecided again."""
     status = row_status(row, reviews)
     review = reviews.get(row["id"])
     return row | {
         "status": status,
         "decision": review_json(review) if status == "decided" else None,
-        "stale_decision": review_json(review) if status == "stale" else None,
+        "stale_decision": (
+            review_json(review) | {"stale_reason": stale_reason(row, review)}
+            if status == "stale"
+            else None
+        ),
     }
 
 

@@ -282,11 +282,11 @@ def apply_label_actions(
 def applicable_reviews(
     train: pl.DataFrame, reviews: pl.DataFrame
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
-    """The decisions that apply to `train` (its row exists and its text is the one reviewed),
-    and what the reviews file holds: decisions by kind, and the stale ones (count and ids),
-    which are reported and never applied to another row."""
+    """The decisions that apply to `train` (its row exists with the text and the given label
+    reviewed), and what the reviews file holds: decisions by kind, and the stale ones (count and
+    ids), which are reported and never applied to another row or label."""
     stale = stale_reviews(train, reviews)
-    stale_ids = stale["missing"] + stale["text_changed"]
+    stale_ids = stale["missing"] + stale["text_changed"] + stale["label_changed"]
     applicable = reviews.filter(~pl.col("id").is_in(stale_ids))
     counts = applicable["decision"].value_counts()
     by_decision = dict(zip(counts["decision"].to_list(), counts["count"].to_list(), strict=True))
@@ -298,17 +298,21 @@ def applicable_reviews(
             "count": len(stale_ids),
             "row_missing": stale["missing"][:STALE_IDS_LISTED],
             "text_changed": stale["text_changed"][:STALE_IDS_LISTED],
+            "label_changed": stale["label_changed"][:STALE_IDS_LISTED],
         },
     }
     if stale_ids:
         log.warning(
             "reviews: %d decision(s) not applied: %d on rows no longer in the train split (%s), "
-            "%d on texts changed since the review (%s)",
+            "%d on texts changed since the review (%s), %d on rows whose given label changed "
+            "since the review (%s)",
             len(stale_ids),
             len(stale["missing"]),
             ", ".join(stale["missing"][:5]) or "-",
             len(stale["text_changed"]),
             ", ".join(stale["text_changed"][:5]) or "-",
+            len(stale["label_changed"]),
+            ", ".join(stale["label_changed"][:5]) or "-",
         )
     return applicable, report
 

@@ -200,8 +200,8 @@ def forget(path: Path, row_id: str, label_names: Sequence[str]) -> dict[str, Rev
 
 
 def reviews_table(reviews: Mapping[str, Review], label_names: Sequence[str]) -> pl.DataFrame:
-    """The decisions as a table: id, text_sha256, decision, and the label index it trains with
-    (null for drop and skip)."""
+    """The decisions as a table: id, text_sha256, decision, the label index it trains with
+    (null for drop and skip) and the index of the label the row had when reviewed."""
     index = {name: i for i, name in enumerate(label_names)}
     return pl.DataFrame(
         {
@@ -209,27 +209,40 @@ def reviews_table(reviews: Mapping[str, Review], label_names: Sequence[str]) -> 
             "text_sha256": [r.text_sha256 for r in reviews.values()],
             "decision": [r.decision for r in reviews.values()],
             "review_label": [index.get(r.label) for r in reviews.values()],
+            "reviewed_label": [index.get(r.given_label) for r in reviews.values()],
         },
         schema={
             "id": pl.String,
             "text_sha256": pl.String,
             "decision": pl.String,
             "review_label": pl.Int64,
+            "reviewed_label": pl.Int64,
         },
     )
 
 
+STALE_REASONS = ("missing", "text_changed", "label_changed")
+
+
 def stale_reviews(train: pl.DataFrame, reviews: pl.DataFrame) -> dict[str, list[str]]:
-    """Decisions that must not be applied: their row is gone (`missing`), or its text is not the
-    one reviewed (`text_changed`). Ids, sorted."""
-    hashes = train.select("id", current=pl.col("text").map_elements(text_sha256, pl.String))
-    joined = reviews.join(hashes, on="id", how="left")
-    missing = joined.filter(pl.col("current").is_null())["id"].sort().to_list()
-    changed = (
-        joined.filter(
-            pl.col("current").is_not_null() & (pl.col("current") != pl.col("text_sha256"))
-        )["id"]
-        .sort()
-        .to_list()
+    """Decisions that must not be applied: their row is gone (`missing`), its text is not the
+    one reviewed (`text_changed`), or its given label is not the one reviewed (`label_changed`:
+    a `keep` would otherwise put back a label since fixed in the data). Ids, sorted; each id
+    under its first reason."""
+    current = train.select(
+        "id",
+        current_sha256=pl.col("text").map_elements(text_sha256, pl.String),
+        current_label=pl.col("label").cast(pl.Int64),
     )
-    return {"missing": missing, "text_changed": changed}
+    joined = reviews.join(current, on="id", how="left").with_columns(
+        reason=pl.when(pl.col("current_sha256").is_null())
+        .then(pl.lit("missing"))
+        .when(pl.col("current_sha256") != pl.col("text_sha256"))
+        .then(pl.lit("text_changed"))
+        .when(pl.col("current_label") != pl.col("reviewed_label"))
+        .then(pl.lit("label_changed"))
+    )
+    return {
+        reason: joined.filter(pl.col("reason") == reason)["id"].sort().to_list()
+        for reason in STALE_REASONS
+    }

@@ -350,7 +350,7 @@ def test_people_decisions_override_label_issues_and_stale_ones_are_reported() ->
     rows, skip leaves the automatic action; a decision on a changed text is never applied."""
     from stages import reviews as rv
 
-    clean, tokens = frames()
+    clean, tokens = frames((*TEXTS, "Markets close higher after a quiet week of trading."))
     train = clean.filter(pl.col("split") == "train")
     text = dict(train.select("id", "text").iter_rows())
     given = dict(train.select("id", "label").iter_rows())
@@ -365,6 +365,11 @@ def test_people_decisions_override_label_issues_and_stale_ones_are_reported() ->
             "tr3", "a text since edited", "drop", name[given["tr3"]], LABEL_NAMES, "ana"
         ),
         "gone:1": rv.make_review("gone:1", "x", "skip", "World", LABEL_NAMES, "ana"),
+        # Kept when it had another label: the label was fixed in the data since, so the keep
+        # must not bring the old one back.
+        "tr4": rv.make_review(
+            "tr4", text["tr4"], "keep", name[(given["tr4"] + 1) % 4], LABEL_NAMES, "ana"
+        ),
     }
     params = augment_params({**PARAMS, "n_aug": 0})
     out, _, report = au.run(
@@ -376,13 +381,19 @@ def test_people_decisions_override_label_issues_and_stale_ones_are_reported() ->
         rv.reviews_table(decided, LABEL_NAMES),
     )
     labels = dict(out.select("id", "label").iter_rows())
-    assert sorted(labels) == ["tr0", "tr1", "tr3"]  # tr1 kept by a person, tr2 dropped by one
+    assert sorted(labels) == ["tr0", "tr1", "tr3", "tr4"]  # tr1 kept by a person, tr2 dropped
     assert labels["tr1"] == given["tr1"]
     assert labels["tr0"] == LABEL_NAMES.index("Sci/Tech")
     assert labels["tr3"] == 0  # its decision is stale: label_issues' relabel applies
+    assert labels["tr4"] == given["tr4"]  # its label as the data has it now
     r = report["reviews"]
-    assert (r["decisions"], r["applied"], r["keep"], r["relabel"], r["drop"]) == (5, 3, 1, 1, 1)
-    assert r["stale"] == {"count": 2, "row_missing": ["gone:1"], "text_changed": ["tr3"]}
+    assert (r["decisions"], r["applied"], r["keep"], r["relabel"], r["drop"]) == (6, 3, 1, 1, 1)
+    assert r["stale"] == {
+        "count": 3,
+        "row_missing": ["gone:1"],
+        "text_changed": ["tr3"],
+        "label_changed": ["tr4"],
+    }
     assert r["labels_changed"] == int(given["tr0"] != LABEL_NAMES.index("Sci/Tech"))
     # What label_issues alone would have done stays reported beside it.
-    assert report["dropped_by_label_issues"] == 1 and report["train_rows_kept"] == 3
+    assert report["dropped_by_label_issues"] == 1 and report["train_rows_kept"] == 4

@@ -171,6 +171,16 @@ def test_a_malformed_reviews_file_is_named_not_overwritten(
     assert "maybe" in reviews_file.read_text()
 
 
+def test_a_decision_on_another_given_label_is_stale(client: TestClient, reviews_file: Path) -> None:
+    """t:1 is World in the data now; a keep recorded when it was Sports must not count as decided."""
+    old = reviews.make_review("t:1", ROWS[0][1], "keep", "Sports", LABELS, "bo")
+    reviews.record(reviews_file, old, LABELS)
+    row = client.get("/api/rows/t:1").json()
+    assert row["status"] == "stale" and row["decision"] is None
+    assert row["stale_decision"]["stale_reason"] == "label_changed"
+    assert row["stale_decision"]["given_label"] == "Sports"
+
+
 def test_a_decision_on_another_text_is_stale_and_the_row_new_again(
     client: TestClient, reviews_file: Path
 ) -> None:
@@ -180,6 +190,7 @@ def test_a_decision_on_another_text_is_stale_and_the_row_new_again(
     row = client.get("/api/rows/t:2").json()
     assert row["status"] == "stale" and row["decision"] is None
     assert row["stale_decision"]["decision"] == "drop"
+    assert row["stale_decision"]["stale_reason"] == "text_changed"
     progress = client.get("/api/progress").json()
     assert (progress["decided"], progress["stale"], progress["undecided"]) == (1, 1, 2)
 

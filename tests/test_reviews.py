@@ -14,8 +14,10 @@ from stages.common import StageError
 from tests.pipeline_fixture import AG_NEWS_LABELS as LABELS
 
 
-def train_rows(texts: dict[str, str]) -> pl.DataFrame:
-    return pl.DataFrame({"id": list(texts), "text": list(texts.values())})
+def train_rows(texts: dict[str, str], labels: dict[str, str] | None = None) -> pl.DataFrame:
+    """Train rows as augment reads them; labels by name (World unless given)."""
+    given = [LABELS.index((labels or {}).get(i, "World")) for i in texts]
+    return pl.DataFrame({"id": list(texts), "text": list(texts.values()), "label": given})
 
 
 def test_a_decision_is_keyed_by_row_id_and_text_and_survives_a_reingest(tmp_path: Path) -> None:
@@ -27,12 +29,17 @@ def test_a_decision_is_keyed_by_row_id_and_text_and_survives_a_reingest(tmp_path
     # A re-ingest of the same source gives the same id and text: the decision still applies.
     again = train_rows({"train.csv:7": "Red Sox beat the Yankees", "train.csv:8": "Other"})
     table = reviews.reviews_table(reviews.read_reviews(path, LABELS), LABELS)
-    assert reviews.stale_reviews(again, table) == {"missing": [], "text_changed": []}
+    assert reviews.stale_reviews(again, table) == {
+        "missing": [],
+        "text_changed": [],
+        "label_changed": [],
+    }
     assert table.row(0, named=True) == {
         "id": "train.csv:7",
         "text_sha256": reviews.text_sha256("Red Sox beat the Yankees"),
         "decision": "relabel",
         "review_label": LABELS.index("Sports"),
+        "reviewed_label": LABELS.index("World"),
     }
     # The file is one line per decision, readable in a diff.
     lines = path.read_text().splitlines()
@@ -40,15 +47,19 @@ def test_a_decision_is_keyed_by_row_id_and_text_and_survives_a_reingest(tmp_path
     assert lines[1].startswith("train.csv:7,") and ",relabel,Sports,World,ana," in lines[1]
 
 
-def test_a_decision_on_a_changed_or_vanished_text_is_stale() -> None:
+def test_a_decision_on_a_changed_or_vanished_text_or_label_is_stale() -> None:
     decided = {
         "a:1": reviews.make_review("a:1", "old text", "drop", "World", LABELS, "ana"),
         "a:2": reviews.make_review("a:2", "gone", "keep", "Sports", LABELS, "ana"),
         "a:3": reviews.make_review("a:3", "same", "keep", "Sports", LABELS, "ana"),
+        # Kept as Sports; the source has since fixed the row to World: keeping must not undo it.
+        "a:4": reviews.make_review("a:4", "fixed", "keep", "Sports", LABELS, "ana"),
     }
-    now = train_rows({"a:1": "new text", "a:3": "same"})
+    now = train_rows(
+        {"a:1": "new text", "a:3": "same", "a:4": "fixed"}, {"a:3": "Sports", "a:4": "World"}
+    )
     stale = reviews.stale_reviews(now, reviews.reviews_table(decided, LABELS))
-    assert stale == {"missing": ["a:2"], "text_changed": ["a:1"]}
+    assert stale == {"missing": ["a:2"], "text_changed": ["a:1"], "label_changed": ["a:4"]}
 
 
 def writer(path: str, start: int, n: int) -> None:
