@@ -153,11 +153,16 @@ def render_reviews(reviews: Mapping[str, Review]) -> str:
     return out.getvalue()
 
 
+def lock_file(path: Path) -> Path:
+    """The lock file of the reviews file `path`: `.<name>.lock` beside it (git-ignored)."""
+    return path.parent / f".{path.name}.lock"
+
+
 @contextlib.contextmanager
 def locked(path: Path) -> Iterator[None]:
-    """An exclusive lock on `path`'s lock file (`.<name>.lock` beside it), for read-modify-write."""
+    """An exclusive lock on `path`'s lock file (`lock_file`), for read-modify-write."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / f".{path.name}.lock", "a") as handle:
+    with open(lock_file(path), "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield

@@ -82,6 +82,20 @@ def test_two_concurrent_writers_lose_no_decision(tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".labels.csv.*.tmp"))  # no temporary file left behind
 
 
+def test_the_lock_beside_a_reviews_file_stays_out_of_git() -> None:
+    """The lock file `record` leaves beside the reviews file must not show up in `git status`."""
+    import subprocess
+
+    from tests.pipeline_fixture import REPO_ROOT
+
+    for reviews_file in ("data/reviews/labels.csv", "elsewhere/team_labels.csv"):
+        lock = reviews.lock_file(Path(reviews_file))
+        ignored = subprocess.run(
+            ["git", "check-ignore", "-q", str(lock)], cwd=REPO_ROOT, check=False
+        )
+        assert ignored.returncode == 0, f"{lock} is not git-ignored"
+
+
 @pytest.mark.parametrize(
     ("content", "says"),
     [
