@@ -521,7 +521,9 @@ def collect(
             scores = json.loads(read(found[name], VALIDATION_FILE))
             res.scores[seed] = float(scores[sweep.metric])
             rows = pl.read_csv(io.StringIO(read(found[name], PREDICTIONS_FILE)))
-            for id_, given, pred in rows.select("id", "given_label", "predicted").iter_rows():
+            # `given_label`: the column's name in experiments run before reviewed labels.
+            truth = "scored_label" if "scored_label" in rows.columns else "given_label"
+            for id_, given, pred in rows.select("id", truth, "predicted").iter_rows():
                 res.rows[(seed, id_)] = (given, pred)
         results.append(res)
     return results

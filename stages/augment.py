@@ -43,8 +43,10 @@ from stages.sections import AugmentParams, OpsParams
 STALE_IDS_LISTED = 20
 
 OPS: tuple[str, ...] = ("synonym", "swap", "delete", "insert")
-# `given_label`: the label as ingested, before `label_issues.action` relabelled it; validation
-# scores against it, so recipes with and without relabelling are judged on the same labels.
+# `given_label`: the label as ingested, before `label_issues.action` relabelled it;
+# `reviewed_label`: the label a person kept or chose (the reviews file), null where nobody did.
+# Validation scores against the reviewed label, else the given one: recipes with and without
+# automatic relabelling are judged on the same labels, and never against a label a person rejected.
 OUT_COLUMNS: tuple[str, ...] = (
     "id",
     "split",
@@ -53,6 +55,7 @@ OUT_COLUMNS: tuple[str, ...] = (
     "augmented_from",
     "op",
     "given_label",
+    "reviewed_label",
 )
 # Two words sharing this many leading letters are taken as forms of one word (company/companies),
 # which would add no new vocabulary.
@@ -242,7 +245,7 @@ def apply_label_actions(
     rows given the new label. `reviews` (`stages.reviews.reviews_table`, already cleared of stale
     decisions by `applicable_reviews`): a keep, relabel or drop decides its row whatever
     `label_issues.action` did (a kept row comes back, with the label the reviewer confirmed);
-    skip leaves the automatic action."""
+    skip leaves the automatic action. `reviewed_label`: the label a person kept or chose."""
     missing = {"id", "action", "suggested_label"} - set(issues.columns)
     if missing:
         raise StageError(f"{paths.LABEL_ISSUES}: missing column(s) {sorted(missing)}")
@@ -273,7 +276,8 @@ def apply_label_actions(
             .then(pl.col("review_label"))
             .when(pl.col("action") == "relabelled")
             .then(pl.col("suggested_label"))
-            .otherwise(pl.col("label"))
+            .otherwise(pl.col("label")),
+            reviewed_label=pl.when(human).then(pl.col("review_label")),
         )
         .drop("action", "suggested_label", "decision", "review_label")
     )
@@ -384,6 +388,7 @@ def augment_rows(
                     row["id"],
                     op,
                     row["given_label"],
+                    row["reviewed_label"],
                 ),
                 strict=True,
             ):
@@ -400,6 +405,7 @@ def _out_schema() -> dict[str, pl.DataType]:
         "augmented_from": pl.String(),
         "op": pl.String(),
         "given_label": pl.Int64(),
+        "reviewed_label": pl.Int64(),
     }
 
 
@@ -413,6 +419,9 @@ def as_original(rows: pl.DataFrame) -> pl.DataFrame:
         augmented_from=pl.lit(None, dtype=pl.String),
         op=pl.lit("original"),
         given_label="given_label",
+        reviewed_label=(
+            pl.col("reviewed_label") if "reviewed_label" in rows.columns else pl.lit(None)
+        ).cast(pl.Int64),
     )
 
 

@@ -48,7 +48,7 @@ from stages.modeling import (
     training_precision,
 )
 from stages.params import load_section
-from stages.processed import read_processed, split_train_val
+from stages.processed import read_processed, scored_labels, split_train_val
 from stages.sections import EvaluateParams
 from stages.train_params import TrainParams
 
@@ -323,10 +323,9 @@ def error_rows(
 
 
 def held_out_labels(val_rows: pl.DataFrame) -> np.ndarray:
-    """The labels the held-out rows are scored against: as ingested (`given_label`, before any
-    `label_issues.action` relabelling), as train's validation and the test split are."""
-    column = "given_label" if "given_label" in val_rows.columns else "label"
-    return val_rows[column].to_numpy().astype(np.int64)
+    """The labels the held-out rows are scored against, as train's validation scores them
+    (`processed.scored_labels`: a person's label, else the label as ingested)."""
+    return val_rows.select(scored_labels(val_rows))[:, 0].to_numpy().astype(np.int64)
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,14 @@ def read_processed(path: str | Path, split: str, label_names: tuple[str, ...]) -
     return df
 
 
+def scored_labels(rows: pl.DataFrame) -> pl.Expr:
+    """The label a held-out row is scored against: a person's (`reviewed_label`) where the reviews
+    file decided it, else the label as ingested (`given_label`, before `label_issues.action`
+    changed it), else `label` (a table from before augment kept either)."""
+    columns = [c for c in ("reviewed_label", "given_label", "label") if c in rows.columns]
+    return pl.coalesce(columns)
+
+
 def held_out_ids(genuine: pl.DataFrame, val_fraction: float, seed: int) -> list[str]:
     """The validation ids: in each class (by `given_label` where present, the label before
     `label_issues` changed it), round(n * val_fraction) rows, those whose seeded hash of the id is

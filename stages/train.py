@@ -67,7 +67,7 @@ from stages.modeling import (
     training_precision,
 )
 from stages.params import load_section
-from stages.processed import read_processed, split_train_val
+from stages.processed import read_processed, scored_labels, split_train_val
 from stages.train_params import TrainParams
 
 if TYPE_CHECKING:
@@ -623,22 +623,22 @@ def validation_scores(
     val_df: pl.DataFrame, predicted: Sequence[int], label_names: tuple[str, ...]
 ) -> tuple[dict[str, Any], pl.DataFrame]:
     """The kept model's scores on the validation rows, against the labels as given (before
-    `label_issues.action` changed any: the test split is scored against given labels too), and the
-    per-row table `newsclf sweep` pairs recipes on."""
+    `label_issues.action` changed any: the test split is scored against given labels too) or as a
+    person reviewed them (`processed.scored_labels`), and the per-row table `newsclf sweep` pairs
+    recipes on (`scored_label`: the label scored against; `label`: the one trained with)."""
     from sklearn.metrics import f1_score
 
-    given = "given_label" if "given_label" in val_df.columns else "label"
     rows = val_df.select(
-        "id", given_label=pl.col(given), label="label", predicted=pl.Series(predicted)
+        "id", scored_label=scored_labels(val_df), label="label", predicted=pl.Series(predicted)
     ).sort("id")
-    truth, pred = rows["given_label"].to_numpy(), rows["predicted"].to_numpy()
+    truth, pred = rows["scored_label"].to_numpy(), rows["predicted"].to_numpy()
     scores = {
         "accuracy": round(float((truth == pred).mean()), 6),
         "macro_f1": round(
             float(f1_score(truth, pred, average="macro", labels=range(len(label_names)))), 6
         ),
         "n_val": rows.height,
-        "relabelled_val_rows": int((rows["given_label"] != rows["label"]).sum()),
+        "relabelled_val_rows": int((rows["scored_label"] != rows["label"]).sum()),
     }
     return scores, rows
 

@@ -386,6 +386,14 @@ def test_people_decisions_override_label_issues_and_stale_ones_are_reported() ->
     assert labels["tr0"] == LABEL_NAMES.index("Sci/Tech")
     assert labels["tr3"] == 0  # its decision is stale: label_issues' relabel applies
     assert labels["tr4"] == given["tr4"]  # its label as the data has it now
+    # What validation scores against where a person decided (null elsewhere).
+    reviewed = dict(out.select("id", "reviewed_label").iter_rows())
+    assert reviewed == {
+        "tr0": LABEL_NAMES.index("Sci/Tech"),
+        "tr1": given["tr1"],
+        "tr3": None,
+        "tr4": None,
+    }
     r = report["reviews"]
     assert (r["decisions"], r["applied"], r["keep"], r["relabel"], r["drop"]) == (6, 3, 1, 1, 1)
     assert r["stale"] == {

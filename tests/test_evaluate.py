@@ -12,6 +12,7 @@ from stages.evaluate import (
     baseline_proba,
     confusion_rows,
     error_rows,
+    held_out_labels,
     predict_logits,
     probabilities,
     roc_curves,
@@ -66,6 +67,16 @@ def test_metric_module_auc_is_none_for_an_absent_class_and_rejects_bad_input(met
     assert r["roc_auc_macro"] == pytest.approx(1.0)  # mean of classes 0 and 1 only
     with pytest.raises(ValueError, match="must lie in 0..2"):
         metric.compute(predictions=[0, 3], references=[0, 1], prediction_scores=SCORES[:2])
+
+
+def test_the_temperature_is_fitted_on_the_labels_validation_scores_against() -> None:
+    """Held-out rows: a person's label where one decided, else the label as ingested."""
+    rows = pl.DataFrame(
+        {"label": [0, 2, 1], "given_label": [0, 1, 3], "reviewed_label": [None, None, 1]},
+        schema_overrides={"reviewed_label": pl.Int64},
+    )
+    assert held_out_labels(rows).tolist() == [0, 1, 1]
+    assert held_out_labels(rows.drop("reviewed_label")).tolist() == [0, 1, 3]
 
 
 def test_predict_logits_sorted_batches_match_one_by_one_in_input_order(tiny_bert_dir):

@@ -112,7 +112,9 @@ class FakeRepo:
             value = accuracy[json.dumps(point, sort_keys=True)]
             n_right = round(100 * value)
             self.commits[name] = f"sha-{name}"
-            predictions = "id,given_label,label,predicted\n" + "".join(
+            # Experiments run before reviewed labels named the truth column given_label.
+            truth = "given_label" if len(self.commits) % 2 else "scored_label"
+            predictions = f"id,{truth},label,predicted\n" + "".join(
                 f"r{i},0,0,{0 if i < n_right else 1}\n" for i in range(100)
             )
             self.files[(f"sha-{name}", sw.VALIDATION_FILE)] = json.dumps(

@@ -633,12 +633,21 @@ def test_full_fine_tuning_trains_every_weight_and_ships_through_the_same_loaders
         replace(params, quantization="4bit")
 
 
-def test_validation_scores_use_the_given_labels():
+def test_validation_scores_use_the_given_labels_or_a_persons():
     val = pl.DataFrame(
-        {"id": ["b", "a", "c"], "label": [1, 0, 2], "given_label": [1, 3, 2], "text": ["x"] * 3}
+        {
+            "id": ["b", "a", "c", "d"],
+            "label": [1, 0, 2, 1],
+            "given_label": [1, 3, 2, 0],
+            "reviewed_label": [None, None, None, 1],
+            "text": ["x"] * 4,
+        }
     )
-    scores, rows = validation_scores(val, [1, 0, 0], LABEL_NAMES)
-    # Row a was relabelled 3 -> 0 and predicted 0: right by its trained label, wrong by the given.
-    assert scores["accuracy"] == round(1 / 3, 6) and scores["relabelled_val_rows"] == 1
-    assert rows["id"].to_list() == ["a", "b", "c"]  # sorted: the file is the same on every run
-    assert rows.columns == ["id", "given_label", "label", "predicted"]
+    scores, rows = validation_scores(val, [1, 0, 0, 1], LABEL_NAMES)
+    # Row a was relabelled 3 -> 0 by label_issues and predicted 0: right by its trained label,
+    # wrong by the given one. Row d was relabelled 0 -> 1 by a person and predicted 1: right, and
+    # not scored against the label the person rejected.
+    assert scores["accuracy"] == 0.5 and scores["relabelled_val_rows"] == 1
+    assert rows["id"].to_list() == ["a", "b", "c", "d"]  # sorted: the same file on every run
+    assert rows.columns == ["id", "scored_label", "label", "predicted"]
+    assert rows["scored_label"].to_list() == [3, 1, 2, 1]
