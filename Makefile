@@ -7,14 +7,23 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 # `cpu` installs onnxruntime; GPU users run `make install EXTRAS=gpu,dev` after installing CUDA torch.
 EXTRAS ?= cpu,dev
 
-.PHONY: install repro test test-fast test-portable bench
+.PHONY: install repro test test-fast test-portable bench constraints
 
-$(BIN)/.installed: pyproject.toml
+# constraints.txt: every package's version as in the venv that made the committed dvc.lock, so a
+# fresh clone installs the same libraries (torch apart: pinned here, CPU or CUDA build alike).
+$(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "torch==2.13.0"
-	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
 	touch $@
+
+# After changing pyproject.toml's dependencies or upgrading on purpose: rewrite the pins from the
+# venv (then `dvc repro` and commit both).
+constraints: install
+	{ sed -n '1,/^# --- pins/p' constraints.txt; \
+	  $(BIN)/pip freeze --exclude-editable | grep -v -i '^torch=='; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 install: $(BIN)/.installed
 
