@@ -14,16 +14,20 @@ EXTRAS ?= cpu,dev
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "torch==2.13.0"
+	$(BIN)/pip install -q -c constraints.txt "torch==2.13.0"
 	$(BIN)/pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
 	touch $@
 
-# After changing pyproject.toml's dependencies or upgrading on purpose: rewrite the pins from the
-# venv (then `dvc repro` and commit both).
-constraints: install
+# After changing pyproject.toml's dependencies, or `.venv/bin/pip install -U NAME` on purpose:
+# install without the old pins (pip moves only what the new ranges need), then rewrite the pins
+# from the venv (then `dvc repro`, and commit pyproject.toml, constraints.txt and dvc.lock).
+constraints:
+	test -x $(BIN)/python || { echo "no $(VENV): run make install first"; exit 1; }
+	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
 	{ sed -n '1,/^# --- pins/p' constraints.txt; \
 	  $(BIN)/pip freeze --exclude-editable | grep -v -i '^torch=='; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt
+	touch $(BIN)/.installed
 
 install: $(BIN)/.installed
 

@@ -35,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +51,7 @@ from stages.common import write_json
 from tests.test_monitor import OTHER_LANGUAGE, OTHER_TOPIC, other_domain_texts
 
 OUT_FILE = Path("reports/bench_monitor.json")
-START = datetime(2025, 1, 1, tzinfo=timezone.utc)
+START = datetime(2025, 1, 1, tzinfo=UTC)
 SHIFT_TEXTS = 3_000
 ROWS_PER_FILE = 50_000  # TextLog's default: what `serve --log` writes
 CHECKS = ("label_shares", "confidence", "text_length", "vocabulary", "text_drift")

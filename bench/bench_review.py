@@ -40,7 +40,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -420,7 +420,7 @@ def main() -> None:
     if "reviews" not in inspect.signature(augment_run).parameters:
         raise SystemExit("stages.augment.run takes no `reviews` argument yet")
     started = time.perf_counter()
-    when = datetime.now(timezone.utc).replace(microsecond=0)
+    when = datetime.now(UTC).replace(microsecond=0)
 
     li_params = load_section("label_issues", LabelIssuesParams)
     train_params = load_section("train", TrainParams)

@@ -35,7 +35,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from xml.sax.saxutils import quoteattr
@@ -603,6 +603,7 @@ class ImportedDecision:
     time: str  # "" for now
     text: str | None  # the text it was made on, when the file has it verbatim
     text_sha256: str  # that text's hash, when the file has it ("" otherwise)
+    given_label: str = ""  # the row's given label when exported, when the file has it
 
 
 def label_studio_choice(value: Any) -> str:
@@ -627,8 +628,8 @@ def iso_utc(value: Any) -> str:
     except ValueError:
         return ""
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    utc = when.astimezone(timezone.utc).replace(microsecond=0)
+        when = when.replace(tzinfo=UTC)
+    utc = when.astimezone(UTC).replace(microsecond=0)
     return utc.isoformat().replace("+00:00", "Z")
 
 
@@ -669,6 +670,7 @@ def read_label_studio_json_min(path: Path) -> Iterator[ImportedDecision | tuple[
             time=iso_utc(item.get("updated_at") or item.get("created_at")),
             text=item.get("text") if isinstance(item.get("text"), str) else None,
             text_sha256=str(item.get("text_sha256") or ""),
+            given_label=item["given_label"] if isinstance(item.get("given_label"), str) else "",
         )
 
 
@@ -697,6 +699,7 @@ def read_spreadsheet(path: Path) -> Iterator[ImportedDecision | tuple[str, str]]
             time="",
             text=None,  # for reading only: a spreadsheet may rewrite it (spaces, quotes)
             text_sha256=values.get("text_sha256", ""),
+            given_label=values.get("given_label", ""),
         )
 
 
@@ -715,9 +718,9 @@ def import_decisions(
     default_reviewer: Callable[[], str],
 ) -> ImportReport:
     """Each decision checked against the table and written through `stages.reviews.record`: a row
-    the table does not have, or whose text is not the one decided on, is reported and skipped,
-    never applied to another row. A chosen label equal to the given one is a keep, another class
-    a relabel, `drop` a drop."""
+    the table does not have, or whose text or given label is not the one decided on (where the
+    file says), is reported and skipped, never applied to another row or label. A chosen label
+    equal to the given one is a keep, another class a relabel, `drop` a drop."""
     from stages.reviews import DECISIONS, record, text_sha256
 
     label_names = tuple(label_names)
@@ -741,6 +744,13 @@ def import_decisions(
         decided_on = {item.text_sha256} | ({text_sha256(item.text)} if item.text else set())
         if decided_on - {"", text_sha256(row["text"])}:
             report.skipped.append(f"{where}: the row's text changed since the export")
+            continue
+        if item.given_label and item.given_label != row["given_label"]:
+            # A keep of the old label would otherwise come back as a relabel undoing the fix.
+            report.skipped.append(
+                f"{where}: the row's given label changed since the export "
+                f"({item.given_label} then, {row['given_label']} now)"
+            )
             continue
         decision = item.decision.lower() or (
             "keep" if item.label == row["given_label"] else "relabel"

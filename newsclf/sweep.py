@@ -431,7 +431,7 @@ class PointResult:
     seconds: float = 0.0
     untimed: int = 0  # experiments that ran while no `run` was following the queue
     failed: dict[int, str] = field(default_factory=dict)  # seed -> reason
-    # (seed, id) -> (given label, predicted)
+    # (seed, id) -> (label scored against, predicted)
     rows: dict[tuple[int, str], tuple[int, int]] = field(default_factory=dict)
     # The metric on the held-out rows every complete point scored, mean over seeds: what ranks.
     common: float | None = None
@@ -468,7 +468,11 @@ def paired_interval(
     on `rows`, with a 95% percentile interval from BOOTSTRAP_SAMPLES paired resamples of those
     rows (the trained models fixed: row noise, not seed-to-seed training noise). `significant`:
     the interval excludes 0 (`better` "either"), or lies above it ("max") or below it ("min")."""
-    keys = sorted((winner.rows.keys() & other.rows.keys()) if rows is None else rows)
+    keys = sorted(
+        same_truth(
+            (winner.rows.keys() & other.rows.keys()) if rows is None else rows, [winner, other]
+        )
+    )
     if not keys:
         return {"n_rows": 0, "margin": None, "low": None, "high": None, "significant": False}
     truth = np.array([winner.rows[k][0] for k in keys])
@@ -529,18 +533,32 @@ def collect(
     return results
 
 
+def same_truth(keys: set[tuple[int, str]], points: list[PointResult]) -> set[tuple[int, str]]:
+    """The rows of `keys` that every point scored against the same label: experiments made with
+    different reviews files (a review between two runs) disagree on the rows a person relabelled,
+    and a comparison on those rows would score each point against its own truth."""
+    return {k for k in keys if len({p.rows[k][0] for p in points}) == 1}
+
+
+def shared_rows(sweep: Sweep, results: list[PointResult]) -> set[tuple[int, str]]:
+    """The held-out rows every complete point scored, whatever label each scored them against."""
+    complete = [r for r in results if r.complete and len(r.experiments) == len(sweep.seeds)]
+    return set.intersection(*(set(r.rows) for r in complete)) if complete else set()
+
+
 def score_common_rows(
     sweep: Sweep, results: list[PointResult], n_classes: int
 ) -> set[tuple[int, str]]:
     """Set each complete point's `common`: its metric on the held-out rows that every complete
-    point scored (same seed, same id), the mean over seeds. A point that drops rows
-    (`label_issues.action: drop`) holds fewer validation rows, and those it dropped are the
-    suspects, the hardest rows: its own mean would be over an easier set. Returns those rows;
+    point scored (same seed, same id) against the same label (`same_truth`), the mean over seeds.
+    A point that drops rows (`label_issues.action: drop`) holds fewer validation rows, and those
+    it dropped are the suspects, the hardest rows: its own mean would be over an easier set.
+    Returns those rows;
     none (no point ranked) when the complete points share no row of some seed."""
     complete = [r for r in results if r.complete and len(r.experiments) == len(sweep.seeds)]
     if not complete:
         return set()
-    keys = set.intersection(*(set(r.rows) for r in complete))
+    keys = same_truth(shared_rows(sweep, results), complete)
     if {seed for seed, _ in keys} != set(sweep.seeds):
         return set()
     for res in complete:
@@ -610,7 +628,13 @@ def summarize(sweep: Sweep, results: list[PointResult], n_classes: int) -> dict[
         "set": sweep.fixed,
         "varied": sweep.varied,
         "first_point": sweep.points[0],
-        "ranked_on": f"{len(common)} held-out rows every complete point scored (all seeds)",
+        "ranked_on": f"{len(common)} held-out rows every complete point scored (all seeds)"
+        + (
+            f"; {disagree} left out, scored against different labels (reviews file changed "
+            "between the experiments)"
+            if (disagree := len(shared_rows(sweep, results)) - len(common)) > 0 and common
+            else ""
+        ),
         "bootstrap": {"samples": BOOTSTRAP_SAMPLES, "seed": BOOTSTRAP_SEED, "interval": 0.95},
         "points": points,
         "winner": None,

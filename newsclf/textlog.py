@@ -32,7 +32,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 LOG_GLOB = "scored-*.parquet"
@@ -205,7 +205,7 @@ class TextLog:
             },
             schema=schema,
         )
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
         self._sequence += 1
         final = self.folder / f"scored-{stamp}-{os.getpid()}-{self._sequence:06d}.parquet"
         partial = final.with_name(f".{final.name}.partial")
@@ -233,4 +233,4 @@ class TextLog:
 
 
 def now_utc() -> datetime:
-    return datetime.fromtimestamp(time.time(), tz=timezone.utc)
+    return datetime.fromtimestamp(time.time(), tz=UTC)

@@ -31,7 +31,7 @@ import os
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import polars as pl
@@ -60,7 +60,7 @@ class Review:
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    return datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 def make_review(
@@ -154,8 +154,9 @@ def render_reviews(reviews: Mapping[str, Review]) -> str:
 
 
 def lock_file(path: Path) -> Path:
-    """The lock file of the reviews file `path`: `.<name>.lock` beside it (git-ignored)."""
-    return path.parent / f".{path.name}.lock"
+    """The lock file of the reviews file `path`: `.<name>.reviews-lock` beside it, whatever the
+    file's name (.gitignore ignores the suffix)."""
+    return path.parent / f".{path.name}.reviews-lock"
 
 
 @contextlib.contextmanager
@@ -206,7 +207,8 @@ def forget(path: Path, row_id: str, label_names: Sequence[str]) -> dict[str, Rev
 
 def reviews_table(reviews: Mapping[str, Review], label_names: Sequence[str]) -> pl.DataFrame:
     """The decisions as a table: id, text_sha256, decision, the label index it trains with
-    (null for drop and skip) and the index of the label the row had when reviewed."""
+    (null for drop and skip) and the index of the label the row had when reviewed
+    (`label_when_reviewed`)."""
     index = {name: i for i, name in enumerate(label_names)}
     return pl.DataFrame(
         {
@@ -214,14 +216,14 @@ def reviews_table(reviews: Mapping[str, Review], label_names: Sequence[str]) -> 
             "text_sha256": [r.text_sha256 for r in reviews.values()],
             "decision": [r.decision for r in reviews.values()],
             "review_label": [index.get(r.label) for r in reviews.values()],
-            "reviewed_label": [index.get(r.given_label) for r in reviews.values()],
+            "label_when_reviewed": [index.get(r.given_label) for r in reviews.values()],
         },
         schema={
             "id": pl.String,
             "text_sha256": pl.String,
             "decision": pl.String,
             "review_label": pl.Int64,
-            "reviewed_label": pl.Int64,
+            "label_when_reviewed": pl.Int64,
         },
     )
 
@@ -244,7 +246,7 @@ def stale_reviews(train: pl.DataFrame, reviews: pl.DataFrame) -> dict[str, list[
         .then(pl.lit("missing"))
         .when(pl.col("current_sha256") != pl.col("text_sha256"))
         .then(pl.lit("text_changed"))
-        .when(pl.col("current_label") != pl.col("reviewed_label"))
+        .when(pl.col("current_label") != pl.col("label_when_reviewed"))
         .then(pl.lit("label_changed"))
     )
     return {

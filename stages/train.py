@@ -638,7 +638,13 @@ def validation_scores(
             float(f1_score(truth, pred, average="macro", labels=range(len(label_names)))), 6
         ),
         "n_val": rows.height,
-        "relabelled_val_rows": int((rows["scored_label"] != rows["label"]).sum()),
+        # Held-out rows that train with another label than the one ingested (by
+        # label_issues.action or a person).
+        "relabelled_val_rows": (
+            int((val_df["given_label"] != val_df["label"]).sum())
+            if "given_label" in val_df.columns
+            else 0
+        ),
     }
     return scores, rows
 
@@ -730,7 +736,8 @@ def main() -> None:
     write_table_csv(predictions, paths.VAL_PREDICTIONS)
     write_json(validation, paths.VALIDATION)
     log.info(
-        "validation (%d held-out train rows, given labels): accuracy %.4f, macro-F1 %.4f",
+        "validation (%d held-out train rows, given or reviewed labels): accuracy %.4f, "
+        "macro-F1 %.4f",
         validation["n_val"],
         validation["accuracy"],
         validation["macro_f1"],

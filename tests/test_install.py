@@ -4,8 +4,8 @@ dependency of pyproject.toml (and of the cpu and dev extras) to one version insi
 from __future__ import annotations
 
 import re
-
 import tomllib
+
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version

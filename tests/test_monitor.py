@@ -14,7 +14,7 @@ import json
 import re
 import subprocess
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,7 @@ from tests.pipeline_fixture import REPO_ROOT
 
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 PARAMS = REPO_ROOT / "params.yaml"
-START = datetime(2025, 3, 1, tzinfo=timezone.utc)
+START = datetime(2025, 3, 1, tzinfo=UTC)
 SHA = "ab" * 32
 
 TOPIC_WORDS = {

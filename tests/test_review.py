@@ -316,8 +316,13 @@ def test_label_studio_export_and_json_min_import_round_trip(
         task["data"] | {"id": 100 + i, "label": chosen[task["data"]["row_id"]], "annotator": 7}
         for i, task in enumerate(tasks)
     ]
-    # t:4's text changes upstream after the export: its decision is never applied to the new text.
-    write_issues(issues, [r if r[0] != "t:4" else (r[0], "Peace talks fail", *r[2:]) for r in ROWS])
+    # After the export, t:4's text changes upstream and t:2's label is fixed (Sports -> Business):
+    # neither decision is applied (t:2's keep of Sports would otherwise undo the fix).
+    changed = {
+        "t:4": lambda r: (r[0], "Peace talks fail", *r[2:]),
+        "t:2": lambda r: (*r[:2], 2, *r[3:]),
+    }
+    write_issues(issues, [changed.get(r[0], lambda r: r)(r) for r in ROWS])
     exported.append(exported[0] | {"row_id": "t:99"})  # not in the table
     min_file = tmp_path / "min.json"
     min_file.write_text(json.dumps(exported))
@@ -327,12 +332,12 @@ def test_label_studio_export_and_json_min_import_round_trip(
     out = capsys.readouterr()
     assert code == 1  # some skipped
     assert "record 4 (id 't:4'): the row's text changed" in out.err
+    assert "record 2 (id 't:2'): the row's given label changed since the export" in out.err
     assert "record 5 (id 't:99'): no such row" in out.err
-    assert "3 decision(s) recorded (keep 1, relabel 1, drop 1); 2 skipped" in out.out
+    assert "2 decision(s) recorded (relabel 1, drop 1); 3 skipped" in out.out
     saved = reviews.read_reviews(reviews_file, LABELS)
     assert {k: (r.decision, r.label) for k, r in saved.items()} == {
         "t:1": ("relabel", "Sports"),
-        "t:2": ("keep", "Sports"),
         "t:3": ("drop", ""),
     }
     assert saved["t:1"].reviewer == "label-studio user 7"
@@ -353,6 +358,9 @@ def test_spreadsheet_export_and_import(
     }
     for line in lines:
         line["decision"], line["label"] = fill[line["id"]]
+    # The export wrote each row's given label; one the source has since changed is refused.
+    assert [line["given_label"] for line in lines] == ["World", "Sports", "Business", "Sci/Tech"]
+    lines[2]["given_label"] = "World"  # t:3 was World when exported, Business now
     lines.append(
         dict.fromkeys(lines[0], "") | {"id": "t:5", "decision": "skip"}
     )  # not under review: fine
@@ -364,12 +372,12 @@ def test_spreadsheet_export_and_import(
     code = review.review_main(namespace(*common, "import", "--format", "csv", str(sheet)))
     out = capsys.readouterr()
     assert code == 1 and "line 5 (id 't:4'): decision 'keep' takes no new label" in out.err
+    assert "line 4 (id 't:3'): the row's given label changed since the export" in out.err
     assert "1 without a decision" in out.out
     saved = reviews.read_reviews(reviews_file, LABELS)
     assert {k: (r.decision, r.label, r.reviewer) for k, r in saved.items()} == {
         "t:1": ("relabel", "Sports", "cy"),
         "t:2": ("keep", "Sports", "cy"),
-        "t:3": ("drop", "", "cy"),
         "t:5": ("skip", "", "cy"),
     }
 

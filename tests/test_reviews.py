@@ -39,7 +39,7 @@ def test_a_decision_is_keyed_by_row_id_and_text_and_survives_a_reingest(tmp_path
         "text_sha256": reviews.text_sha256("Red Sox beat the Yankees"),
         "decision": "relabel",
         "review_label": LABELS.index("Sports"),
-        "reviewed_label": LABELS.index("World"),
+        "label_when_reviewed": LABELS.index("World"),
     }
     # The file is one line per decision, readable in a diff.
     lines = path.read_text().splitlines()
@@ -88,7 +88,7 @@ def test_the_lock_beside_a_reviews_file_stays_out_of_git() -> None:
 
     from tests.pipeline_fixture import REPO_ROOT
 
-    for reviews_file in ("data/reviews/labels.csv", "elsewhere/team_labels.csv"):
+    for reviews_file in ("data/reviews/labels.csv", "elsewhere/team_labels.tsv"):
         lock = reviews.lock_file(Path(reviews_file))
         ignored = subprocess.run(
             ["git", "check-ignore", "-q", str(lock)], cwd=REPO_ROOT, check=False

@@ -215,6 +215,22 @@ def test_a_point_that_drops_rows_is_ranked_on_the_rows_every_point_scored(tmp_pa
     ]
 
 
+def test_rows_scored_against_different_labels_are_left_out_of_the_ranking(tmp_path):
+    """A review between two experiments relabels r0: each point scored it against another label,
+    so it ranks neither and the summary says so."""
+    sweep = load(tmp_path, {"seeds": [1], "points": [{}, {"train.lora.r": 16}]})
+    before = rows_for([True] * 90 + [False] * 10)
+    after = rows_for([True] * 80 + [False] * 20)
+    after[(1, "r0")] = (3, 3)  # the person's label, and predicted so: right against it
+    first = sw.PointResult({}, {1: "a"}, {1: 0.9}, rows=before)
+    second = sw.PointResult({"train.lora.r": 16}, {1: "b"}, {1: 0.8}, rows=after)
+    summary = sw.summarize(sweep, [first, second], 4)
+    assert summary["ranked_on"].startswith("99 held-out rows")
+    assert "1 left out, scored against different labels" in summary["ranked_on"]
+    assert second.common == pytest.approx(79 / 99) and first.common == pytest.approx(89 / 99)
+    assert summary["points"][1]["vs_first_point"]["n_rows"] == 99
+
+
 def test_a_point_stopped_after_its_first_seed_is_shown_not_ranked(tmp_path, monkeypatch):
     sweep = load(
         tmp_path,
