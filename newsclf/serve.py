@@ -259,7 +259,7 @@ class MicroBatcher:
                 break
             try:
                 batch.append(await asyncio.wait_for(self.queue.get(), remaining))
-            except TimeoutError:  # distinct classes before Python 3.11
+            except TimeoutError:  # asyncio.wait_for's timeout (asyncio.TimeoutError since 3.11)
                 break
         return batch
 
@@ -452,7 +452,7 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes | J
             chunk = await asyncio.wait_for(chunks.__anext__(), max(remaining, 0))
         except StopAsyncIteration:
             return bytes(body)
-        except TimeoutError:  # distinct classes before Python 3.11
+        except TimeoutError:  # asyncio.wait_for's timeout (asyncio.TimeoutError since 3.11)
             return refuse(
                 408,
                 f"request body not received within {timeout_s:g} s ({len(body)} bytes came)",

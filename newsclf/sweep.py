@@ -540,10 +540,14 @@ def same_truth(keys: set[tuple[int, str]], points: list[PointResult]) -> set[tup
     return {k for k in keys if len({p.rows[k][0] for p in points}) == 1}
 
 
-def shared_rows(sweep: Sweep, results: list[PointResult]) -> set[tuple[int, str]]:
-    """The held-out rows every complete point scored, whatever label each scored them against."""
-    complete = [r for r in results if r.complete and len(r.experiments) == len(sweep.seeds)]
-    return set.intersection(*(set(r.rows) for r in complete)) if complete else set()
+def fully_run(sweep: Sweep, results: list[PointResult]) -> list[PointResult]:
+    """The points complete on every seed of the sweep: those that are ranked."""
+    return [r for r in results if r.complete and len(r.experiments) == len(sweep.seeds)]
+
+
+def shared_rows(points: list[PointResult]) -> set[tuple[int, str]]:
+    """The held-out rows every one of `points` scored, whatever label each scored them against."""
+    return set.intersection(*(set(r.rows) for r in points)) if points else set()
 
 
 def score_common_rows(
@@ -555,10 +559,10 @@ def score_common_rows(
     it dropped are the suspects, the hardest rows: its own mean would be over an easier set.
     Returns those rows;
     none (no point ranked) when the complete points share no row of some seed."""
-    complete = [r for r in results if r.complete and len(r.experiments) == len(sweep.seeds)]
+    complete = fully_run(sweep, results)
     if not complete:
         return set()
-    keys = same_truth(shared_rows(sweep, results), complete)
+    keys = same_truth(shared_rows(complete), complete)
     if {seed for seed, _ in keys} != set(sweep.seeds):
         return set()
     for res in complete:
@@ -632,7 +636,8 @@ def summarize(sweep: Sweep, results: list[PointResult], n_classes: int) -> dict[
         + (
             f"; {disagree} left out, scored against different labels (reviews file changed "
             "between the experiments)"
-            if (disagree := len(shared_rows(sweep, results)) - len(common)) > 0 and common
+            if (disagree := len(shared_rows(fully_run(sweep, results))) - len(common)) > 0
+            and common
             else ""
         ),
         "bootstrap": {"samples": BOOTSTRAP_SAMPLES, "seed": BOOTSTRAP_SEED, "interval": 0.95},
