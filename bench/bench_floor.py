@@ -1,0 +1,344 @@
+"""The floor under the PyTorch stages: the matrix products each must compute, at the fastest rate
+this CPU runs them.
+
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
+        python -m bench.bench_floor      # as an AVX2-only CPU computes it
+
+For `label_issues` (the embedding pass), `train` and `evaluate` (PyTorch, fp32): the floating-point
+operations of their matrix products, counted from the base model's shapes (hidden and intermediate
+sizes, layers), the LoRA rank and targets, and the token count of every text each stage scores or
+trains on (tokenised as the stages tokenise, no padding counted):
+
+- a forward pass: per layer, the Q, K, V and output projections (4 x 2nH^2), the feed-forward
+  (2 x 2nHI), the attention products (2 x 2n^2H) and the LoRA products (2nr(in + out) per target);
+- a training step adds the backward products that LoRA training cannot skip: the input gradient of
+  every base linear whose input needs one (all but layer 0's Q, K and V, which read the frozen
+  embeddings), the attention backward (4 x 2n^2H) and the LoRA weight gradients (as many as their
+  forward); train also scores its held-out rows once per epoch.
+
+Dropout masks are counted too, for train: every element LoRA's, the attention's and the hidden
+states' dropout draws (`Shapes.mask_elements`), at what `bernoulli_` costs per element here. The
+mask is part of the numerics (another generator gives other masks, and one seed moves test accuracy
+by up to 0.9 pt), so its cost is a floor as long as the random stream stays; `dropout_masks` says
+whether this CPU's masks are the serial MT19937 stream (torch's path on a CPU not made by Intel)
+and what that stream alone costs in numpy.
+
+The rate is measured, not assumed: `torch.nn.functional.linear` on the model's own shapes at several
+batch sizes, in one thread (each of train's two data-parallel processes) and in all cores (the
+scoring passes), the fastest of each taken. The floor is a lower bound: padding, dropout masks,
+softmax, layer norm, GELU, the optimizer and Python are all left out, and the attention products run
+slower than the large projections in practice. Compared with the stage times of
+`reports/bench_repro_avx2.json` (`after`, measured with the same pins) when it was pinned as this
+run is. Writes `reports/bench_floor.json` (`..._avx2.json` pinned).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench import cpu_name
+from bench.bench_repro import AVX2_PINS, PINNED_FILE
+from stages import paths
+from stages.common import available_cores, load_labels, read_table, write_json
+from stages.label_issues import EMBED_MAX_LENGTH
+from stages.modeling import resolve_base_model
+from stages.params import load_section
+from stages.processed import read_processed, split_train_val
+from stages.train_params import TrainParams
+
+OUT_FILE = Path("reports/bench_floor.json")
+OUT_FILE_AVX2 = Path("reports/bench_floor_avx2.json")
+# Rows (tokens) per matrix product timed: a train process's 16 texts of ~50 tokens is ~800; a
+# scoring batch of 32-64 texts is 1,600-3,200.
+TOKEN_ROWS = (512, 1024, 2048, 4096)
+
+
+@dataclass(frozen=True)
+class Shapes:
+    hidden: int
+    intermediate: int
+    layers: int
+    lora_rank: int
+    lora_targets: int  # base linears per layer with a LoRA pair (of the six)
+    heads: int
+    lora_dropout: bool  # LoRA masks its targets' inputs
+    attention_dropout: bool
+    hidden_dropout: bool
+
+    def linear_flops(self, n: np.ndarray) -> np.ndarray:
+        """Forward FLOPs of one layer's six base linears, per text of n tokens."""
+        h, i = self.hidden, self.intermediate
+        return 2 * n * (4 * h * h + 2 * h * i)
+
+    def attention_flops(self, n: np.ndarray) -> np.ndarray:
+        """Forward FLOPs of one layer's two attention products (scores and weighted values)."""
+        return 2 * 2 * n * n * self.hidden
+
+    def lora_flops(self, n: np.ndarray) -> np.ndarray:
+        """Forward FLOPs of one layer's LoRA pairs: four H->H targets, then H->I and I->H (as many
+        of the six as the adapter targets, counted from the cheapest)."""
+        h, i, r = self.hidden, self.intermediate, self.lora_rank
+        per_target = sorted([2 * r * 2 * h] * 4 + [2 * r * (h + i)] * 2)
+        return n * sum(per_target[: self.lora_targets])
+
+    def forward(self, n: np.ndarray, lora: bool) -> float:
+        layer = self.linear_flops(n) + self.attention_flops(n)
+        if lora:
+            layer = layer + self.lora_flops(n)
+        return float((self.layers * layer).sum())
+
+    def train_step(self, n: np.ndarray) -> float:
+        """Forward and the backward LoRA training cannot skip (module docstring)."""
+        h = self.hidden
+        backward = (
+            self.layers * (self.linear_flops(n) + 2 * self.attention_flops(n) + self.lora_flops(n))
+            - 3 * 2 * n * h * h  # layer 0's Q, K and V read the frozen embeddings: no input grad
+        )
+        return self.forward(n, lora=True) + float(backward.sum())
+
+    def mask_elements(self, n: np.ndarray) -> float:
+        """Dropout-mask elements a training forward draws, per text of n tokens: LoRA's (each
+        target masks its own copy of its input: Q, K, V, output and FFN-in read H wide, FFN-out I
+        wide), the attention probabilities', and the hidden states' (after attention, after the
+        FFN, and once after the embeddings)."""
+        h, i = self.hidden, self.intermediate
+        lora_widths = sorted([h] * 5 + [i])[: self.lora_targets]
+        layer = (
+            self.lora_dropout * n * sum(lora_widths)
+            + self.attention_dropout * self.heads * n * n
+            + self.hidden_dropout * 2 * n * h
+        )
+        return float((self.layers * layer + self.hidden_dropout * n * h).sum())
+
+
+def bert_shapes(config, lora_rank: int, target_modules, lora_dropout: float) -> Shapes:
+    """The shapes of a BERT-style `config` with LoRA pairs of `lora_rank` on `target_modules`."""
+    targets = set(target_modules)
+    # BERT's six linears: query, key, value, and three named `dense` (attention output, FFN in/out).
+    per_layer = sum(name in targets for name in ("query", "key", "value")) + 3 * (
+        "dense" in targets
+    )
+    return Shapes(
+        config.hidden_size,
+        config.intermediate_size,
+        config.num_hidden_layers,
+        lora_rank,
+        per_layer,
+        config.num_attention_heads,
+        lora_dropout > 0,
+        config.attention_probs_dropout_prob > 0,
+        config.hidden_dropout_prob > 0,
+    )
+
+
+def model_shapes(base: str, adapter_dir: Path) -> Shapes:
+    """The base model's shapes, with the trained adapter's LoRA rank, targets and dropout."""
+    from transformers import AutoConfig
+
+    adapter = json.loads((adapter_dir / "adapter_config.json").read_text())
+    return bert_shapes(
+        AutoConfig.from_pretrained(base),
+        adapter["r"],
+        adapter["target_modules"],
+        adapter["lora_dropout"],
+    )
+
+
+def token_counts(tokenizer, texts: list[str], max_length: int) -> np.ndarray:
+    ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    return np.asarray([len(x) for x in ids], dtype=np.float64)
+
+
+def gemm_rate(shapes: Shapes, threads: int, repeats: int = 5) -> tuple[float, dict[str, float]]:
+    """The fastest GFLOP/s of the model's projection shapes on `threads` threads, and each
+    shape's best."""
+    default_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    h, i = shapes.hidden, shapes.intermediate
+    rates: dict[str, float] = {}
+    with torch.inference_mode():
+        for rows in TOKEN_ROWS:
+            for n_in, n_out in ((h, h), (h, i), (i, h)):
+                x = torch.randn(rows, n_in)
+                w = torch.randn(n_out, n_in)
+                torch.nn.functional.linear(x, w)  # warm-up
+                best = float("inf")
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    torch.nn.functional.linear(x, w)
+                    best = min(best, time.perf_counter() - start)
+                rates[f"{rows}x{n_in}->{n_out}"] = round(2 * rows * n_in * n_out / best / 1e9, 1)
+    torch.set_num_threads(default_threads)
+    return max(rates.values()), rates
+
+
+def torch_mt19937(state: torch.Tensor) -> tuple[int, np.ndarray]:
+    """numpy's MT19937 position and key for torch's CPU generator state (its legacy layout: seed
+    u64, left i32, seeded i32, next u64, then 624 state words as u64)."""
+    raw = state.numpy().tobytes()
+    left = int(np.frombuffer(raw, dtype=np.int32, count=1, offset=8)[0])
+    key = np.frombuffer(raw, dtype=np.uint64, count=624, offset=24).astype(np.uint32)
+    return 625 - left, key  # torch regenerates when `left` reaches 0, numpy when `pos` hits 624
+
+
+def mask_cost(p_keep: float = 0.9, shape: tuple[int, ...] = (16, 69, 384)) -> dict:
+    """What a dropout mask costs here: torch's `bernoulli_` per element, and whether its mask is
+    the MT19937 stream drawn serially, two 32-bit draws a element (as torch does on a CPU that is
+    not Intel's; MKL's generator on Intel's), with that stream's own cost in numpy."""
+    torch.manual_seed(0)
+    pos, key = torch_mt19937(torch.get_rng_state())
+    stream = np.random.MT19937()
+    stream.state = {"bit_generator": "MT19937", "state": {"key": key, "pos": pos}}
+    n = int(np.prod(shape))
+    mask = torch.empty(shape).bernoulli_(p_keep)
+    draws = stream.random_raw(2 * n).astype(np.uint64)
+    bits = ((draws[0::2] << np.uint64(32)) | draws[1::2]) & np.uint64(2**53 - 1)
+    replica = (bits.astype(np.float64) * 2.0**-53 < p_keep).astype(np.float32).reshape(shape)
+
+    def best_ns(fn) -> float:
+        fn()
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return round(min(times) / n * 1e9, 2)
+
+    serial = bool(np.array_equal(mask.numpy(), replica))  # before the timing redraws `mask`
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return {
+            "bernoulli_ns_per_element": best_ns(lambda: mask.bernoulli_(p_keep)),
+            "mt19937_serial": serial,
+            "mt19937_ns_per_element": best_ns(lambda: stream.random_raw(2 * n)),
+        }
+    finally:
+        torch.set_num_threads(threads)
+
+
+def pinned() -> bool:
+    return all(os.environ.get(k, "").lower() == v.lower() for k, v in AVX2_PINS.items())
+
+
+def measured_stage_times() -> dict[str, float] | None:
+    """The stage times bench_repro measured with the same pins (`after`), or None."""
+    if not pinned() or not PINNED_FILE.exists():
+        return None
+    return json.loads(PINNED_FILE.read_text())["after"]["make_repro"]["stages_s"]
+
+
+def main() -> None:
+    from transformers import AutoTokenizer
+
+    params = load_section("train", TrainParams)
+    labels = load_labels()
+    base = resolve_base_model(params.base_model)
+    shapes = model_shapes(base, paths.ADAPTER)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+
+    train_table = read_processed(paths.TRAIN, "train", labels)
+    train_rows, val_rows = split_train_val(
+        train_table, params.val_fraction, params.seed, params.max_train_samples
+    )
+    test = read_processed(paths.TEST, "test", labels)
+    flagged = read_table(paths.LABEL_ISSUES)
+    n_embedded = token_counts(tokenizer, flagged["text"].to_list(), EMBED_MAX_LENGTH)
+    n_train = token_counts(tokenizer, train_rows["text"].to_list(), params.max_length)
+    n_val = token_counts(tokenizer, val_rows["text"].to_list(), params.max_length)
+    n_test = token_counts(tokenizer, test["text"].to_list(), params.max_length)
+
+    cores = available_cores()
+    masks = mask_cost()
+    one_thread, one_thread_shapes = gemm_rate(shapes, 1)
+    all_cores, all_cores_shapes = gemm_rate(shapes, cores)
+    # train: `cores` data-parallel processes of one thread each; scoring: one process, all cores.
+    train_rate, score_rate = one_thread * cores, all_cores
+    # (GFLOP, GFLOP/s, mask elements) per stage.
+    work = {
+        "label_issues": (shapes.forward(n_embedded, lora=False), score_rate, 0.0),
+        "train": (
+            params.epochs * (shapes.train_step(n_train) + shapes.forward(n_val, lora=True)),
+            train_rate,
+            params.epochs * shapes.mask_elements(n_train),
+        ),
+        "evaluate": (
+            shapes.forward(n_test, lora=False) + shapes.forward(n_val, lora=False),
+            score_rate,
+            0.0,
+        ),
+    }
+    measured = measured_stage_times()
+    stages = {}
+    for stage, (flops, rate, mask_elements) in work.items():
+        gemm_s = flops / 1e9 / rate
+        # Each data-parallel process draws its own share of the masks, serially, on its core.
+        mask_s = mask_elements * masks["bernoulli_ns_per_element"] / 1e9 / cores
+        row = {
+            "gflop": round(flops / 1e9, 1),
+            "gflop_per_s": round(rate, 1),
+            "gemm_floor_s": round(gemm_s, 1),
+            "mask_elements_millions": round(mask_elements / 1e6, 1),
+            "mask_floor_s": round(mask_s, 1),
+            "floor_s": round(gemm_s + mask_s, 1),
+        }
+        if measured is not None and stage in measured:
+            row["measured_s"] = measured[stage]
+            row["floor_share"] = round(row["floor_s"] / measured[stage], 3)
+        stages[stage] = row
+    result = {
+        "cpu": cpu_name(),
+        "pinned": {k: os.environ[k] for k in AVX2_PINS} if pinned() else None,
+        "torch": torch.__version__,
+        "shapes": shapes.__dict__,
+        "texts": {
+            "label_issues": len(n_embedded),
+            "train": len(n_train),
+            "val": len(n_val),
+            "test": len(n_test),
+        },
+        "mean_tokens": {
+            "train": round(float(n_train.mean()), 1),
+            "test": round(float(n_test.mean()), 1),
+        },
+        "epochs": params.epochs,
+        "gemm_gflop_per_s": {
+            "one_thread": one_thread,
+            f"{cores}_threads": all_cores,
+            "one_thread_by_shape": one_thread_shapes,
+            f"{cores}_threads_by_shape": all_cores_shapes,
+        },
+        "dropout_masks": masks,
+        "stages": stages,
+        "measured_from": str(PINNED_FILE) if measured is not None else None,
+    }
+    out = OUT_FILE_AVX2 if pinned() else OUT_FILE
+    write_json(result, out)
+    print(f"{cpu_name()}; PyTorch {'pinned to AVX2' if pinned() else 'unpinned'}")
+    print(f"GEMM rate: {one_thread} GFLOP/s on one thread, {all_cores} on {cores}")
+    print(
+        f"dropout mask: {masks['bernoulli_ns_per_element']} ns/element; the serial MT19937 "
+        f"stream: {masks['mt19937_serial']}, {masks['mt19937_ns_per_element']} ns/element alone"
+    )
+    print(
+        f"{'stage':>14} {'GFLOP':>9} {'GFLOP/s':>8} {'GEMM s':>7} {'masks s':>8} {'floor s':>8} "
+        f"{'measured s':>11} {'share':>6}"
+    )
+    for stage, row in stages.items():
+        print(
+            f"{stage:>14} {row['gflop']:>9} {row['gflop_per_s']:>8} {row['gemm_floor_s']:>7} "
+            f"{row['mask_floor_s']:>8} {row['floor_s']:>8} {row.get('measured_s', '-'):>11} "
+            f"{row.get('floor_share', '-'):>6}"
+        )
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
