@@ -19,7 +19,7 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 # The test tools (pytest, ruff, Playwright, moto, dvc-s3): `make test` adds them, `make repro` runs
-# without them (15 s less of a fresh install on a Zen 4; docs/machines.md).
+# without them (16 s less of a fresh install on a Zen 4; docs/machines.md).
 $(BIN)/.installed-dev: $(BIN)/.installed
 	$(BIN)/pip install -q -c constraints.txt -e ".[$(EXTRAS),dev]"
 	touch $@
