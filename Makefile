@@ -19,9 +19,10 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 # The test tools (pytest, ruff, Playwright, moto, dvc-s3): `make test` adds them, `make repro` runs
-# without them (16 s less of a fresh install on a Zen 4; docs/machines.md).
+# without them (`make install-dev` took 16 s after it on a Zen 4; docs/machines.md). Only `dev`
+# here: the runtime extra stays whichever `make install` chose (cpu or gpu, never both).
 $(BIN)/.installed-dev: $(BIN)/.installed
-	$(BIN)/pip install -q -c constraints.txt -e ".[$(EXTRAS),dev]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
 	touch $@
 
 # After changing pyproject.toml's dependencies, or `.venv/bin/pip install -U NAME` on purpose:

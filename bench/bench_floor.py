@@ -5,31 +5,35 @@ this CPU runs them.
         python -m bench.bench_floor      # as an AVX2-only CPU computes it
 
 For `label_issues` (the embedding pass), `train` and `evaluate` (PyTorch, fp32): the floating-point
-operations of their matrix products, counted from the base model's shapes (hidden and intermediate
-sizes, layers), the LoRA rank and targets, and the token count of every text each stage scores or
-trains on (tokenised as the stages tokenise, no padding counted):
+operations of their matrix products, counted from the model's shapes (hidden and intermediate
+sizes, layers; a BERT encoder: another is refused), the LoRA rank and targets, and the token count
+of every text each stage scores or trains on (tokenised as the stages tokenise, no padding counted):
 
-- a forward pass: per layer, the Q, K, V and output projections (4 x 2nH^2), the feed-forward
-  (2 x 2nHI), the attention products (2 x 2n^2H) and the LoRA products (2nr(in + out) per target);
-- a training step adds the backward products that LoRA training cannot skip: the input gradient of
-  every base linear whose input needs one (all but layer 0's Q, K and V, which read the frozen
-  embeddings), the attention backward (4 x 2n^2H) and the LoRA weight gradients (as many as their
-  forward); train also scores its held-out rows once per epoch.
+- a forward pass: per layer, the six linears (and their LoRA pairs, 2nr(in + out) each) and the
+  attention's two products (2 x 2n^2H);
+- a training step adds the products autograd computes in its backward (`Shapes.backward`: a
+  gradient only where something before it trains, so layer 0, which reads the frozen embeddings,
+  computes fewer); train also scores its held-out rows once per epoch. label_issues embeds with
+  its own `embedding_model`, and only when an `embedding_*` model is listed.
+
+The counts equal PyTorch's own FLOP counter on a tiny BERT for several LoRA target sets
+(tests/test_bench_floor.py).
 
 Dropout masks are counted too, for train: every element LoRA's, the attention's and the hidden
 states' dropout draws (`Shapes.mask_elements`), at what `bernoulli_` costs per element here. The
 mask is part of the numerics (another generator gives other masks, and one seed moves test accuracy
-by up to 0.9 pt), so its cost is a floor as long as the random stream stays; `dropout_masks` says
-whether this CPU's masks are the serial MT19937 stream (torch's path on a CPU not made by Intel)
-and what that stream alone costs in numpy.
+by up to 0.9 pt), so its cost is a floor as long as the random stream stays; `dropout_masks`
+reports whether this CPU's masks are the serial MT19937 stream (torch's path on a CPU not made by
+Intel) and what that stream alone costs in numpy.
 
 The rate is measured, not assumed: `torch.nn.functional.linear` on the model's own shapes at several
 batch sizes, in one thread (each of train's two data-parallel processes) and in all cores (the
-scoring passes), the fastest of each taken. The floor is a lower bound: padding, dropout masks,
-softmax, layer norm, GELU, the optimizer and Python are all left out, and the attention products run
-slower than the large projections in practice. Compared with the stage times of
+scoring passes), the fastest of each taken. The floor is a lower bound: padding, softmax, layer
+norm, GELU, the optimizer, imports and Python are left out, and the attention products run slower
+than the large projections in practice. Compared with the stage times of
 `reports/bench_repro_avx2.json` (`after`, measured with the same pins) when it was pinned as this
-run is. Writes `reports/bench_floor.json` (`..._avx2.json` pinned).
+run is; the two come from different moments, so the shares move with the machine's load. Writes
+`reports/bench_floor.json` (`..._avx2.json` pinned).
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from stages.label_issues import EMBED_MAX_LENGTH
 from stages.modeling import resolve_base_model
 from stages.params import load_section
 from stages.processed import read_processed, split_train_val
+from stages.sections import LabelIssuesParams
 from stages.train_params import TrainParams
 
 OUT_FILE = Path("reports/bench_floor.json")
@@ -60,78 +65,121 @@ OUT_FILE_AVX2 = Path("reports/bench_floor_avx2.json")
 TOKEN_ROWS = (512, 1024, 2048, 4096)
 
 
+# LoRA target names this bench counts, as BERT names its linears (`dense` matches three).
+BERT_TARGETS = ("query", "key", "value", "dense")
+
+
 @dataclass(frozen=True)
 class Shapes:
+    """A BERT encoder's sizes and which of its linears carry a LoRA pair. Each counting method
+    takes `n`, the token counts of the texts, and sums over them."""
+
     hidden: int
     intermediate: int
     layers: int
-    lora_rank: int
-    lora_targets: int  # base linears per layer with a LoRA pair (of the six)
     heads: int
+    lora_rank: int
+    lora_targets: tuple[str, ...]  # of BERT_TARGETS
     lora_dropout: bool  # LoRA masks its targets' inputs
     attention_dropout: bool
     hidden_dropout: bool
 
-    def linear_flops(self, n: np.ndarray) -> np.ndarray:
-        """Forward FLOPs of one layer's six base linears, per text of n tokens."""
-        h, i = self.hidden, self.intermediate
-        return 2 * n * (4 * h * h + 2 * h * i)
-
-    def attention_flops(self, n: np.ndarray) -> np.ndarray:
-        """Forward FLOPs of one layer's two attention products (scores and weighted values)."""
-        return 2 * 2 * n * n * self.hidden
-
-    def lora_flops(self, n: np.ndarray) -> np.ndarray:
-        """Forward FLOPs of one layer's LoRA pairs: four H->H targets, then H->I and I->H (as many
-        of the six as the adapter targets, counted from the cheapest)."""
-        h, i, r = self.hidden, self.intermediate, self.lora_rank
-        per_target = sorted([2 * r * 2 * h] * 4 + [2 * r * (h + i)] * 2)
-        return n * sum(per_target[: self.lora_targets])
+    def linears(self) -> dict[str, tuple[int, int, bool]]:
+        """Each layer's six linears, in forward order: (in, out, carries LoRA)."""
+        h, i, t = self.hidden, self.intermediate, set(self.lora_targets)
+        return {
+            "query": (h, h, "query" in t),
+            "key": (h, h, "key" in t),
+            "value": (h, h, "value" in t),
+            "attention_output": (h, h, "dense" in t),
+            "intermediate": (h, i, "dense" in t),
+            "output": (i, h, "dense" in t),
+        }
 
     def forward(self, n: np.ndarray, lora: bool) -> float:
-        layer = self.linear_flops(n) + self.attention_flops(n)
-        if lora:
-            layer = layer + self.lora_flops(n)
-        return float((self.layers * layer).sum())
+        """Forward FLOPs: per layer, the six linears (and their LoRA pairs when `lora`), and the
+        attention's two products (scores, weighted values)."""
+        r = self.lora_rank
+        per_token = sum(
+            2 * d_in * d_out + (2 * r * (d_in + d_out) if lora and has_lora else 0)
+            for d_in, d_out, has_lora in self.linears().values()
+        )
+        return float(self.layers * (n * per_token + 2 * 2 * n * n * self.hidden).sum())
+
+    def backward(self, n: np.ndarray) -> float:
+        """The products autograd computes in a LoRA step's backward (frozen base, trained pairs):
+        a gradient is computed only where something before it trains. Layer 0 reads the frozen
+        embeddings; every later layer reads a hidden state that needs a gradient (when any linear
+        carries LoRA). Per LoRA pair: B's weight gradient, A's output gradient and A's weight
+        gradient always, A's input gradient where its input needs one."""
+        r, h = self.lora_rank, self.hidden
+        lin = self.linears()
+        total = np.zeros_like(n, dtype=np.float64)
+        for layer in range(self.layers):
+            # Which activations need a gradient, in forward order.
+            needs = {"input": layer > 0 and any(has for _, _, has in lin.values())}
+            for name in ("query", "key", "value"):
+                needs[name] = lin[name][2] or needs["input"]
+            needs["probs"] = needs["query"] or needs["key"]
+            needs["context"] = needs["probs"] or needs["value"]
+            needs["attention_output"] = needs["context"] or lin["attention_output"][2]
+            needs["hidden"] = needs["attention_output"] or needs["input"]
+            needs["intermediate"] = needs["hidden"] or lin["intermediate"][2]
+            inputs = {
+                "query": "input",
+                "key": "input",
+                "value": "input",
+                "attention_output": "context",
+                "intermediate": "hidden",
+                "output": "intermediate",
+            }
+            for name, (d_in, d_out, has_lora) in lin.items():
+                input_needs = needs[inputs[name]]
+                if input_needs:
+                    total += 2 * n * d_in * d_out  # the frozen weight's input gradient
+                if has_lora:
+                    total += 2 * n * r * (2 * d_out + d_in) + (
+                        2 * n * r * d_in if input_needs else 0
+                    )
+            # Weighted values: the probabilities' and V's gradients; scores: Q's and K's.
+            for product_needed in (needs["probs"], needs["value"], needs["query"], needs["key"]):
+                if product_needed:
+                    total += 2 * n * n * h
+        return float(total.sum())
 
     def train_step(self, n: np.ndarray) -> float:
-        """Forward and the backward LoRA training cannot skip (module docstring)."""
-        h = self.hidden
-        backward = (
-            self.layers * (self.linear_flops(n) + 2 * self.attention_flops(n) + self.lora_flops(n))
-            - 3 * 2 * n * h * h  # layer 0's Q, K and V read the frozen embeddings: no input grad
-        )
-        return self.forward(n, lora=True) + float(backward.sum())
+        """A training step's matrix-product FLOPs: the forward with LoRA, and its backward."""
+        return self.forward(n, lora=True) + self.backward(n)
 
     def mask_elements(self, n: np.ndarray) -> float:
-        """Dropout-mask elements a training forward draws, per text of n tokens: LoRA's (each
-        target masks its own copy of its input: Q, K, V, output and FFN-in read H wide, FFN-out I
-        wide), the attention probabilities', and the hidden states' (after attention, after the
-        FFN, and once after the embeddings)."""
-        h, i = self.hidden, self.intermediate
-        lora_widths = sorted([h] * 5 + [i])[: self.lora_targets]
+        """Dropout-mask elements a training forward draws: LoRA's (each pair masks its own copy of
+        its linear's input), the attention probabilities', and the hidden states' (after
+        attention, after the FFN, and once after the embeddings)."""
+        lora_widths = sum(d_in for d_in, _, has_lora in self.linears().values() if has_lora)
         layer = (
-            self.lora_dropout * n * sum(lora_widths)
+            self.lora_dropout * n * lora_widths
             + self.attention_dropout * self.heads * n * n
-            + self.hidden_dropout * 2 * n * h
+            + self.hidden_dropout * 2 * n * self.hidden
         )
-        return float((self.layers * layer + self.hidden_dropout * n * h).sum())
+        return float((self.layers * layer + self.hidden_dropout * n * self.hidden).sum())
 
 
 def bert_shapes(config, lora_rank: int, target_modules, lora_dropout: float) -> Shapes:
-    """The shapes of a BERT-style `config` with LoRA pairs of `lora_rank` on `target_modules`."""
-    targets = set(target_modules)
-    # BERT's six linears: query, key, value, and three named `dense` (attention output, FFN in/out).
-    per_layer = sum(name in targets for name in ("query", "key", "value")) + 3 * (
-        "dense" in targets
-    )
+    """The shapes of a BERT `config` with LoRA pairs of `lora_rank` on `target_modules` (names
+    from BERT_TARGETS; anything else is refused rather than counted as nothing)."""
+    if config.model_type != "bert":
+        raise ValueError(f"bench_floor counts BERT encoders only, not {config.model_type!r}")
+    if isinstance(target_modules, str) or not set(target_modules) <= set(BERT_TARGETS):
+        raise ValueError(
+            f"bench_floor counts LoRA targets among {list(BERT_TARGETS)}, not {target_modules!r}"
+        )
     return Shapes(
         config.hidden_size,
         config.intermediate_size,
         config.num_hidden_layers,
-        lora_rank,
-        per_layer,
         config.num_attention_heads,
+        lora_rank,
+        tuple(t for t in BERT_TARGETS if t in set(target_modules)),
         lora_dropout > 0,
         config.attention_probs_dropout_prob > 0,
         config.hidden_dropout_prob > 0,
@@ -152,6 +200,8 @@ def model_shapes(base: str, adapter_dir: Path) -> Shapes:
 
 
 def token_counts(tokenizer, texts: list[str], max_length: int) -> np.ndarray:
+    if not texts:
+        return np.zeros(0)
     ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
     return np.asarray([len(x) for x in ids], dtype=np.float64)
 
@@ -161,21 +211,25 @@ def gemm_rate(shapes: Shapes, threads: int, repeats: int = 5) -> tuple[float, di
     shape's best."""
     default_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
-    h, i = shapes.hidden, shapes.intermediate
-    rates: dict[str, float] = {}
-    with torch.inference_mode():
-        for rows in TOKEN_ROWS:
-            for n_in, n_out in ((h, h), (h, i), (i, h)):
-                x = torch.randn(rows, n_in)
-                w = torch.randn(n_out, n_in)
-                torch.nn.functional.linear(x, w)  # warm-up
-                best = float("inf")
-                for _ in range(repeats):
-                    start = time.perf_counter()
-                    torch.nn.functional.linear(x, w)
-                    best = min(best, time.perf_counter() - start)
-                rates[f"{rows}x{n_in}->{n_out}"] = round(2 * rows * n_in * n_out / best / 1e9, 1)
-    torch.set_num_threads(default_threads)
+    try:
+        h, i = shapes.hidden, shapes.intermediate
+        rates: dict[str, float] = {}
+        with torch.inference_mode(), torch.random.fork_rng():
+            for rows in TOKEN_ROWS:
+                for n_in, n_out in ((h, h), (h, i), (i, h)):
+                    x = torch.randn(rows, n_in)
+                    w = torch.randn(n_out, n_in)
+                    torch.nn.functional.linear(x, w)  # warm-up
+                    best = float("inf")
+                    for _ in range(repeats):
+                        start = time.perf_counter()
+                        torch.nn.functional.linear(x, w)
+                        best = min(best, time.perf_counter() - start)
+                    rates[f"{rows}x{n_in}->{n_out}"] = round(
+                        2 * rows * n_in * n_out / best / 1e9, 1
+                    )
+    finally:
+        torch.set_num_threads(default_threads)
     return max(rates.values()), rates
 
 
@@ -190,8 +244,13 @@ def torch_mt19937(state: torch.Tensor) -> tuple[int, np.ndarray]:
 
 def mask_cost(p_keep: float = 0.9, shape: tuple[int, ...] = (16, 69, 384)) -> dict:
     """What a dropout mask costs here: torch's `bernoulli_` per element, and whether its mask is
-    the MT19937 stream drawn serially, two 32-bit draws a element (as torch does on a CPU that is
+    the MT19937 stream drawn serially, two 32-bit draws an element (as torch does on a CPU that is
     not Intel's; MKL's generator on Intel's), with that stream's own cost in numpy."""
+    with torch.random.fork_rng():  # the global generator is left as it was
+        return _mask_cost(p_keep, shape)
+
+
+def _mask_cost(p_keep: float, shape: tuple[int, ...]) -> dict:
     torch.manual_seed(0)
     pos, key = torch_mt19937(torch.get_rng_state())
     stream = np.random.MT19937()
@@ -236,7 +295,7 @@ def measured_stage_times() -> dict[str, float] | None:
 
 
 def main() -> None:
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     params = load_section("train", TrainParams)
     labels = load_labels()
@@ -249,8 +308,16 @@ def main() -> None:
         train_table, params.val_fraction, params.seed, params.max_train_samples
     )
     test = read_processed(paths.TEST, "test", labels)
-    flagged = read_table(paths.LABEL_ISSUES)
-    n_embedded = token_counts(tokenizer, flagged["text"].to_list(), EMBED_MAX_LENGTH)
+    # label_issues embeds with its own model, and only for the models that read embeddings.
+    issues = load_section("label_issues", LabelIssuesParams)
+    embedded = [m for m in issues.models if m.startswith("embedding_")]
+    embedder = resolve_base_model(issues.embedding_model)
+    embed_shapes = bert_shapes(AutoConfig.from_pretrained(embedder), 0, [], 0.0)
+    n_embedded = token_counts(
+        AutoTokenizer.from_pretrained(embedder),
+        read_table(paths.LABEL_ISSUES)["text"].to_list() if embedded else [],
+        EMBED_MAX_LENGTH,
+    )
     n_train = token_counts(tokenizer, train_rows["text"].to_list(), params.max_length)
     n_val = token_counts(tokenizer, val_rows["text"].to_list(), params.max_length)
     n_test = token_counts(tokenizer, test["text"].to_list(), params.max_length)
@@ -263,7 +330,7 @@ def main() -> None:
     train_rate, score_rate = one_thread * cores, all_cores
     # (GFLOP, GFLOP/s, mask elements) per stage.
     work = {
-        "label_issues": (shapes.forward(n_embedded, lora=False), score_rate, 0.0),
+        "label_issues": (embed_shapes.forward(n_embedded, lora=False), score_rate, 0.0),
         "train": (
             params.epochs * (shapes.train_step(n_train) + shapes.forward(n_val, lora=True)),
             train_rate,
