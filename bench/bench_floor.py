@@ -38,9 +38,11 @@ run is; the two come from different moments, so the shares move with the machine
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,16 +86,17 @@ class Shapes:
     attention_dropout: bool
     hidden_dropout: bool
 
-    def linears(self) -> dict[str, tuple[int, int, bool]]:
-        """Each layer's six linears, in forward order: (in, out, carries LoRA)."""
+    def linears(self) -> dict[str, tuple[int, int, bool, str]]:
+        """Each layer's six linears, in forward order: (in, out, carries LoRA, the activation
+        it reads)."""
         h, i, t = self.hidden, self.intermediate, set(self.lora_targets)
         return {
-            "query": (h, h, "query" in t),
-            "key": (h, h, "key" in t),
-            "value": (h, h, "value" in t),
-            "attention_output": (h, h, "dense" in t),
-            "intermediate": (h, i, "dense" in t),
-            "output": (i, h, "dense" in t),
+            "query": (h, h, "query" in t, "input"),
+            "key": (h, h, "key" in t, "input"),
+            "value": (h, h, "value" in t, "input"),
+            "attention_output": (h, h, "dense" in t, "context"),
+            "intermediate": (h, i, "dense" in t, "hidden"),
+            "output": (i, h, "dense" in t, "intermediate"),
         }
 
     def forward(self, n: np.ndarray, lora: bool) -> float:
@@ -102,7 +105,7 @@ class Shapes:
         r = self.lora_rank
         per_token = sum(
             2 * d_in * d_out + (2 * r * (d_in + d_out) if lora and has_lora else 0)
-            for d_in, d_out, has_lora in self.linears().values()
+            for d_in, d_out, has_lora, _ in self.linears().values()
         )
         return float(self.layers * (n * per_token + 2 * 2 * n * n * self.hidden).sum())
 
@@ -117,7 +120,7 @@ class Shapes:
         total = np.zeros_like(n, dtype=np.float64)
         for layer in range(self.layers):
             # Which activations need a gradient, in forward order.
-            needs = {"input": layer > 0 and any(has for _, _, has in lin.values())}
+            needs = {"input": layer > 0 and any(lora for _, _, lora, _ in lin.values())}
             for name in ("query", "key", "value"):
                 needs[name] = lin[name][2] or needs["input"]
             needs["probs"] = needs["query"] or needs["key"]
@@ -125,21 +128,12 @@ class Shapes:
             needs["attention_output"] = needs["context"] or lin["attention_output"][2]
             needs["hidden"] = needs["attention_output"] or needs["input"]
             needs["intermediate"] = needs["hidden"] or lin["intermediate"][2]
-            inputs = {
-                "query": "input",
-                "key": "input",
-                "value": "input",
-                "attention_output": "context",
-                "intermediate": "hidden",
-                "output": "intermediate",
-            }
-            for name, (d_in, d_out, has_lora) in lin.items():
-                input_needs = needs[inputs[name]]
-                if input_needs:
+            for d_in, d_out, has_lora, reads in lin.values():
+                if needs[reads]:
                     total += 2 * n * d_in * d_out  # the frozen weight's input gradient
                 if has_lora:
                     total += 2 * n * r * (2 * d_out + d_in) + (
-                        2 * n * r * d_in if input_needs else 0
+                        2 * n * r * d_in if needs[reads] else 0
                     )
             # Weighted values: the probabilities' and V's gradients; scores: Q's and K's.
             for product_needed in (needs["probs"], needs["value"], needs["query"], needs["key"]):
@@ -155,7 +149,7 @@ class Shapes:
         """Dropout-mask elements a training forward draws: LoRA's (each pair masks its own copy of
         its linear's input), the attention probabilities', and the hidden states' (after
         attention, after the FFN, and once after the embeddings)."""
-        lora_widths = sum(d_in for d_in, _, has_lora in self.linears().values() if has_lora)
+        lora_widths = sum(d_in for d_in, _, has_lora, _ in self.linears().values() if has_lora)
         layer = (
             self.lora_dropout * n * lora_widths
             + self.attention_dropout * self.heads * n * n
@@ -206,30 +200,34 @@ def token_counts(tokenizer, texts: list[str], max_length: int) -> np.ndarray:
     return np.asarray([len(x) for x in ids], dtype=np.float64)
 
 
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op threads set to `threads` inside, and back to what they were after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def gemm_rate(shapes: Shapes, threads: int, repeats: int = 5) -> tuple[float, dict[str, float]]:
     """The fastest GFLOP/s of the model's projection shapes on `threads` threads, and each
     shape's best."""
-    default_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        h, i = shapes.hidden, shapes.intermediate
-        rates: dict[str, float] = {}
-        with torch.inference_mode(), torch.random.fork_rng():
-            for rows in TOKEN_ROWS:
-                for n_in, n_out in ((h, h), (h, i), (i, h)):
-                    x = torch.randn(rows, n_in)
-                    w = torch.randn(n_out, n_in)
-                    torch.nn.functional.linear(x, w)  # warm-up
-                    best = float("inf")
-                    for _ in range(repeats):
-                        start = time.perf_counter()
-                        torch.nn.functional.linear(x, w)
-                        best = min(best, time.perf_counter() - start)
-                    rates[f"{rows}x{n_in}->{n_out}"] = round(
-                        2 * rows * n_in * n_out / best / 1e9, 1
-                    )
-    finally:
-        torch.set_num_threads(default_threads)
+    h, i = shapes.hidden, shapes.intermediate
+    rates: dict[str, float] = {}
+    with torch_threads(threads), torch.inference_mode(), torch.random.fork_rng():
+        for rows in TOKEN_ROWS:
+            for n_in, n_out in ((h, h), (h, i), (i, h)):
+                x = torch.randn(rows, n_in)
+                w = torch.randn(n_out, n_in)
+                torch.nn.functional.linear(x, w)  # warm-up
+                best = float("inf")
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    torch.nn.functional.linear(x, w)
+                    best = min(best, time.perf_counter() - start)
+                rates[f"{rows}x{n_in}->{n_out}"] = round(2 * rows * n_in * n_out / best / 1e9, 1)
     return max(rates.values()), rates
 
 
@@ -271,16 +269,12 @@ def _mask_cost(p_keep: float, shape: tuple[int, ...]) -> dict:
         return round(min(times) / n * 1e9, 2)
 
     serial = bool(np.array_equal(mask.numpy(), replica))  # before the timing redraws `mask`
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         return {
             "bernoulli_ns_per_element": best_ns(lambda: mask.bernoulli_(p_keep)),
             "mt19937_serial": serial,
             "mt19937_ns_per_element": best_ns(lambda: stream.random_raw(2 * n)),
         }
-    finally:
-        torch.set_num_threads(threads)
 
 
 def pinned() -> bool:

@@ -557,8 +557,8 @@ def score_common_rows(
     point scored (same seed, same id) against the same label (`same_truth`), the mean over seeds.
     A point that drops rows (`label_issues.action: drop`) holds fewer validation rows, and those
     it dropped are the suspects, the hardest rows: its own mean would be over an easier set.
-    Returns those rows;
-    none (no point ranked) when the complete points share no row of some seed."""
+    Returns those rows; none (no point ranked) when the complete points share no row of some
+    seed."""
     complete = fully_run(sweep, results)
     if not complete:
         return set()
@@ -585,6 +585,14 @@ def ranked(sweep: Sweep, results: list[PointResult]) -> list[PointResult]:
 
 def summarize(sweep: Sweep, results: list[PointResult], n_classes: int) -> dict[str, Any]:
     common = score_common_rows(sweep, results, n_classes)
+    ranked_on = f"{len(common)} held-out rows every complete point scored (all seeds)"
+    # Rows every point scored, but against different labels (a review between the experiments).
+    disagree = len(shared_rows(fully_run(sweep, results))) - len(common)
+    if common and disagree > 0:
+        ranked_on += (
+            f"; {disagree} left out, scored against different labels (reviews file changed "
+            "between the experiments)"
+        )
     order = ranked(sweep, results)
     winner = order[0] if order else None
     points = []
@@ -632,14 +640,7 @@ def summarize(sweep: Sweep, results: list[PointResult], n_classes: int) -> dict[
         "set": sweep.fixed,
         "varied": sweep.varied,
         "first_point": sweep.points[0],
-        "ranked_on": f"{len(common)} held-out rows every complete point scored (all seeds)"
-        + (
-            f"; {disagree} left out, scored against different labels (reviews file changed "
-            "between the experiments)"
-            if (disagree := len(shared_rows(fully_run(sweep, results))) - len(common)) > 0
-            and common
-            else ""
-        ),
+        "ranked_on": ranked_on,
         "bootstrap": {"samples": BOOTSTRAP_SAMPLES, "seed": BOOTSTRAP_SEED, "interval": 0.95},
         "points": points,
         "winner": None,
